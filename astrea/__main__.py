@@ -1,0 +1,5 @@
+import sys
+
+from astrea.cli import main
+
+sys.exit(main())

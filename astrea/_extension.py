@@ -1,0 +1,59 @@
+"""Loading of the compiled extension ``astrea._C``; ``import astrea`` never needs it."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+from pathlib import Path
+
+import torch
+
+from astrea._backend import BackendUnavailableError
+
+BUILD_HINT = "build it with `pip install --no-build-isolation -e .` from the astrea source tree"
+
+
+@functools.lru_cache(maxsize=None)
+def load_error() -> str | None:
+    """None once ``astrea._C`` is loaded (its ops registered), else why it could not be."""
+    try:
+        importlib.import_module("astrea._C")
+    except Exception as exc:  # ImportError, or OSError for an ABI mismatch with the torch in use
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def available() -> bool:
+    return load_error() is None
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether ``_C`` registered a kernel for ``astrea::op`` under ``dispatch_key`` (CPU, CUDA)."""
+    return available() and torch._C._dispatch_has_kernel_for_dispatch_key(f"astrea::{op}", dispatch_key)
+
+
+def require(op: str, device: torch.device) -> None:
+    """Raises an error saying what is missing when ``op`` cannot run from ``_C`` on ``device``."""
+    reason = load_error()
+    if reason is not None:
+        raise BackendUnavailableError(
+            f"astrea.ops.{op} needs the compiled extension astrea._C, which did not load ({reason}); {BUILD_HINT}",
+            "astrea._C not loaded",
+        )
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    if key is None or not has_kernel(op, key):
+        why = build_info().get("cuda_reason", "unknown") if key == "CUDA" else "no kernel for this device"
+        raise BackendUnavailableError(
+            f"astrea.ops.{op}: astrea._C has no {device.type} kernel ({why}); "
+            f"for CUDA, rebuild with `FORCE_CUDA=1 pip install --no-build-isolation -e .`",
+            f"astrea._C has no {device.type} kernel",
+        )
+
+
+def build_info() -> dict:
+    """What setup.py recorded when it built ``_C`` (torch version, CUDA, arch list)."""
+    path = Path(__file__).with_name("_build_info.json")
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text())

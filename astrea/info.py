@@ -1,0 +1,83 @@
+"""``python -m astrea.info``: what this installation of astrea can run, and on what."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import platform
+import sys
+
+import torch
+
+import astrea
+from astrea import _backend, _extension
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _importable(module: str) -> str:
+    if importlib.util.find_spec(module) is None:
+        return "not installed"
+    try:
+        importlib.import_module(module)
+    except Exception as exc:
+        return f"installed but import fails ({type(exc).__name__}: {exc})"
+    return f"available ({_version(module.replace('_', '-'))})"
+
+
+def collect() -> list[tuple[str, str]]:
+    """The report as (key, value) rows."""
+    rows = [
+        ("astrea", astrea.__version__),
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("torch CUDA", torch.version.cuda or "CPU build"),
+        ("CUDA devices", ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+         or "none visible"),
+        ("triton", _backend.triton_import_error() or _version("triton")),
+        ("TRITON_INTERPRET", "1" if _backend.triton_interpreter_enabled() else "0"),
+        ("backend ($ASTREA_BACKEND)", _backend.current_backend()),
+    ]
+    err = _extension.load_error()
+    if err is None:
+        build = _extension.build_info()
+        rows.append(("astrea._C", f"loaded from {sys.modules['astrea._C'].__file__}"))
+        rows.append(("_C built against torch", build.get("torch_version", "unknown")))
+        rows.append(("_C CUDA kernels", "built, arch " + str(build.get("cuda_arch_list"))
+                     if build.get("with_cuda") else f"not built ({build.get('cuda_reason', 'unknown')})"))
+    else:
+        rows.append(("astrea._C", f"not loaded: {err}; {_extension.BUILD_HINT}"))
+    rows.append(("flash-attn", _importable("flash_attn")))
+    rows.append(("xformers", _importable("xformers")))
+    return rows
+
+
+def op_table() -> list[tuple[str, str, str]]:
+    """(op, what runs it on CPU tensors, what runs it on CUDA tensors)."""
+    return [(name, _backend.describe(name, "cpu"), _backend.describe(name, "cuda")) for name in sorted(_backend.OPS)]
+
+
+def report() -> str:
+    rows = collect()
+    width = max(len(k) for k, _ in rows)
+    lines = ["astrea build and runtime report", ""]
+    lines += [f"{k:<{width}}  {v}" for k, v in rows]
+    ops = op_table()
+    name_w = max([len("op")] + [len(n) for n, _, _ in ops])
+    cpu_w = max([len("CPU tensors")] + [len(c) for _, c, _ in ops])
+    lines += ["", f"{'op':<{name_w}}  {'CPU tensors':<{cpu_w}}  CUDA tensors"]
+    lines += [f"{n:<{name_w}}  {c:<{cpu_w}}  {g}" for n, c, g in ops]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(report())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The Astrea model: heterogeneous vision experts, adapters, router and fusion."""

@@ -1,0 +1,3 @@
+"""nn.Modules built on :mod:`astrea.ops`."""
+
+__all__: list[str] = []

@@ -1,0 +1,1 @@
+"""Training of Astrea: progressive contrastive pre-alignment and the demo job."""

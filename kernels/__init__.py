@@ -1,0 +1,7 @@
+"""Triton kernels of astrea, installed as ``astrea.kernels`` (never a top-level ``kernels``
+module, a name another PyPI package owns). Kernels only: ``@triton.jit`` functions and
+their launch configuration; validation, autograd and dispatch live in :mod:`astrea.ops`.
+
+Each kernel module lists ahead-of-time compile specs in ``AOT_SPECS`` so that the test
+suite compiles every kernel for sm_80 and sm_90 without a GPU (see :mod:`astrea.kernels.aot`).
+"""

@@ -1,0 +1,48 @@
+"""Test set-up. Without a GPU, the Triton kernels run on CPU tensors through the Triton
+interpreter; TRITON_INTERPRET must be set before triton is first imported, so here."""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import astrea  # noqa: E402  (after TRITON_INTERPRET)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--cuda-build",
+        action="store_true",
+        help="also run the full FORCE_CUDA=1 build of astrea._C against the CUDA torch (slow, ~6 GB venv)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--cuda-build"):
+        return
+    skip = pytest.mark.skip(reason="full CUDA build check: opt in with --cuda-build")
+    for item in items:
+        if "cuda_build" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where kernel tests run: the GPU when there is one, else the CPU (Triton interpreter)."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture
+def kernels():
+    """Forces the kernels (Triton, or _C) for the ops called inside the test."""
+    with astrea.backend("triton"):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

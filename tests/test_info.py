@@ -1,0 +1,35 @@
+import subprocess
+import sys
+
+import torch
+
+from astrea import _backend, _extension, info
+
+
+def test_info_command_runs_and_reports_truth():
+    out = subprocess.run([sys.executable, "-m", "astrea.info"], capture_output=True, text=True, check=True).stdout
+    assert f"torch                      {torch.__version__}" in out
+    if _extension.available():
+        assert "astrea._C                  loaded from" in out
+        cuda_built = _extension.has_kernel("queue_enqueue_", "CUDA")
+        assert ("built, arch" in out) == cuda_built
+    else:
+        assert "astrea._C                  not loaded" in out
+    for name in _backend.OPS:
+        assert name in out
+    assert "flash-attn" in out and "xformers" in out
+
+
+def test_op_table_matches_dispatch():
+    for name, cpu, cuda in info.op_table():
+        assert cpu == _backend.describe(name, "cpu")
+        assert cuda == _backend.describe(name, "cuda")
+
+
+def test_extension_is_built_here():
+    """The documented install builds _C; a silent CPU-only or missing build is a failure."""
+    assert _extension.available(), _extension.load_error()
+    assert _extension.has_kernel("queue_enqueue_", "CPU")
+    build = _extension.build_info()
+    assert build["torch_version"] == torch.__version__
+    assert build["with_cuda"] == _extension.has_kernel("queue_enqueue_", "CUDA")
