@@ -1,6 +1,15 @@
-"""Markdown report of pytest-benchmark JSON files.
+"""Markdown report of pytest-benchmark JSON files, and the README's performance section.
 
     python benchmarks/report.py bench.json [more.json ...] > report.md
+    python benchmarks/report.py --store bench.json
+    python benchmarks/report.py --readme README.md
+
+``--store`` keeps a run: it copies the JSON and writes its report.md under
+``benchmarks/results/<device>/<date>_<commit>/``.
+
+The second form rewrites the README between the ``benchmarks:start`` / ``benchmarks:end``
+markers from the newest ``report.md`` of each device folder under benchmarks/results/
+(``results/<device>/<date>_<commit>/report.md``), labelled GPU or CPU.
 
 One table per benchmark function; one row per case (shape, dtype); astrea, eager and
 torch.compile medians side by side, astrea's speed-up over each, astrea's share of the
@@ -12,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -90,11 +100,72 @@ def render(benchmarks: list[dict], machine: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+README_START = "<!-- benchmarks:start -->"
+README_END = "<!-- benchmarks:end -->"
+RESULTS = Path(__file__).parent / "results"
+
+
+def latest_reports(results: Path = RESULTS) -> list[tuple[str, Path]]:
+    """(device folder, newest report.md in it) for every device folder, sorted by name."""
+    found = []
+    for device_dir in sorted(p for p in results.iterdir() if p.is_dir()):
+        runs = sorted(device_dir.glob("*/report.md"))
+        if runs:
+            found.append((device_dir.name, runs[-1]))
+    return found
+
+
+def readme_section(results: Path = RESULTS) -> str:
+    parts = []
+    for device, report in latest_reports(results):
+        kind = "CPU" if device.startswith("cpu") else "GPU"
+        body = re.sub(r"^## ", "#### ", report.read_text().replace("# astrea benchmarks", "").strip(), flags=re.M)
+        parts.append(f"### {kind} figures: {device} ({report.parent.name})\n\n{body}\n")
+    if not parts:
+        parts.append("No benchmark results are committed yet.\n")
+    return "\n".join(parts)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def store(json_path: Path, results: Path = RESULTS) -> Path:
+    """Copies a run's JSON and its report into results/<device>/<date>_<commit>/; returns that folder."""
+    benchmarks, machine = load([json_path])
+    device = benchmarks[0]["extra_info"]["device"]
+    device_dir = "cpu-" + _slug(device.split("(")[1].split(",")[0]) if device.startswith("CPU") else _slug(device)
+    run_dir = results / device_dir / f"{str(machine.get('datetime'))[:10]}_{str(machine.get('commit'))[:10]}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "benchmarks.json").write_text(json_path.read_text())
+    (run_dir / "report.md").write_text(render(benchmarks, machine))
+    return run_dir
+
+
+def update_readme(readme: Path, results: Path = RESULTS) -> None:
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise SystemExit(f"{readme} has no {README_START} ... {README_END} markers")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_START}\n{readme_section(results)}{README_END}{tail}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("json", nargs="+", type=Path, help="pytest-benchmark --benchmark-json files")
+    parser.add_argument("json", nargs="*", type=Path, help="pytest-benchmark --benchmark-json files")
+    parser.add_argument("--store", action="store_true", help="keep the run under benchmarks/results/")
+    parser.add_argument("--readme", type=Path, help="rewrite this README's performance section instead")
     args = parser.parse_args()
-    print(render(*load(args.json)), end="")
+    if args.readme:
+        update_readme(args.readme)
+    elif args.store:
+        for path in args.json:
+            print(store(path))
+    elif args.json:
+        print(render(*load(args.json)), end="")
+    else:
+        parser.error("give benchmark JSON files or --readme")
 
 
 if __name__ == "__main__":

@@ -34,3 +34,34 @@ def test_report_table(tmp_path):
     assert "device: Fake GPU" in out and "commit 0123456789" in out
     assert "## test_op" in out
     assert "| n=4096 | 1 ms | 4 ms | 2 ms | 4.00× | 2.00× | 100.0 | 50.0 | – | 0.25× |" in out
+
+
+def test_readme_section_uses_newest_run_per_device(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import report
+
+    for device, run, text in [("cpu-x86_64", "2026-01-01_aaaa", "old"), ("cpu-x86_64", "2026-02-01_bbbb", "new"),
+                              ("nvidia-h100", "2026-01-15_cccc", "gpu")]:
+        (tmp_path / device / run).mkdir(parents=True)
+        (tmp_path / device / run / "report.md").write_text(f"# astrea benchmarks\n\n## test_x\n{text}\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.README_START}\nstale\n{report.README_END}\noutro\n")
+    report.update_readme(readme, tmp_path)
+    text = readme.read_text()
+    assert "stale" not in text and "old" not in text
+    assert "### CPU figures: cpu-x86_64 (2026-02-01_bbbb)" in text and "new" in text
+    assert "### GPU figures: nvidia-h100 (2026-01-15_cccc)" in text and "#### test_x" in text
+    assert text.startswith("intro\n") and text.endswith("outro\n")
+
+
+def test_store_files_a_run_by_device_and_date(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import report
+
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"datetime": "2026-03-04T05:06:07", "commit_info": {"id": "feedbeef00112233"},
+                                "benchmarks": [_bench("astrea", 1e-3, 8, device="NVIDIA H100 80GB HBM3")]}))
+    run_dir = report.store(path, tmp_path / "results")
+    assert run_dir == tmp_path / "results" / "nvidia-h100-80gb-hbm3" / "2026-03-04_feedbeef00"
+    assert json.loads((run_dir / "benchmarks.json").read_text())["benchmarks"][0]["stats"]["median"] == 1e-3
+    assert "## test_op" in (run_dir / "report.md").read_text()
