@@ -23,5 +23,5 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 # Build requirements first: the editable install below runs without build isolation so
 # that it compiles against this torch instead of downloading another one.
-"$PY" -m pip install -q "setuptools>=64" wheel ninja
+"$PY" -m pip install -q "setuptools>=77" wheel ninja
 "$PY" -m pip install -q --no-build-isolation -e ".[$EXTRAS]"

@@ -17,7 +17,7 @@ fi
 [ -f "$CUDA_HOME/include/cuda_runtime.h" ] || { echo "no CUDA toolkit at CUDA_HOME=$CUDA_HOME" >&2; exit 1; }
 
 [ -x "$CUDA_VENV/bin/python" ] || python3 -m venv "$CUDA_VENV"
-"$CUDA_VENV/bin/python" -m pip install -q "$CUDA_TORCH" "setuptools>=64" wheel ninja numpy
+"$CUDA_VENV/bin/python" -m pip install -q "$CUDA_TORCH" "setuptools>=77" wheel ninja numpy
 site=$("$CUDA_VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 # Headers torch's CUDA build expects (cusparse.h, ...) ship in the nvidia wheels.
 export CPATH="$site/nvidia/cu13/include${CPATH:+:$CPATH}"
