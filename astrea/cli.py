@@ -20,6 +20,7 @@ def _add_demo(sub) -> None:
     demo.add_argument("--quick", action="store_true", help="a seconds-long run on a tiny configuration")
     demo.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint.safetensors")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: reproducible numbers)")
     config.add_arguments(demo)
 
 
@@ -33,7 +34,7 @@ def _demo(args: argparse.Namespace) -> None:
         raise SystemExit("astrea demo: --resume continues the saved configuration; drop "
                          + ", ".join("--" + k.replace("_", "-") for k in given))
     cfg = None if args.resume else (AlignConfig.quick(**given) if args.quick else AlignConfig(**given))
-    final = run_demo(args.out, cfg, resume=args.resume, progress=not args.no_progress)
+    final = run_demo(args.out, cfg, resume=args.resume, progress=not args.no_progress, threads=args.threads)
     print("\n".join(["final metrics:"] + ["  " + line for line in summary_lines(final)]))
     print(f"run folder: {args.out}")
 

@@ -86,9 +86,11 @@ class Astrea(nn.Module):
             "caption": CaptionHead(widths["caption"], vocab_size, pad_id),
         })
         self.instruction_proj = nn.Linear(dim, dim)
-        from astrea.nn import AdaptiveWeightAllocator, TopKRouter
+        from astrea.nn import AdaptiveWeightAllocator
 
-        self.router = TopKRouter(dim, len(EXPERTS), top_k)
+        # The gate's logits pass through the allocator's per-expert temperature before the
+        # top-k, so the router is this gate plus astrea.ops.router_topk (as the allocator documents).
+        self.router = nn.Linear(dim, len(EXPERTS), bias=False)
         self.allocator = AdaptiveWeightAllocator(len(EXPERTS))
 
     def encode(self, images: torch.Tensor, names=EXPERTS) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -106,14 +108,15 @@ class Astrea(nn.Module):
         pooled = stacked.mean(dim=(0, 2))
         if instruction is not None:
             pooled = pooled + self.instruction_proj(instruction)
-        # Allocator: per-expert temperature on the logits and a load-feedback selection bias.
-        routed = self.router(pooled, allocator=self.allocator)
-        dense = torch.zeros_like(routed.logits, dtype=torch.float32)
+        logits = self.allocator(self.router(pooled))
+        routed = ops.router_topk(logits, self.top_k, bias=self.allocator.bias)
+        dense = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
         dense = dense.scatter(1, routed.indices.long(), routed.weights)
         tokens = ops.combine_residual(stacked, dense, adapted[BASE_EXPERT], self.residual_p, seed=self.seed,
                                       offset=step, training=self.training, expert_scale=self.allocator.scale)
-        return AstreaOutput(tokens=tokens, router_probs=routed.logits.float().softmax(-1), expert_weights=dense,
-                            counts=routed.counts, aux_loss=routed.aux_loss, z_loss=routed.z_loss)
+        return AstreaOutput(tokens=tokens, router_probs=logits.float().softmax(-1), expert_weights=dense,
+                            counts=routed.counts, aux_loss=ops.load_balancing_loss(routed),
+                            z_loss=ops.router_z_loss(routed))
 
     def forward(self, images: torch.Tensor, instruction: torch.Tensor | None = None, step: int = 0) -> AstreaOutput:
         """Visual tokens ``[B, T, D]`` for a language model, and the router's view of them."""
