@@ -67,12 +67,13 @@ def _router_topk_forward_kernel(
             score = exps * (1.0 / sum_exps)[:, None]
         else:
             score = tl.where(col_ok[None, :], tl.sigmoid(x), 0.0)
+        prob_acc += tl.sum(tl.where(row_ok[:, None], score, 0.0), axis=0)
         if HAS_BIAS:
             key = score + bias[None, :]
         else:
             key = x
         key = tl.where(key != key, float("-inf"), key)
-        taken = (cols[None, :] >= E) | (rows[:, None] < 0)  # padded columns count as taken
+        taken = tl.broadcast_to(cols[None, :] >= E, [BLOCK_N, BLOCK_E])  # padded columns count as taken
         chosen_scores = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         chosen_experts = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
         for slot in range(K):
@@ -103,7 +104,6 @@ def _router_topk_forward_kernel(
         tl.store(lse_ptr + rows, lse, mask=row_ok)
         routed = taken & row_ok[:, None] & col_ok[None, :]
         count_acc += tl.sum(routed.to(tl.int32), axis=0)
-        prob_acc += tl.sum(tl.where(row_ok[:, None], score, 0.0), axis=0)
     tl.store(count_partials_ptr + pid * E + cols, count_acc, mask=col_ok)
     tl.store(prob_partials_ptr + pid * E + cols, prob_acc, mask=col_ok)
 
@@ -129,7 +129,7 @@ def _router_topk_backward_kernel(
 
     # Scatter the weight gradients onto their experts' columns (experts of a row are distinct).
     grad_selected = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
-    selected = cols[None, :] < 0
+    selected = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.int1)
     row_offsets = rows.to(tl.int64) * K
     for slot in range(K):
         expert = tl.load(indices_ptr + row_offsets + slot, mask=row_ok, other=-1)
@@ -180,21 +180,24 @@ def _backward_signature(logits: str) -> dict[str, str]:
 # (never on the device), so the fixed-order sum of the partials is reproducible anywhere.
 MAX_FORWARD_PROGRAMS = 1024
 # Logits held by one program: enough rows per program to stream the logits at full
-# bandwidth, few enough registers per thread not to spill. The interpreter runs each
-# program serially, so larger tiles mean fewer, cheaper-per-element programs there.
-TILE_ELEMENTS = 4096
+# bandwidth, few enough per thread (the top-k loop keeps several copies of the tile
+# live) to stay near 100 registers. The interpreter runs programs serially, so larger
+# tiles mean fewer, cheaper-per-element programs there.
+TILE_ELEMENTS = 2048
+ELEMENTS_PER_THREAD = 8
 INTERPRETER_TILE_ELEMENTS = 1 << 15
 MAX_ROWS_PER_PROGRAM = 256
 
 
 def launch_config(num_experts: int, k: int, interpreter: bool) -> dict[str, int]:
-    """Block sizes and warps for ``num_experts`` experts and top-``k``; any E fits (a row
-    never spans programs), very large E (> 16384) at the cost of register spills."""
+    """Block sizes and warps for ``num_experts`` experts and top-``k``. A row never spans
+    programs, so any E runs; up to E = 4096 without register spills (AOT_SPECS), beyond
+    that with some."""
     block_e = triton.next_power_of_2(max(num_experts, 2))
     tile = INTERPRETER_TILE_ELEMENTS if interpreter else TILE_ELEMENTS
     block_n = max(1, min(MAX_ROWS_PER_PROGRAM, tile // block_e))
     elements = block_n * block_e
-    num_warps = 4 if elements <= 4096 else 8 if elements <= 8192 else 16
+    num_warps = min(16, max(4, elements // (32 * ELEMENTS_PER_THREAD)))
     return {"BLOCK_N": block_n, "BLOCK_E": block_e, "BLOCK_K": triton.next_power_of_2(k), "num_warps": num_warps}
 
 
@@ -255,12 +258,16 @@ def _aot_spec(label: str, kernel, signature: dict[str, str], num_experts: int, k
 AOT_SPECS = [
     _aot_spec("router.forward_softmax_bf16_e64_k8", _router_topk_forward_kernel, _forward_signature("*bf16"),
               64, 8, SCORING=0, RENORMALIZE=True, HAS_BIAS=False),
-    _aot_spec("router.forward_sigmoid_bias_fp32_e256_k8", _router_topk_forward_kernel,
-              _forward_signature("*fp32"), 256, 8, SCORING=1, RENORMALIZE=True, HAS_BIAS=True),
-    _aot_spec("router.forward_softmax_fp16_e1024_k2", _router_topk_forward_kernel, _forward_signature("*fp16"),
-              1024, 2, SCORING=0, RENORMALIZE=False, HAS_BIAS=False),
+    _aot_spec("router.forward_sigmoid_bias_bf16_e160_k6", _router_topk_forward_kernel,
+              _forward_signature("*bf16"), 160, 6, SCORING=1, RENORMALIZE=True, HAS_BIAS=True),
+    _aot_spec("router.forward_softmax_bias_fp32_e8_k2", _router_topk_forward_kernel, _forward_signature("*fp32"),
+              8, 2, SCORING=0, RENORMALIZE=False, HAS_BIAS=True),
+    _aot_spec("router.forward_sigmoid_bias_fp16_e4096_k8", _router_topk_forward_kernel,
+              _forward_signature("*fp16"), 4096, 8, SCORING=1, RENORMALIZE=True, HAS_BIAS=True),
     _aot_spec("router.backward_softmax_bf16_e64", _router_topk_backward_kernel, _backward_signature("*bf16"),
               64, 8, SCORING=0, RENORMALIZE=True),
     _aot_spec("router.backward_sigmoid_fp32_e256", _router_topk_backward_kernel, _backward_signature("*fp32"),
               256, 8, SCORING=1, RENORMALIZE=True),
+    _aot_spec("router.backward_softmax_fp16_e4096", _router_topk_backward_kernel, _backward_signature("*fp16"),
+              4096, 8, SCORING=0, RENORMALIZE=False),
 ]
