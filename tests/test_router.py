@@ -359,3 +359,16 @@ def test_top_k_router_module():
         TopKRouter(16, 7, 2).update_expert_bias(counts)
     with pytest.raises(ValueError, match="TopKRouter: k must be in"):
         TopKRouter(16, 7, 8)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_top_k_router_under_bf16_autocast(backend):
+    router = TopKRouter(16, 60, 6)
+    x = torch.randn(17, 16)
+    with astrea.backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        result = router(x)
+    assert result.logits.dtype == torch.bfloat16 and result.weights.dtype == torch.float32
+    _compare((result.weights, result.indices, result.counts, result.prob_sums, torch.logsumexp(
+        result.logits.float(), 1)), reference.router_topk(result.logits.float(), 6), f"{backend} autocast")
+    (result.weights.square().sum() + result.aux_loss + result.z_loss).backward()
+    assert router.gate.weight.grad.dtype == torch.float32 and router.gate.weight.grad.isfinite().all()
