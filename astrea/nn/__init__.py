@@ -1,3 +1,7 @@
 """nn.Modules built on :mod:`astrea.ops`."""
 
-__all__: list[str] = []
+from astrea.nn.moe import SparseMoE
+
+__all__: list[str] = [
+    "SparseMoE",
+]
