@@ -14,6 +14,13 @@ from astrea.nn import SparseMoE
 from tests.utils import assert_close, strided
 
 
+def reference_layout(indices: torch.Tensor, num_experts: int):
+    """The Dispatch of indices from the reference path (the kernel's layout is tested on its
+    own; interpreting it again in every permute and combine test would only cost time)."""
+    with astrea.backend("reference"):
+        return ops.moe_dispatch(indices, num_experts)
+
+
 def make_indices(num_tokens: int, top_k: int, num_experts: int, device="cpu") -> torch.Tensor:
     """Distinct experts per token, as a top-k router gives."""
     return torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(num_tokens)]).int().to(device)
@@ -21,6 +28,7 @@ def make_indices(num_tokens: int, top_k: int, num_experts: int, device="cpu") ->
 
 def reference_dispatch(indices: torch.Tensor, num_experts: int):
     """The layout written out from the definition: slots sorted by (expert, token, slot)."""
+    indices = indices.cpu()
     top_k = indices.shape[1]
     slots = sorted(range(indices.numel()), key=lambda r: (int(indices.view(-1)[r]), r))
     sorted_token_ids = torch.tensor([r // top_k for r in slots], dtype=torch.int32)
@@ -31,10 +39,22 @@ def reference_dispatch(indices: torch.Tensor, num_experts: int):
     return sorted_token_ids, offsets, inverse.view_as(indices)
 
 
+def assert_same_layout(dispatch, expected) -> None:
+    for name, got, want in zip(("sorted_token_ids", "expert_offsets", "inverse_positions"), dispatch, expected):
+        assert got.dtype == want.dtype, name
+        assert torch.equal(got.cpu(), want), name
+
+
 def fp64_combine(y, weights, indices, inverse_positions, scale=None):
     coefficient = weights.double() * (scale.double()[indices.long()] if scale is not None else 1)
     rows = y.double()[inverse_positions.long()]
     return (coefficient[..., None] * rows).sum(1)
+
+
+def kernel_device(request) -> torch.device:
+    """Turns the kernels on for this test; the device they run on (CPU: the interpreter)."""
+    request.getfixturevalue("kernels")
+    return request.getfixturevalue("device")
 
 
 # --- moe_dispatch -------------------------------------------------------------------------
@@ -43,33 +63,27 @@ def fp64_combine(y, weights, indices, inverse_positions, scale=None):
 @pytest.mark.parametrize("num_tokens, top_k, num_experts", [(1, 1, 1), (100, 3, 5), (67, 2, 160)])
 @pytest.mark.parametrize("impl", ["kernel", "reference"])
 def test_dispatch_is_a_stable_sort_by_expert(num_tokens, top_k, num_experts, impl, request):
-    if impl == "kernel":
-        request.getfixturevalue("kernels")
-    indices = make_indices(num_tokens, top_k, num_experts)
+    device = kernel_device(request) if impl == "kernel" else "cpu"
+    indices = make_indices(num_tokens, top_k, num_experts, device)
     dispatch = ops.moe_dispatch(indices, num_experts)
-    expected = reference_dispatch(indices, num_experts)
-    for name, got, want in zip(("sorted_token_ids", "expert_offsets", "inverse_positions"), dispatch, expected):
-        assert got.dtype == want.dtype, name
-        assert torch.equal(got, want), name
+    assert_same_layout(dispatch, reference_dispatch(indices, num_experts))
     assert dispatch.indices is indices and dispatch.num_experts == num_experts
 
 
-def test_dispatch_kernel_spans_many_blocks_with_skewed_and_empty_experts(kernels):
-    # 700 slots (several blocks), most on expert 2, experts 0 and 5 empty, ties inside a token.
-    indices = torch.full((350, 2), 2, dtype=torch.int32)
+def test_dispatch_kernel_spans_many_blocks_with_skewed_and_empty_experts(kernels, device):
+    # Several blocks of slots, most on expert 2, experts 0 and 5 empty, ties inside a token.
+    indices = torch.full((350 if device.type == "cpu" else 3000, 2), 2, dtype=torch.int32, device=device)
     indices[::7, 1] = 4
     indices[::11, 0] = 1
     indices[5, :] = 3
-    dispatch = ops.moe_dispatch(indices, 6)
-    for got, want in zip(dispatch, reference_dispatch(indices, 6)):
-        assert torch.equal(got, want)
+    assert_same_layout(ops.moe_dispatch(indices, 6), reference_dispatch(indices, 6))
 
 
-def test_dispatch_kernel_places_out_of_range_experts_after_the_last_expert():
+def test_dispatch_kernel_places_out_of_range_experts_after_the_last_expert(device):
     """The CUDA policy, through the launcher (on CPU the op raises before any kernel runs)."""
     from astrea.kernels.dispatch import dispatch_forward
 
-    indices = make_indices(90, 2, 4)
+    indices = make_indices(90, 2, 4, device)
     indices[3, 1] = 4
     indices[40, 0] = -1
     indices[77, 1] = 1000
@@ -77,29 +91,28 @@ def test_dispatch_kernel_places_out_of_range_experts_after_the_last_expert():
     bad = (indices < 0) | (indices >= 4)
     # The same layout as if those slots had chosen a fifth expert.
     want_sorted, want_offsets, want_inverse = reference_dispatch(torch.where(bad, 4, indices), 5)
-    assert torch.equal(sorted_token_ids, want_sorted) and torch.equal(inverse, want_inverse)
-    assert torch.equal(offsets, want_offsets[:5])
+    assert_same_layout((sorted_token_ids, offsets, inverse), (want_sorted, want_offsets[:5], want_inverse))
     assert int(offsets[-1]) == indices.numel() - 3
     # Those slots contribute nothing, and their rows (never computed by an expert) are not read.
     from astrea.kernels.combine import combine_forward
 
-    expert_out = torch.randn(indices.numel(), 5)
+    expert_out = torch.randn(indices.numel(), 5, device=device)
     expert_out[offsets[-1]:] = float("nan")
-    weights, scale = torch.rand(90, 2), torch.rand(4)
+    weights, scale = torch.rand(90, 2, device=device), torch.rand(4, device=device)
     out = combine_forward(expert_out, inverse, weights, indices, scale, 4)
     rows = torch.where(bad[..., None], 0, expert_out.double()[inverse.long()])
     coefficient = torch.where(bad, 0, weights.double() * scale.double()[indices.clamp(0, 3).long()])
     assert_close(out, (coefficient[..., None] * rows).sum(1), torch.float32)
 
 
-def test_dispatch_of_zero_tokens(kernels):
-    dispatch = ops.moe_dispatch(torch.empty(0, 2, dtype=torch.int32), 3)
+def test_dispatch_of_zero_tokens(kernels, device):
+    dispatch = ops.moe_dispatch(torch.empty(0, 2, dtype=torch.int32, device=device), 3)
     assert dispatch.sorted_token_ids.shape == (0,) and dispatch.inverse_positions.shape == (0, 2)
-    assert torch.equal(dispatch.expert_offsets, torch.zeros(4, dtype=torch.int64))
+    assert torch.equal(dispatch.expert_offsets.cpu(), torch.zeros(4, dtype=torch.int64))
 
 
-def test_dispatch_is_deterministic(kernels):
-    indices = make_indices(150, 2, 3)
+def test_dispatch_is_deterministic(kernels, device):
+    indices = make_indices(150, 2, 3, device)
     first = ops.moe_dispatch(indices, 3)
     second = ops.moe_dispatch(indices.clone(), 3)
     for a, b in zip(first, second):
@@ -111,11 +124,11 @@ def test_dispatch_is_deterministic(kernels):
 
 @pytest.mark.parametrize("num_tokens, top_k, num_experts, dim", [(100, 3, 5, 1), (37, 2, 7, 33), (5, 2, 3, 4096)])
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
-def test_permute_kernel_matches_reference(kernels, num_tokens, top_k, num_experts, dim, layout):
-    indices = make_indices(num_tokens, top_k, num_experts)
-    base = torch.randn(num_tokens, dim)
+def test_permute_kernel_matches_reference(kernels, device, num_tokens, top_k, num_experts, dim, layout):
+    indices = make_indices(num_tokens, top_k, num_experts, device)
+    base = torch.randn(num_tokens, dim, device=device)
     x = (strided(base) if layout == "strided" else base.clone()).requires_grad_()
-    dispatch = ops.moe_dispatch(indices, num_experts)
+    dispatch = reference_layout(indices, num_experts)
     out = ops.permute(x, dispatch)
     assert torch.equal(out, base[dispatch.sorted_token_ids.long()])
     grad = torch.randn_like(out)
@@ -139,12 +152,11 @@ def test_permute_low_precision_reference_path(dtype):
 # --- weighted_combine -------------------------------------------------------------------
 
 
-def combine_case(num_tokens, top_k, num_experts, dim, dtype=torch.float32, layout="contiguous"):
-    indices = make_indices(num_tokens, top_k, num_experts)
-    dispatch = ops.moe_dispatch(indices, num_experts)
-    y = torch.randn(num_tokens * top_k, dim, dtype=dtype)
-    weights = torch.rand(num_tokens, top_k)
-    scale = torch.rand(num_experts) + 0.5
+def combine_case(num_tokens, top_k, num_experts, dim, dtype=torch.float32, layout="contiguous", device="cpu"):
+    dispatch = reference_layout(make_indices(num_tokens, top_k, num_experts, device), num_experts)
+    y = torch.randn(num_tokens * top_k, dim, dtype=dtype, device=device)
+    weights = torch.rand(num_tokens, top_k, device=device)
+    scale = torch.rand(num_experts, device=device) + 0.5
     if layout == "strided":
         y, weights = strided(y), strided(weights)
     return dispatch, y.requires_grad_(), weights.requires_grad_(), scale.requires_grad_()
@@ -172,13 +184,17 @@ def check_combine(dispatch, y, weights, scale, dtype=torch.float32):
 
 @pytest.mark.parametrize("num_tokens, top_k, num_experts, dim", [(100, 3, 5, 1), (37, 2, 7, 33), (5, 2, 3, 4096)])
 @pytest.mark.parametrize("with_scale", [True, False])
-def test_weighted_combine_kernel_matches_reference(kernels, num_tokens, top_k, num_experts, dim, with_scale):
-    dispatch, y, weights, scale = combine_case(num_tokens, top_k, num_experts, dim)
+def test_weighted_combine_kernel_matches_reference(kernels, device, num_tokens, top_k, num_experts, dim, with_scale):
+    dispatch, y, weights, scale = combine_case(num_tokens, top_k, num_experts, dim, device=device)
     check_combine(dispatch, y, weights, scale if with_scale else None)
 
 
-def test_weighted_combine_kernel_strided_inputs(kernels):
-    check_combine(*combine_case(45, 2, 3, 33, layout="strided"))
+def test_weighted_combine_kernel_strided_inputs(kernels, device):
+    check_combine(*combine_case(45, 2, 3, 33, layout="strided", device=device))
+
+
+def test_weighted_combine_kernel_bfloat16(kernels, device):
+    check_combine(*combine_case(21, 2, 3, 300, dtype=torch.bfloat16, device=device), torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -187,9 +203,9 @@ def test_weighted_combine_low_precision_reference_path(dtype):
     check_combine(dispatch, y, weights, scale, dtype)
 
 
-def test_combine_backward_is_deterministic(kernels):
-    dispatch, y, weights, scale = combine_case(64, 4, 5, 33)
-    grad = torch.randn(64, 33)
+def test_combine_backward_is_deterministic(kernels, device):
+    dispatch, y, weights, scale = combine_case(64, 4, 5, 33, device=device)
+    grad = torch.randn(64, 33, device=device)
     runs = [torch.autograd.grad(ops.weighted_combine(y, weights, dispatch, scale), (y, weights, scale), grad)
             for _ in range(2)]
     for a, b in zip(*runs):
@@ -232,14 +248,14 @@ def test_reference_backwards_match_autograd_of_reference_forwards():
 # --- registration: opcheck and torch.compile --------------------------------------------
 
 
-def opcheck_cases():
-    indices = make_indices(10, 2, 3)
+def opcheck_cases(device):
+    indices = make_indices(10, 2, 3, device)
     sorted_token_ids, offsets, inverse = reference.moe_dispatch(indices, 3)
-    x = torch.randn(10, 33, requires_grad=True)
-    y = torch.randn(20, 33, requires_grad=True)
-    weights = torch.rand(10, 2, requires_grad=True)
-    scale = torch.rand(3, requires_grad=True)
-    grad = torch.randn(10, 33)
+    x = torch.randn(10, 33, device=device, requires_grad=True)
+    y = torch.randn(20, 33, device=device, requires_grad=True)
+    weights = torch.rand(10, 2, device=device, requires_grad=True)
+    scale = torch.rand(3, device=device, requires_grad=True)
+    grad = torch.randn(10, 33, device=device)
     ops_ = torch.ops.astrea
     return [
         (ops_.moe_dispatch.default, (indices, 3)),
@@ -255,9 +271,9 @@ def opcheck_cases():
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_opcheck(backend):
+def test_opcheck(backend, device):
     with astrea.backend(backend):
-        for op, args in opcheck_cases():
+        for op, args in opcheck_cases(device if backend == "triton" else torch.device("cpu")):
             torch.library.opcheck(op, args)
 
 
@@ -361,13 +377,13 @@ def naive_moe(moe: SparseMoE, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("impl", ["kernel", "reference"])
 @pytest.mark.parametrize("with_allocator", [True, False])
 def test_sparse_moe_equals_per_token_loop(impl, with_allocator, request):
-    if impl == "kernel":
-        request.getfixturevalue("kernels")
+    device = kernel_device(request) if impl == "kernel" else "cpu"
     num_experts, dim, out_dim = 5, 12, 7
     experts = nn.ModuleList(nn.Sequential(nn.Linear(dim, 16), nn.GELU(), nn.Linear(16, out_dim))
                             for _ in range(num_experts))
     moe = SparseMoE(experts, TinyRouter(dim, num_experts, top_k=2), Scale(num_experts) if with_allocator else None)
-    x = torch.randn(3, 11, dim, requires_grad=True)
+    moe.to(device)
+    x = torch.randn(3, 11, dim, device=device, requires_grad=True)
     out = moe(x)
     assert out.shape == (3, 11, out_dim)
     assert moe.aux_loss is not None and moe.aux_loss.ndim == 0
@@ -390,3 +406,7 @@ def test_sparse_moe_rejects_bad_arguments():
     moe = SparseMoE(experts, TinyRouter(4, 2, 2))
     with pytest.raises(ValueError, match=r"SparseMoE: every expert must return the same feature size; got \[4, 5\]"):
         moe(torch.randn(6, 4))
+    with pytest.raises(ValueError, match=r"moe_dispatch: indices must lie in \[0, num_experts=2\)"):
+        SparseMoE(experts, lambda x: SimpleNamespace(weights=torch.ones(x.shape[0], 1),
+                                                     indices=torch.full((x.shape[0], 1), 2, dtype=torch.int32)))(
+            torch.randn(6, 4))
