@@ -1,3 +1,6 @@
 """nn.Modules built on :mod:`astrea.ops`."""
 
-__all__: list[str] = []
+from astrea.nn.allocator import AdaptiveWeightAllocator
+from astrea.nn.residual import StochasticResidual
+
+__all__ = ["AdaptiveWeightAllocator", "StochasticResidual"]

@@ -192,13 +192,13 @@ def _(grad, experts, coef, expert_grad, coef_grad, residual_grad, p, seed, offse
 
 def combine_backward(ctx, grad: torch.Tensor, residual_grad: bool, p: float = 1.0, seed: int = 0, offset: int = 0,
                      granularity: str = "token", training: bool = True):
-    """(d experts or None, d coef or None, d residual or None) for an autograd backward."""
+    """(d experts (a list, of Nones when not needed), d coef or None, d residual or None) for an autograd backward."""
     *experts, coef = ctx.saved_tensors
     expert_grad = any(ctx.needs_input_grad[0])  # one flag per expert of the list input
     coef_grad = ctx.needs_input_grad[1]
     grad_experts, grad_coef, grad_residual = torch.ops.astrea.dense_combine_backward(
         grad, experts, coef, expert_grad, coef_grad, residual_grad, p, seed, offset, granularity, training)
-    return (grad_experts if expert_grad else None, grad_coef if coef_grad else None,
+    return (grad_experts if expert_grad else [None] * len(experts), grad_coef if coef_grad else None,
             grad_residual if residual_grad else None)
 
 
