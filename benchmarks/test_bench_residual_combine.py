@@ -67,8 +67,8 @@ def _inputs(case: dict, backward: bool, *, stacked: bool, residual: bool):
         args = []
         if stacked:
             weights = torch.rand(batch, experts, device=DEVICE)
-            args += [torch.randn(experts, *features, device=DEVICE, dtype=dtype), weights / weights.sum(1, keepdim=True),
-                     torch.rand(experts, device=DEVICE) + 0.5]
+            args += [torch.randn(experts, *features, device=DEVICE, dtype=dtype),
+                     weights / weights.sum(1, keepdim=True), torch.rand(experts, device=DEVICE) + 0.5]
         else:
             args.append(torch.randn(features, device=DEVICE, dtype=dtype))
         if residual:

@@ -167,8 +167,8 @@ def test_dense_combine_kernel_matches_reference(kernels, D, layout):
     weights, scale = _weights(2, 3), torch.rand(3) + 0.5
     out = astrea.ops.dense_weighted_combine(experts, weights, scale)
     assert_close(out, reference.dense_weighted_combine(experts, weights, scale), what="combine")
-    assert_close(astrea.ops.dense_weighted_combine(experts, weights), reference.dense_weighted_combine(experts, weights),
-                 what="combine without scale")
+    assert_close(astrea.ops.dense_weighted_combine(experts, weights),
+                 reference.dense_weighted_combine(experts, weights), what="combine without scale")
 
 
 def test_dense_combine_four_dims_and_low_precision():

@@ -43,7 +43,8 @@ def expert_list(op: str, expert_out) -> list[torch.Tensor]:
         for e, y in enumerate(experts):
             check_tensor(op, f"expert_out[{e}]", y, dtypes=FLOAT_DTYPES)
             if y.dim() < 2:
-                raise ValueError(f"{op}: expert_out[{e}] must be [B, ..., D] (at least 2-D); got shape {tuple(y.shape)}")
+                raise ValueError(f"{op}: expert_out[{e}] must be [B, ..., D] (at least 2-D); "
+                                 f"got shape {tuple(y.shape)}")
             if y.shape != experts[0].shape or y.dtype != experts[0].dtype:
                 raise ValueError(f"{op}: every expert output must match expert_out[0] "
                                  f"({tuple(experts[0].shape)}, {experts[0].dtype}); expert_out[{e}] is "
