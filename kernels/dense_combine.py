@@ -25,9 +25,6 @@ import triton.language as tl
 from astrea.kernels.aot import AOTSpec
 from astrea.kernels.residual import _add_residual, num_warps_for, tile_shape
 
-# Kernel parameters grow with E (a pointer and three strides each); Astrea combines four.
-MAX_EXPERTS = 32
-
 
 @triton.jit
 def _tile(pid, T, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):

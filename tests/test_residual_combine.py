@@ -312,6 +312,8 @@ def test_opcheck(backend):
         (torch.ops.astrea.combine_residual.default, (experts, coef, r, 0.5, 3, 1, "sample", True)),
         (torch.ops.astrea.dense_combine_backward.default,
          (grad, [e.detach() for e in experts], coef.detach(), True, True, True, 0.5, 3, 1, "token", True)),
+        (torch.ops.astrea.dense_combine_backward.default,
+         (grad, [e.detach() for e in experts], coef.detach(), False, True, True, 0.5, 3, 1, "token", False)),
     ]
     with astrea.backend(backend):
         for op, args in cases:

@@ -84,6 +84,9 @@ def dense_weighted_combine(expert_out, weights: torch.Tensor, expert_scale: torc
     Returns:
         ``[B, ..., D]`` in the experts' dtype, accumulated in fp32 in expert order.
         Differentiable in the expert outputs, weights and scale (deterministic, no atomics).
+        The weight gradient is that of the smooth sum: a zero weight still gets
+        ``sum grad[b] * s[e] * y_e[b]``, so backward reads every expert when ``weights`` or
+        ``expert_scale`` needs a gradient (and none of them when only the experts do).
     """
     op = "dense_weighted_combine"
     experts = expert_list(op, expert_out)
@@ -106,7 +109,7 @@ def dense_combine_forward(experts: list[torch.Tensor], coef: torch.Tensor, resid
                           p: float = 1.0, seed: int = 0, offset: int = 0, granularity: str = "token",
                           training: bool = True) -> torch.Tensor:
     """Launcher of the combine, with the stochastic residual fused when ``residual`` is given."""
-    op = "dense_weighted_combine"
+    op = "dense_weighted_combine" if residual is None else "combine_residual"
     if _backend.choose(op, experts[0].device) == "reference":
         combined = reference.dense_weighted_combine(experts, coef)
         if residual is None:
@@ -129,7 +132,7 @@ def dense_combine_backward_impl(grad: torch.Tensor, experts: list[torch.Tensor],
                                 offset: int, granularity: str, training: bool
                                 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """(d experts or [], d coef [B, E] fp32 or empty, d residual or empty) of the (fused) combine."""
-    op = "dense_weighted_combine"
+    op = "combine_residual" if residual_grad else "dense_weighted_combine"
     # Outputs not asked for are distinct empty tensors (custom op outputs must not alias).
     no_coef_grad, no_residual_grad = grad.new_empty(0, dtype=torch.float32), grad.new_empty(0)
     if _backend.choose(op, grad.device) == "reference":
@@ -137,7 +140,8 @@ def dense_combine_backward_impl(grad: torch.Tensor, experts: list[torch.Tensor],
         grad_residual = no_residual_grad
         if residual_grad:
             grad_residual = residual_reference.stochastic_residual_backward(
-                grad, p, seed=seed, offset=offset, granularity=granularity, training=training).to(grad.dtype)
+                grad, p, seed=seed, offset=offset, granularity=granularity, training=training
+            ).to(grad.dtype, copy=True)
         return grad_experts if expert_grad else [], grad_coef if coef_grad else no_coef_grad, grad_residual
     from astrea.kernels.dense_combine import launch_dense_combine_backward, num_partials
 
