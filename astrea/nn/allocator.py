@@ -8,6 +8,16 @@ import torch
 from torch import nn
 
 
+@torch.no_grad()
+def update_selection_bias_(bias: torch.Tensor, tokens_per_expert: torch.Tensor, rate: float) -> torch.Tensor:
+    """The aux-loss-free balancing rule (DeepSeek-V3; Megatron's ``get_updated_expert_bias``), in place:
+    ``bias_e += rate * sign(mean_load - load_e)``, so under-loaded experts become likelier picks.
+    ``tokens_per_expert`` [E] should count the whole global batch (all-reduced across ranks)."""
+    load = tokens_per_expert.to(device=bias.device, dtype=torch.float32)
+    bias += rate * torch.sign(load.mean() - load).to(bias.dtype)
+    return bias
+
+
 class AdaptiveWeightAllocator(nn.Module):
     """Per-expert calibration around a router: temperature, output scale and selection bias.
 
@@ -83,9 +93,7 @@ class AdaptiveWeightAllocator(nn.Module):
                 type(tokens_per_expert).__name__
             raise ValueError(f"AdaptiveWeightAllocator.update_bias: tokens_per_expert must be a tensor of shape "
                              f"({self.num_experts},); got {shape}")
-        load = tokens_per_expert.to(device=self.bias.device, dtype=torch.float32)
-        self.bias += self.bias_update_rate * torch.sign(load.mean() - load).to(self.bias.dtype)
-        return self.bias
+        return update_selection_bias_(self.bias, tokens_per_expert, self.bias_update_rate)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, bias_update_rate={self.bias_update_rate}"
