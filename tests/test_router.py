@@ -102,8 +102,9 @@ def test_ties_go_to_the_lower_expert_index(backend):
         [2.0, 1.0, 2.0, 1.0, 2.0],
         [-1.0, 5.0, -1.0, 5.0, -1.0],
         [float("-inf"), 1.0, float("-inf"), float("-inf"), 0.0],  # -inf ties after the finite ones
+        [-0.0, 0.0, -0.0, 1.0, -1.0],  # -0.0 equals +0.0
     ])
-    expected = torch.tensor([[0, 1, 2], [1, 2, 4], [0, 2, 4], [1, 3, 0], [1, 4, 0]], dtype=torch.int32)
+    expected = torch.tensor([[0, 1, 2], [1, 2, 4], [0, 2, 4], [1, 3, 0], [1, 4, 0], [3, 0, 1]], dtype=torch.int32)
     with astrea.backend(backend):
         for scoring in ("softmax", "sigmoid"):
             assert torch.equal(router_topk(logits, 3, scoring=scoring).indices, expected), scoring
