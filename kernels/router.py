@@ -30,7 +30,7 @@ SIGMOID: tl.constexpr = tl.constexpr(1)
 
 
 @triton.jit
-def _load_logits(logits_ptr, rows, cols, row_ok, col_ok, N, E, stride_n, stride_e):
+def _load_logits(logits_ptr, rows, cols, row_ok, col_ok, stride_n, stride_e):
     """fp32 logits tile; padded rows hold zeros (finite), padded columns -inf."""
     offsets = rows.to(tl.int64)[:, None] * stride_n + cols.to(tl.int64)[None, :] * stride_e
     x = tl.load(logits_ptr + offsets, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
@@ -83,7 +83,7 @@ def _router_topk_forward_kernel(
     for block in range(pid, tl.cdiv(N, BLOCK_N), num_programs):
         rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        x = _load_logits(logits_ptr, rows, cols, row_ok, col_ok, N, E, stride_n, stride_e)
+        x = _load_logits(logits_ptr, rows, cols, row_ok, col_ok, stride_n, stride_e)
         row_max = tl.max(x, axis=1)
         exps = tl.exp(x - row_max[:, None])
         sum_exps = tl.sum(exps, axis=1)
@@ -139,7 +139,7 @@ def _router_topk_backward_kernel(
     row_ok = rows < N
     cols = tl.arange(0, BLOCK_E)
     col_ok = cols < E
-    x = _load_logits(logits_ptr, rows, cols, row_ok, col_ok, N, E, stride_n, stride_e)
+    x = _load_logits(logits_ptr, rows, cols, row_ok, col_ok, stride_n, stride_e)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     probs = tl.exp(x - lse[:, None])
     if SCORING == SOFTMAX:
