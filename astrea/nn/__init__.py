@@ -2,4 +2,7 @@
 
 from astrea.nn.router import RouterResult, TopKRouter
 
-__all__ = ["RouterResult", "TopKRouter"]
+__all__: list[str] = [
+    "RouterResult",
+    "TopKRouter",
+]

@@ -5,4 +5,8 @@ precision where the contract says so), never for speed."""
 from astrea.reference.moco import queue_enqueue_
 from astrea.reference.router import router_topk, router_topk_backward
 
-__all__ = ["queue_enqueue_", "router_topk", "router_topk_backward"]
+__all__ = [
+    "queue_enqueue_",
+    "router_topk",
+    "router_topk_backward",
+]
