@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import astrea
 from astrea.data import CLASS_NAMES, TASKS, Vocabulary, generate_scenes
 from astrea.models import EXPERTS, Astrea, ExpertAdapter, TextEncoder, TinyDecoder, default_experts
 from astrea.models.experts import BoxHead, CaptionHead, LabelHead, MaskHead, box_iou
@@ -14,6 +15,15 @@ from astrea.train.metrics import in_batch_info_nce
 from tests.utils import assert_close, strided
 
 VOCAB = Vocabulary()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Models this small run fastest single-threaded (and a busy CPU makes extra threads spin)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _reference_attention(q, k, v, causal):
@@ -205,3 +215,16 @@ def test_scenes_are_deterministic_and_annotations_exact():
         generate_scenes(1, seed=0, split="test")
     with pytest.raises(ValueError, match="not in the vocabulary"):
         VOCAB.encode("a purple circle")
+
+
+def test_astrea_fusion_on_the_kernels_matches_the_reference():
+    model = _small_astrea()
+    _, adapted = model.encode(torch.rand(3, 3, 32, 32))
+    instruction = torch.randn(3, 32)
+    with astrea.backend("reference"):
+        expected = model.fuse(adapted, instruction, step=7)
+    with astrea.backend("triton"):
+        actual = model.fuse(adapted, instruction, step=7)
+    assert_close(actual.tokens, expected.tokens, what="fused tokens")
+    assert torch.equal(actual.counts.long(), expected.counts.long())
+    assert_close(actual.aux_loss, expected.aux_loss, what="balancing loss")

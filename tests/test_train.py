@@ -11,6 +11,7 @@ from astrea.cli import main
 from astrea.models import EXPERTS
 from astrea.train import STAGES, AlignConfig, ProgressiveAligner
 from astrea.train.config import add_arguments, overrides
+from tests.test_model import _one_thread  # noqa: F401  (autouse fixture: single-threaded torch)
 
 ONE_STEP = dict(steps_caption=1, steps_classification=1, steps_detection=1, steps_segmentation=1, steps_instruct=1)
 
