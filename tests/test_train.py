@@ -50,6 +50,7 @@ def test_one_step_per_stage_trains_what_the_stage_owns():
     model = aligner.model
     for stage in STAGES:
         experts = {name: _snapshot(model.experts[name]) for name in EXPERTS}
+        adapters = {name: _snapshot(model.adapters[name]) for name in EXPERTS}
         router, decoder = _snapshot(model.router), _snapshot(aligner.net["decoder"])
         queue_ptr = {name: int(aligner.net["contrast"][name].ptr) for name in EXPERTS}
         losses = aligner.train_step()
@@ -57,12 +58,14 @@ def test_one_step_per_stage_trains_what_the_stage_owns():
         if stage == "instruct":
             assert set(losses) == {"loss", "lm_loss", "balance_loss"}
             assert all(not _changed(experts[name], model.experts[name]) for name in EXPERTS), "experts are frozen"
+            assert all(not _changed(adapters[name], model.adapters[name]) for name in EXPERTS), "adapters too"
             assert _changed(router, model.router) and _changed(decoder, aligner.net["decoder"])
         else:
             assert set(losses) == {"loss", "contrastive_loss", "task_loss"}
             scope = STAGES[: STAGES.index(stage) + 1]
             for name in EXPERTS:
                 assert bool(_changed(experts[name], model.experts[name])) == (name in scope), (stage, name)
+                assert bool(_changed(adapters[name], model.adapters[name])) == (name in scope), (stage, name)
             assert not _changed(router, model.router) and not _changed(decoder, aligner.net["decoder"])
             batch = aligner.config.batch_size
             for name in EXPERTS:

@@ -10,9 +10,10 @@ stage) is trained with
 * an in-batch image-text InfoNCE that trains the online text encoder the keys follow;
 * the expert's task head loss (caption words, class, boxes, mask).
 
-The Instruct stage freezes the experts and trains the adapters, router, weight allocator
-and the language decoder on captioning and question answering, plus the router's
-load-balancing and z losses; the allocator's selection bias follows the expert loads.
+The Instruct stage freezes the experts and their adapters and trains the router (with the
+instruction embedding as extra input), the weight allocator and the language decoder on
+captioning and question answering, plus the router's load-balancing and z losses; the
+allocator's selection bias follows the expert loads.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ class ProgressiveAligner:
     def _trainable(self) -> list[nn.Module]:
         model = self.model
         if self.stage == "instruct":
-            return [model.adapters, model.instruction_proj, model.router, model.allocator, self.net["decoder"]]
+            return [model.instruction_proj, model.router, model.allocator, self.net["decoder"]]
         scope = self.scope()
         modules = [self.net["text"]]
         for name in scope:
@@ -194,9 +195,8 @@ class ProgressiveAligner:
     def _instruct_losses(self, batch: Scenes, tasks: torch.Tensor) -> dict[str, torch.Tensor]:
         model, decoder = self.model, self.net["decoder"]
         rows = torch.arange(len(tasks))
-        with torch.no_grad():
-            raw = {name: model.experts[name](batch.images) for name in EXPERTS}
-        adapted = {name: model.adapters[name](tokens) for name, tokens in raw.items()}
+        with torch.no_grad():  # experts and adapters stay as pre-alignment left them
+            _, adapted = model.encode(batch.images)
         instruction = decoder.instruction_embedding(batch.instructions[rows, tasks])
         fused = model.fuse(adapted, instruction, step=self.global_step)
         lm_loss, _, _ = decoder.loss_and_accuracy(fused.tokens, batch.prompts[rows, tasks],

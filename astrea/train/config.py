@@ -18,11 +18,11 @@ class AlignConfig:
     """
 
     schedule: str = "progressive"  # "progressive" or "instruct-only" (the ablation: no pre-alignment)
-    steps_caption: int = 120
-    steps_classification: int = 120
-    steps_detection: int = 120
-    steps_segmentation: int = 120
-    steps_instruct: int = 500
+    steps_caption: int = 200
+    steps_classification: int = 200
+    steps_detection: int = 200
+    steps_segmentation: int = 200
+    steps_instruct: int = 1000
     batch_size: int = 32
     lr_align: float = 2e-3
     lr_instruct: float = 2e-3
