@@ -116,12 +116,11 @@ class ProgressiveAligner:
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         self.net.requires_grad_(False)
-        params, seen = [], set()
-        for module in self._trainable():
+        modules = self._trainable()
+        for module in modules:
             module.requires_grad_(True)
-            params += [p for p in module.parameters() if id(p) not in seen and not seen.add(id(p))]
-        lr = self.config.lr_instruct if self.stage == "instruct" else self.config.lr_align
-        return torch.optim.AdamW(params, lr=lr, weight_decay=self.config.weight_decay)
+        params = [p for module in modules for p in module.parameters()]
+        return torch.optim.AdamW(params, lr=self._learning_rate(), weight_decay=self.config.weight_decay)
 
     def _learning_rate(self) -> float:
         """Linear warm-up, then cosine decay to 10% over the stage."""
