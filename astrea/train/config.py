@@ -76,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + field.name.replace("_", "-")
         kind = type(field.default)
         choices = tuple(SCHEDULES) if field.name == "schedule" else None
-        group.add_argument(flag, dest=field.name, type=kind, default=None, choices=choices,
+        metavar = None if choices else kind.__name__.upper()
+        group.add_argument(flag, dest=field.name, type=kind, default=None, choices=choices, metavar=metavar,
                            help=f"default {field.default}")
 
 
