@@ -33,17 +33,21 @@ def run_demo(out, config: AlignConfig | None = None, *, resume=None, progress: b
       ``router_probabilities.png`` (as Fig. 2);
     * ``checkpoint.safetensors``, rewritten after each stage (resume with ``resume=``).
 
-    ``threads`` sets torch's CPU threads (``None`` leaves them): one by default, which keeps
-    the numbers independent of the machine's core count and is the fastest on a busy or
-    2-core CPU for models this small. Denormals are flushed to zero (they slow CPU math by
-    orders of magnitude once optimiser moments get tiny).
+    ``threads`` sets torch's CPU threads for the run (``None`` leaves them): one by default,
+    which keeps the numbers independent of the machine's core count and is the fastest on
+    a busy or 2-core CPU for models this small.
 
     Returns the final evaluation.
     """
-    if threads is not None:
-        torch.set_num_threads(threads)
-    torch.set_flush_denormal(True)
-    out = Path(out)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or previous_threads)
+    try:
+        return _train_and_report(Path(out), config, resume, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train_and_report(out: Path, config: AlignConfig | None, resume, progress: bool) -> dict:
     (out / "metrics").mkdir(parents=True, exist_ok=True)
     aligner = ProgressiveAligner.load(resume) if resume is not None else ProgressiveAligner(config or AlignConfig())
     _write_json(out / "config.json", dataclasses.asdict(aligner.config))
