@@ -146,9 +146,8 @@ def _experts_forward(
 
 def _unsupported(where: str, block: nn.Module, why: str) -> UnsupportedMoEBlockError:
     return UnsupportedMoEBlockError(
-        f"apply_astrea: {where} ({type(block).__name__}) {why}, so astrea cannot run it exactly as it runs "
-        "now; nothing was patched. Call astrea.ops from that block's forward instead (README, "
-        "'Using astrea.ops in another MoE model')"
+        f"apply_astrea: {where} ({type(block).__name__}) {why}, so astrea cannot reproduce it; nothing was "
+        "patched. Call astrea.ops from that block's forward instead (README, 'Using astrea.ops in another MoE model')"
     )
 
 
@@ -163,8 +162,8 @@ def _check_experts(where: str, block: nn.Module) -> None:
     if missing:
         raise _unsupported(
             where, block,
-            f"has experts {type(experts).__name__} without {', '.join(missing)}; expected a transformers fused "
-            "experts module (@use_experts_implementation, gate_up_proj [E, 2I, H], down_proj [E, H, I])",
+            f"has experts {type(experts).__name__}, not a transformers fused experts module "
+            f"(@use_experts_implementation, gate_up_proj [E, 2I, H], down_proj [E, H, I]; it lacks {missing[0]})",
         )
     for flag, wanted in _EXPERTS_LAYOUT.items():
         if getattr(experts, flag) != wanted:
