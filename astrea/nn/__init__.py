@@ -1,3 +1,5 @@
 """nn.Modules built on :mod:`astrea.ops`."""
 
-__all__: list[str] = []
+from astrea.nn.router import RouterResult, TopKRouter
+
+__all__ = ["RouterResult", "TopKRouter"]

@@ -1,0 +1,169 @@
+"""Fused MoE router: top-k routing and the statistics of its auxiliary losses in one pass.
+
+Non-finite logits, without a host sync: a row whose log-sum-exp is not finite (it holds
+a NaN or a +Inf logit, or every logit is -Inf) gets NaN ``lse`` and NaN weights, for
+both scorings, so the NaN reaches the loss instead of being hidden. Its indices are
+still valid expert ids, chosen deterministically: NaN keys rank below every number and
+equal keys go to the lower expert index. Its scores enter ``prob_sums`` as computed
+(NaN for softmax). -Inf logits in a row with a finite logit are ordinary: probability 0.
+"""
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from astrea import _backend, reference
+from astrea._validation import FLOAT_DTYPES, check_choice, check_int, check_same_device, check_size, check_tensor
+
+_backend.declare_op("router_topk", kernel="triton")
+
+SCORINGS = ("softmax", "sigmoid")
+
+
+class RouterOutput(NamedTuple):
+    """What :func:`router_topk` returns (N tokens, E experts)."""
+
+    weights: torch.Tensor  # [N, k] fp32 routing weights, the score of each chosen expert (renormalised)
+    indices: torch.Tensor  # [N, k] int32 chosen experts, best first
+    counts: torch.Tensor  # [E] int32 tokens routed to each expert
+    prob_sums: torch.Tensor  # [E] fp32 sum over tokens of each expert's score (full distribution)
+    lse: torch.Tensor  # [N] fp32 log-sum-exp of each row of fp32 logits
+
+
+@torch.library.custom_op("astrea::router_topk", mutates_args=())
+def _router_topk_op(
+    logits: torch.Tensor, k: int, scoring: str, renormalize: bool, bias: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _backend.choose("router_topk", logits.device) == "triton":
+        from astrea.kernels.router import router_topk_forward
+
+        return router_topk_forward(logits, k, scoring, renormalize, bias, interpreter=logits.device.type == "cpu")
+    weights, indices, counts, prob_sums, lse = reference.router_topk(logits, k, scoring, renormalize, bias)
+    return weights, indices, counts, prob_sums.float(), lse.float()
+
+
+@_router_topk_op.register_fake
+def _router_topk_fake(logits, k, scoring, renormalize, bias):
+    n, e = logits.shape
+    return (
+        logits.new_empty((n, k), dtype=torch.float32),
+        logits.new_empty((n, k), dtype=torch.int32),
+        logits.new_empty((e,), dtype=torch.int32),
+        logits.new_empty((e,), dtype=torch.float32),
+        logits.new_empty((n,), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("astrea::router_topk_backward", mutates_args=())
+def _router_topk_backward_op(
+    logits: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor, grad_weights: torch.Tensor,
+    grad_prob_sums: torch.Tensor, grad_lse: torch.Tensor, scoring: str, renormalize: bool,
+) -> torch.Tensor:
+    if _backend.choose("router_topk", logits.device) == "triton":
+        from astrea.kernels.router import router_topk_backward
+
+        return router_topk_backward(logits, indices, lse, grad_weights, grad_prob_sums, grad_lse, scoring,
+                                    renormalize, interpreter=logits.device.type == "cpu")
+    return reference.router_topk_backward(logits, indices, lse, grad_weights, grad_prob_sums, grad_lse,
+                                          scoring, renormalize).contiguous()
+
+
+@_router_topk_backward_op.register_fake
+def _router_topk_backward_fake(logits, indices, lse, grad_weights, grad_prob_sums, grad_lse, scoring, renormalize):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, _, scoring, renormalize, _ = inputs
+    _, indices, _, _, lse = output
+    ctx.save_for_backward(logits, indices, lse)
+    ctx.scoring = scoring
+    ctx.renormalize = renormalize
+
+
+def _float_grad(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if grad is None else grad.float().contiguous()
+
+
+def _backward(ctx, grad_weights, _grad_indices, _grad_counts, grad_prob_sums, grad_lse):
+    logits, indices, lse = ctx.saved_tensors
+    grad_logits = _router_topk_backward_op(
+        logits, indices, lse,
+        _float_grad(grad_weights, indices.float()),
+        _float_grad(grad_prob_sums, logits.new_empty(logits.shape[1], dtype=torch.float32)),
+        _float_grad(grad_lse, lse),
+        ctx.scoring, ctx.renormalize,
+    )
+    return grad_logits, None, None, None, None
+
+
+_router_topk_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def router_topk(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    bias: Optional[torch.Tensor] = None,
+) -> RouterOutput:
+    """Routes each of N tokens to its top-``k`` of E experts, reading the logits once.
+
+    Args:
+        logits: ``[N, E]`` fp32/fp16/bf16 gate logits, any strides; computed in fp32. N may
+            be 0 (empty outputs, zero counts and sums).
+        k: experts per token, ``1 <= k <= E``.
+        scoring: ``"softmax"`` (probabilities over the experts) or ``"sigmoid"``
+            (independent scores, DeepSeek-V3).
+        renormalize: divide the k chosen scores by their sum, so each row's weights add to 1.
+        bias: optional ``[E]`` selection bias (aux-loss-free balancing, DeepSeek-V3): experts
+            are ranked by ``score + bias``, but the weights are the unbiased scores. It gets
+            no gradient. Without it experts are ranked by their logits (the scores' order).
+
+    Equal keys go to the lower expert index. Non-finite logits: see the module docstring.
+    Differentiable w.r.t. ``logits`` through ``weights``, ``prob_sums`` and ``lse`` (so
+    :func:`load_balancing_loss` and :func:`router_z_loss` are too).
+    """
+    op = "router_topk"
+    check_tensor(op, "logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
+    check_int(op, "k", k, low=1, high=logits.shape[1])
+    check_choice(op, "scoring", scoring, SCORINGS)
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"{op}: renormalize must be a bool, got {type(renormalize).__name__}")
+    if bias is not None:
+        check_tensor(op, "bias", bias, ndim=1, dtypes=FLOAT_DTYPES)
+        check_size(op, "bias", bias, 0, logits.shape[1], "the number of experts logits.shape[1]")
+        check_same_device(op, logits=logits, bias=bias)
+        bias = bias.detach().float().contiguous()
+    return RouterOutput(*_router_topk_op(logits, k, scoring, renormalize, bias))
+
+
+def _check_output(op: str, out) -> None:
+    if not isinstance(out, RouterOutput):
+        raise TypeError(f"{op}: out must be the RouterOutput of router_topk, got {type(out).__name__}")
+
+
+def load_balancing_loss(out: RouterOutput, *, num_tokens: Union[int, torch.Tensor, None] = None) -> torch.Tensor:
+    """Switch Transformer balancing loss ``E * sum_e f_e * P_e`` from a router pass.
+
+    ``f_e = counts_e / (num_tokens * k)`` is the fraction of routing slots given to expert
+    e and ``P_e = prob_sums_e / num_tokens`` its mean score; the loss is 1 when both are
+    uniform. Differentiable w.r.t. the logits through ``prob_sums``; no second read of the
+    logits. ``num_tokens`` defaults to the N of ``out``; pass the global token count when
+    ``counts`` and ``prob_sums`` were all-reduced across ranks. N = 0 gives NaN.
+    """
+    _check_output("load_balancing_loss", out)
+    num_experts = out.counts.shape[0]
+    k = out.weights.shape[1]
+    tokens = out.lse.shape[0] if num_tokens is None else num_tokens
+    fractions = out.counts.float() / (tokens * k)
+    mean_scores = out.prob_sums / tokens
+    return num_experts * (fractions * mean_scores).sum()
+
+
+def router_z_loss(out: RouterOutput) -> torch.Tensor:
+    """Router z-loss (ST-MoE): the mean over tokens of ``lse**2``, which keeps the logits
+    small; differentiable w.r.t. the logits through ``lse``. N = 0 gives NaN."""
+    _check_output("router_z_loss", out)
+    return out.lse.square().mean()

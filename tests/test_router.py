@@ -1,0 +1,374 @@
+"""Tests of the fused router (astrea.ops.router_topk, its losses and TopKRouter): the Triton
+kernels (under the interpreter on CPU) and the CPU reference path against the reference."""
+
+import pytest
+import torch
+
+import astrea
+from astrea import reference
+from astrea.nn import RouterResult, TopKRouter
+from astrea.ops import RouterOutput, load_balancing_loss, router_topk, router_z_loss
+from tests.utils import assert_close, strided
+
+# (N, E, k, scoring, renormalize): together every N in {0, 1, 17, 1000}, E in
+# {1, 3, 7, 60, 129, 512} and k in {1, 2, 6, E}, a few programs each under the interpreter.
+CASES = [
+    (0, 7, 2, "softmax", True),
+    (1, 1, 1, "softmax", True),
+    (1, 512, 512, "sigmoid", True),
+    (17, 3, 3, "sigmoid", False),
+    (17, 7, 2, "softmax", False),
+    (17, 512, 6, "softmax", True),
+    (1000, 60, 6, "softmax", True),
+    (1000, 129, 2, "sigmoid", True),
+    (1000, 60, 1, "sigmoid", False),
+]
+CASE_IDS = [f"N{n}-E{e}-k{k}-{s}-{'renorm' if r else 'raw'}" for n, e, k, s, r in CASES]
+GRAD_MODES = [(s, r) for s in ("softmax", "sigmoid") for r in (True, False)]
+
+
+def _compare(actual, expected, what: str, atol: float = 1e-5, rtol: float = 1e-5) -> None:
+    """Outputs of router_topk against the reference: indices and counts exactly."""
+    weights, indices, counts, prob_sums, lse = actual
+    assert weights.dtype == torch.float32 and indices.dtype == torch.int32 and counts.dtype == torch.int32
+    assert prob_sums.dtype == torch.float32 and lse.dtype == torch.float32
+    assert torch.equal(indices, expected[1]), f"{what}: indices differ"
+    assert torch.equal(counts, expected[2]), f"{what}: counts differ"
+    assert_close(weights, expected[0], atol=atol, rtol=rtol, what=f"{what} weights")
+    assert_close(lse, expected[4].float(), atol=atol, rtol=rtol, what=f"{what} lse")
+    # A sum over N rows: its rounding error grows with N.
+    assert_close(prob_sums, expected[3].float(), atol=atol * max(1, weights.shape[0]) ** 0.5, rtol=rtol,
+                 what=f"{what} prob_sums")
+
+
+def _loss_weights(n: int, e: int, k: int):
+    return torch.randn(n, k), torch.randn(e), torch.randn(n)
+
+
+def _surrogate(out, grad_weights, grad_prob_sums, grad_lse):
+    """A scalar whose gradient sends the given gradients into weights, prob_sums and lse."""
+    weights, _, _, prob_sums, lse = out
+    return (weights * grad_weights).sum() + (prob_sums * grad_prob_sums).sum() + (lse * grad_lse).sum()
+
+
+# ---- forward ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, e, k, scoring, renormalize", CASES, ids=CASE_IDS)
+def test_kernel_forward_matches_reference(kernels, n, e, k, scoring, renormalize):
+    logits = torch.randn(n, e) * 3
+    out = router_topk(logits, k, scoring=scoring, renormalize=renormalize)
+    assert isinstance(out, RouterOutput)
+    _compare(out, reference.router_topk(logits, k, scoring, renormalize), "kernel")
+    assert int(out.counts.sum()) == n * k
+    if renormalize and n:
+        assert_close(out.weights.sum(1), torch.ones(n), what="renormalised row sums")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_low_precision_logits_are_scored_in_fp32(backend, dtype):
+    logits = (torch.randn(17, 60) * 3).to(dtype)
+    with astrea.backend(backend):
+        out = router_topk(logits, 6, scoring="softmax")
+    _compare(out, reference.router_topk(logits.float(), 6), f"{backend} {dtype}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_strided_logits(backend):
+    logits = torch.randn(17, 60)
+    expected = reference.router_topk(logits, 6, "sigmoid", True)
+    with astrea.backend(backend):
+        _compare(router_topk(strided(logits), 6, scoring="sigmoid"), expected, f"{backend} every other column")
+        column_major = logits.t().contiguous().t()
+        _compare(router_topk(column_major, 6, scoring="sigmoid"), expected, f"{backend} column-major")
+
+
+def test_empty_batch(kernels):
+    logits = torch.randn(0, 7, requires_grad=True)
+    out = router_topk(logits, 2)
+    assert out.weights.shape == (0, 2) and out.indices.shape == (0, 2) and out.lse.shape == (0,)
+    assert torch.equal(out.counts, torch.zeros(7, dtype=torch.int32))
+    assert torch.equal(out.prob_sums, torch.zeros(7))
+    out.prob_sums.sum().backward()
+    assert logits.grad.shape == (0, 7)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_ties_go_to_the_lower_expert_index(backend):
+    logits = torch.tensor([
+        [0.0, 0.0, 0.0, 0.0, 0.0],  # all equal: the first k
+        [1.0, 3.0, 3.0, 2.0, 3.0],  # three-way tie for the top
+        [2.0, 1.0, 2.0, 1.0, 2.0],
+        [-1.0, 5.0, -1.0, 5.0, -1.0],
+        [float("-inf"), 1.0, float("-inf"), float("-inf"), 0.0],  # -inf ties after the finite ones
+    ])
+    expected = torch.tensor([[0, 1, 2], [1, 2, 4], [0, 2, 4], [1, 3, 0], [1, 4, 0]], dtype=torch.int32)
+    with astrea.backend(backend):
+        for scoring in ("softmax", "sigmoid"):
+            assert torch.equal(router_topk(logits, 3, scoring=scoring).indices, expected), scoring
+        # With a bias the keys are score + bias: equal biases keep the ties.
+        biased = router_topk(logits, 3, bias=torch.full((5,), 0.25))
+        assert torch.equal(biased.indices, expected)
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bias_changes_selection_not_weights(backend, scoring):
+    logits = torch.randn(17, 60)
+    # Levels far apart so rounding of score + bias cannot reorder experts across levels.
+    bias = torch.randint(0, 4, (60,)).float() * 2
+    with astrea.backend(backend):
+        out = router_topk(logits, 6, scoring=scoring, renormalize=False, bias=bias)
+    x = logits.float()
+    scores = torch.softmax(x, 1) if scoring == "softmax" else torch.sigmoid(x)
+    assert_close(out.weights, scores.gather(1, out.indices.long()), what="weights are the unbiased scores")
+    expected = reference.router_topk(logits, 6, scoring, False, bias)
+    _compare(out, expected, f"{backend} bias")
+    assert not torch.equal(out.indices, router_topk(logits, 6, scoring=scoring).indices)
+    # A bias towards expert 5 large enough routes every token there first.
+    pull = torch.zeros(60)
+    pull[5] = 10.0
+    with astrea.backend(backend):
+        pulled = router_topk(logits, 2, scoring=scoring, renormalize=False, bias=pull)
+    assert (pulled.indices[:, 0] == 5).all()
+    assert_close(pulled.weights[:, 0], scores[:, 5], what="pulled weight")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_non_finite_rows_give_nan_weights_and_valid_indices(backend):
+    nan, inf = float("nan"), float("inf")
+    logits = torch.randn(6, 7)
+    logits[1, 3] = nan
+    logits[2, 0] = inf
+    logits[3] = -inf
+    logits[4, 2:] = -inf  # finite entries remain: an ordinary row
+    logits[5, 6] = nan
+    for scoring in ("softmax", "sigmoid"):
+        with astrea.backend(backend):
+            out = router_topk(logits, 3, scoring=scoring)
+        bad = torch.tensor([False, True, True, True, False, True])
+        assert out.lse[bad].isnan().all() and out.lse[~bad].isfinite().all()
+        assert out.weights[bad].isnan().all() and out.weights[~bad].isfinite().all()
+        assert ((out.indices >= 0) & (out.indices < 7)).all()
+        # NaN ranks lowest: rows 1 and 5 route to their best finite logits, never to the NaN.
+        for row, nan_expert in ((1, 3), (5, 6)):
+            finite = logits[row].nan_to_num(nan=-inf)
+            assert torch.equal(out.indices[row].long(), torch.sort(finite, descending=True, stable=True).indices[:3])
+            assert nan_expert not in out.indices[row].tolist()
+        assert torch.equal(out.indices[3], torch.tensor([0, 1, 2], dtype=torch.int32))
+        assert torch.equal(out.indices[4][:2], torch.tensor([0, 1], dtype=torch.int32))
+        assert int(out.counts.sum()) == 18
+        assert torch.equal(out.indices, reference.router_topk(logits, 3, scoring, True)[1])
+
+
+def test_forward_is_deterministic_across_program_counts(kernels, monkeypatch):
+    from astrea.kernels import router as router_kernels
+
+    logits = torch.randn(1000, 60)
+    first = router_topk(logits, 6)
+    again = router_topk(logits, 6)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    # Fewer programs than row blocks: each program loops over several blocks.
+    monkeypatch.setattr(router_kernels, "MAX_FORWARD_PROGRAMS", 2)
+    looped = router_topk(logits, 6)
+    for name, a, b in zip(RouterOutput._fields, first, looped):
+        assert_close(a.float(), b.float(), what=f"looped {name}")
+
+
+# ---- backward -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scoring, renormalize", GRAD_MODES)
+@pytest.mark.parametrize("n, e, k", [(17, 7, 2), (1000, 129, 6), (17, 60, 60)])
+def test_kernel_backward_matches_reference_autograd(kernels, n, e, k, scoring, renormalize):
+    if (n, e) == (1000, 129) and not renormalize:
+        pytest.skip("one large case per scoring keeps the interpreter run short")
+    logits = (torch.randn(n, e) * 2).requires_grad_()
+    grads = _loss_weights(n, e, k)
+    _surrogate(router_topk(logits, k, scoring=scoring, renormalize=renormalize), *grads).backward()
+    expected_logits = logits.detach().clone().requires_grad_()
+    _surrogate(reference.router_topk(expected_logits, k, scoring, renormalize), *grads).backward()
+    assert_close(logits.grad, expected_logits.grad, atol=2e-5, what="grad_logits")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_low_precision_backward(backend, dtype):
+    logits = (torch.randn(17, 60) * 2).to(dtype).requires_grad_()
+    grads = _loss_weights(17, 60, 6)
+    with astrea.backend(backend):
+        _surrogate(router_topk(logits, 6), *grads).backward()
+    expected_logits = logits.detach().float().requires_grad_()
+    _surrogate(reference.router_topk(expected_logits, 6), *grads).backward()
+    assert logits.grad.dtype == dtype
+    assert_close(logits.grad, expected_logits.grad, dtype, what=f"{backend} {dtype} grad_logits")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_backward_with_strided_logits_and_bias(backend):
+    base = torch.randn(17, 60)
+    logits = strided(base).requires_grad_()
+    bias = torch.randint(0, 4, (60,)).float() * 2
+    grads = _loss_weights(17, 60, 6)
+    with astrea.backend(backend):
+        _surrogate(router_topk(logits, 6, scoring="sigmoid", bias=bias), *grads).backward()
+    expected_logits = base.clone().requires_grad_()
+    _surrogate(reference.router_topk(expected_logits, 6, "sigmoid", True, bias), *grads).backward()
+    assert_close(logits.grad, expected_logits.grad, what=f"{backend} strided grad_logits")
+
+
+@pytest.mark.parametrize("scoring, renormalize", GRAD_MODES)
+def test_reference_gradcheck_float64(scoring, renormalize):
+    logits = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+
+    def differentiable_outputs(x):
+        weights, _, _, prob_sums, lse = reference.router_topk(x, 3, scoring, renormalize)
+        return weights, prob_sums, lse
+
+    assert torch.autograd.gradcheck(differentiable_outputs, (logits,))
+
+
+@pytest.mark.parametrize("scoring, renormalize", GRAD_MODES)
+def test_reference_closed_form_backward_matches_autograd(scoring, renormalize):
+    """The derivation written in the kernel, checked in float64 against autograd."""
+    logits = torch.randn(9, 11, dtype=torch.float64, requires_grad=True)
+    grads = [g.double() for g in _loss_weights(9, 11, 4)]
+    out = reference.router_topk(logits, 4, scoring, renormalize)
+    _surrogate(out, *grads).backward()
+    closed_form = reference.router_topk_backward(logits.detach(), out[1], out[4].detach(), *grads, scoring,
+                                                 renormalize)
+    assert_close(closed_form, logits.grad, what="closed-form grad_logits")
+
+
+# ---- losses -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_losses_match_their_formulas_and_are_differentiable(backend):
+    logits = torch.randn(17, 7, requires_grad=True)
+    with astrea.backend(backend):
+        out = router_topk(logits, 2)
+        aux, z = load_balancing_loss(out), router_z_loss(out)
+    probs = torch.softmax(logits, 1)
+    chosen = torch.zeros(7).index_add_(0, out.indices.flatten().long(), torch.ones(34))
+    expected_aux = 7 * ((chosen / 34) * probs.mean(0)).sum()
+    expected_z = torch.logsumexp(logits, 1).square().mean()
+    assert_close(aux, expected_aux, what="aux loss")
+    assert_close(z, expected_z, what="z loss")
+    (aux + z).backward()
+    expected_grad = torch.autograd.grad(expected_aux + expected_z, logits)[0]
+    assert_close(logits.grad, expected_grad, what="grad of aux + z")
+
+
+def test_balancing_loss_is_one_when_balanced_and_takes_global_token_count():
+    out = RouterOutput(weights=torch.full((4, 2), 0.5), indices=torch.zeros(4, 2, dtype=torch.int32),
+                       counts=torch.full((4,), 2, dtype=torch.int32), prob_sums=torch.ones(4), lse=torch.zeros(4))
+    assert load_balancing_loss(out).item() == pytest.approx(1.0)
+    # counts and sums all-reduced over 2 ranks of 4 tokens: the same balance.
+    doubled = out._replace(counts=out.counts * 2, prob_sums=out.prob_sums * 2)
+    assert load_balancing_loss(doubled, num_tokens=8).item() == pytest.approx(1.0)
+    with pytest.raises(TypeError, match="load_balancing_loss: out"):
+        load_balancing_loss(tuple(out))
+
+
+# ---- registration -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck(backend):
+    logits = torch.randn(17, 7, requires_grad=True)
+    with astrea.backend(backend):
+        for args in [(logits, 2, "softmax", True, None), (logits, 3, "sigmoid", False, torch.randn(7))]:
+            torch.library.opcheck(torch.ops.astrea.router_topk.default, args)
+        out = router_topk(logits.detach(), 2)
+        grads = [g.contiguous() for g in _loss_weights(17, 7, 2)]
+        torch.library.opcheck(torch.ops.astrea.router_topk_backward.default,
+                              (logits.detach(), out.indices, out.lse, *grads, "softmax", True))
+
+
+def test_torch_compile_fullgraph_cpu():
+    def step(x, bias):
+        out = router_topk(x, 2, scoring="sigmoid", bias=bias)
+        return out.weights, out.indices, load_balancing_loss(out) + router_z_loss(out)
+
+    logits = torch.randn(17, 7, requires_grad=True)
+    bias = torch.randn(7)
+    compiled = torch.compile(step, fullgraph=True)
+    weights, indices, loss = compiled(logits, bias)
+    (weights.sum() + loss).backward()
+    expected_logits = logits.detach().clone().requires_grad_()
+    expected = step(expected_logits, bias)
+    (expected[0].sum() + expected[2]).backward()
+    assert torch.equal(indices, expected[1])
+    assert_close(weights, expected[0], what="compiled weights")
+    assert_close(logits.grad, expected_logits.grad, what="compiled grad_logits")
+
+
+# ---- validation ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(k=8), ValueError, r"router_topk: k must be in \[1, 7\]; got 8"),
+    (dict(k=0), ValueError, r"router_topk: k must be in \[1, 7\]; got 0"),
+    (dict(k=2.0), TypeError, "router_topk: k must be an int"),
+    (dict(logits=torch.randn(7)), ValueError, r"router_topk: logits must be 2-D; got shape \(7,\)"),
+    (dict(logits=torch.randn(2, 3, 7)), ValueError, "router_topk: logits must be 2-D"),
+    (dict(logits=torch.ones(4, 7, dtype=torch.int64)), TypeError, "router_topk: logits must have dtype"),
+    (dict(bias=torch.zeros(6)), ValueError, r"router_topk: bias.shape\[0\] must equal .* = 7; got shape \(6,\)"),
+    (dict(bias=torch.zeros(7, dtype=torch.int32)), TypeError, "router_topk: bias must have dtype"),
+    (dict(bias=torch.zeros(1, 7)), ValueError, "router_topk: bias must be 1-D"),
+    (dict(scoring="relu"), ValueError, "router_topk: scoring must be one of 'softmax', 'sigmoid'; got 'relu'"),
+    (dict(renormalize=1), TypeError, "router_topk: renormalize must be a bool"),
+])
+def test_bad_inputs_raise_naming_the_argument(kwargs, error, match):
+    args = dict(logits=torch.randn(4, 7), k=2) | kwargs
+    with pytest.raises(error, match=match):
+        router_topk(args.pop("logits"), args.pop("k"), **args)
+
+
+# ---- module -------------------------------------------------------------------------------------
+
+
+def test_top_k_router_module():
+    router = TopKRouter(16, 7, 2, jitter=0.1, bias_update_rate=0.01)
+    x = torch.randn(3, 5, 16)
+    result = router(x)
+    assert isinstance(result, RouterResult)
+    assert result.logits.shape == (15, 7) and result.weights.shape == (15, 2) and result.indices.shape == (15, 2)
+    assert result.aux_loss.ndim == 0 and result.z_loss.ndim == 0
+    (result.weights.sum() + result.aux_loss + result.z_loss).backward()
+    assert router.gate.weight.grad is not None and router.gate.weight.grad.abs().sum() > 0
+
+    router.eval()
+    first, second = router(x), router(x)
+    assert torch.equal(first.logits, second.logits), "no jitter in eval"
+    assert torch.equal(first.logits, router.gate(x.reshape(-1, 16)))
+    router.train()
+    assert not torch.equal(router(x).logits, first.logits), "jitter in training"
+
+    # Aux-loss-free balancing: overloaded experts' bias falls, underloaded ones' rises.
+    counts = first.counts
+    router.update_expert_bias(counts)
+    load = counts.float()
+    assert torch.equal(router.expert_bias, 0.01 * torch.sign(load.mean() - load))
+    assert "expert_bias" in router.state_dict()
+    with pytest.raises(RuntimeError, match="bias_update_rate > 0"):
+        TopKRouter(16, 7, 2).update_expert_bias(counts)
+    with pytest.raises(ValueError, match="TopKRouter: k must be in"):
+        TopKRouter(16, 7, 8)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_top_k_router_under_bf16_autocast(backend):
+    router = TopKRouter(16, 60, 6)
+    x = torch.randn(17, 16)
+    with astrea.backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        result = router(x)
+    assert result.logits.dtype == torch.bfloat16 and result.weights.dtype == torch.float32
+    _compare((result.weights, result.indices, result.counts, result.prob_sums, torch.logsumexp(
+        result.logits.float(), 1)), reference.router_topk(result.logits.float(), 6), f"{backend} autocast")
+    (result.weights.square().sum() + result.aux_loss + result.z_loss).backward()
+    assert router.gate.weight.grad.dtype == torch.float32 and router.gate.weight.grad.isfinite().all()
