@@ -30,11 +30,36 @@ SIGMOID: tl.constexpr = tl.constexpr(1)
 
 
 @triton.jit
-def _load_logits(logits_ptr, rows, cols, row_ok, col_ok, N, E, stride_n, stride_e):
+def _load_logits(logits_ptr, rows, cols, row_ok, col_ok, stride_n, stride_e):
     """fp32 logits tile; padded rows hold zeros (finite), padded columns -inf."""
     offsets = rows.to(tl.int64)[:, None] * stride_n + cols.to(tl.int64)[None, :] * stride_e
     x = tl.load(logits_ptr + offsets, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
     return tl.where(col_ok[None, :], x, float("-inf"))
+
+
+# Marks chosen (and padded) experts in the packed keys: below every packed key.
+TAKEN: tl.constexpr = tl.constexpr(-(2**63))
+
+
+@triton.jit
+def _packed_keys(key, cols, col_ok, BLOCK_E: tl.constexpr):
+    """One int64 per expert whose signed order is (key, then lower index), so that one max
+    per top-k slot finds the next expert: the fp32 key's bits made order-preserving in the
+    high word, BLOCK_E - 1 - index in the low word. NaN keys rank as -inf."""
+    key = tl.where(key != key, float("-inf"), key)
+    key = tl.where(key == 0.0, 0.0, key)  # -0.0 and +0.0 are equal keys
+    bits = key.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: reverse the magnitude order
+    packed = (ordered.to(tl.int64) << 32) | (BLOCK_E - 1 - cols).to(tl.int64)[None, :]
+    return tl.where(col_ok[None, :], packed, TAKEN)
+
+
+@triton.jit
+def _key_of(packed):
+    """The fp32 key held in the high word of packed keys."""
+    ordered = (packed >> 32).to(tl.int32)
+    bits = tl.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered)
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -58,7 +83,7 @@ def _router_topk_forward_kernel(
     for block in range(pid, tl.cdiv(N, BLOCK_N), num_programs):
         rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        x = _load_logits(logits_ptr, rows, cols, row_ok, col_ok, N, E, stride_n, stride_e)
+        x = _load_logits(logits_ptr, rows, cols, row_ok, col_ok, stride_n, stride_e)
         row_max = tl.max(x, axis=1)
         exps = tl.exp(x - row_max[:, None])
         sum_exps = tl.sum(exps, axis=1)
@@ -69,27 +94,22 @@ def _router_topk_forward_kernel(
             score = tl.where(col_ok[None, :], tl.sigmoid(x), 0.0)
         prob_acc += tl.sum(tl.where(row_ok[:, None], score, 0.0), axis=0)
         if HAS_BIAS:
-            key = score + bias[None, :]
+            packed = _packed_keys(score + bias[None, :], cols, col_ok, BLOCK_E)
         else:
-            key = x
-        key = tl.where(key != key, float("-inf"), key)
-        taken = tl.broadcast_to(cols[None, :] >= E, [BLOCK_N, BLOCK_E])  # padded columns count as taken
+            packed = _packed_keys(x, cols, col_ok, BLOCK_E)
         chosen_scores = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         chosen_experts = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
         for slot in range(K):
-            available = tl.where(taken, float("-inf"), key)
-            best = tl.max(available, axis=1)
-            # Among the untaken experts holding the best key, the lowest index wins.
-            candidates = (available == best[:, None]) & ~taken
-            expert = tl.min(tl.where(candidates, cols[None, :], BLOCK_E), axis=1)
-            hit = cols[None, :] == expert[:, None]
-            taken = taken | hit
+            best = tl.max(packed, axis=1)
+            hit = packed == best[:, None]
+            packed = tl.where(hit, TAKEN, packed)
+            expert = (BLOCK_E - 1) - (best & 0xFFFFFFFF).to(tl.int32)
             if HAS_BIAS:
                 value = tl.sum(tl.where(hit, score, 0.0), axis=1)
             elif SCORING == SOFTMAX:
-                value = tl.exp(best - lse)
+                value = tl.exp(_key_of(best) - lse)
             else:
-                value = tl.sigmoid(best)
+                value = tl.sigmoid(_key_of(best))
             in_slot = slots[None, :] == slot
             chosen_scores = tl.where(in_slot, value[:, None], chosen_scores)
             chosen_experts = tl.where(in_slot, expert[:, None], chosen_experts)
@@ -102,7 +122,7 @@ def _router_topk_forward_kernel(
         tl.store(weights_ptr + out_offsets, chosen_scores, mask=out_mask)
         tl.store(indices_ptr + out_offsets, chosen_experts, mask=out_mask)
         tl.store(lse_ptr + rows, lse, mask=row_ok)
-        routed = taken & row_ok[:, None] & col_ok[None, :]
+        routed = (packed == TAKEN) & row_ok[:, None] & col_ok[None, :]
         count_acc += tl.sum(routed.to(tl.int32), axis=0)
     tl.store(count_partials_ptr + pid * E + cols, count_acc, mask=col_ok)
     tl.store(prob_partials_ptr + pid * E + cols, prob_acc, mask=col_ok)
@@ -119,7 +139,7 @@ def _router_topk_backward_kernel(
     row_ok = rows < N
     cols = tl.arange(0, BLOCK_E)
     col_ok = cols < E
-    x = _load_logits(logits_ptr, rows, cols, row_ok, col_ok, N, E, stride_n, stride_e)
+    x = _load_logits(logits_ptr, rows, cols, row_ok, col_ok, stride_n, stride_e)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     probs = tl.exp(x - lse[:, None])
     if SCORING == SOFTMAX:

@@ -7,6 +7,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from astrea.nn.allocator import update_selection_bias_
 from astrea.ops.router import SCORINGS, RouterOutput, load_balancing_loss, router_topk, router_z_loss
 
 
@@ -79,8 +80,7 @@ class TopKRouter(nn.Module):
         likelier to be chosen. ``counts`` is ``RouterResult.counts`` (summed over steps or ranks)."""
         if self.expert_bias is None:
             raise RuntimeError("TopKRouter.update_expert_bias: construct the router with bias_update_rate > 0")
-        load = counts.float()
-        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        update_selection_bias_(self.expert_bias, counts, self.bias_update_rate)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}, scoring={self.scoring!r}, "

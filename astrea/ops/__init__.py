@@ -1,7 +1,24 @@
 """The public functional API of astrea: torch.library ops with validation, fake (meta)
 implementations, autograd and per-device dispatch (see :mod:`astrea._backend`)."""
 
+from astrea.ops.combine import weighted_combine
+from astrea.ops.dense_combine import dense_weighted_combine
+from astrea.ops.dispatch import Dispatch, moe_dispatch, permute
 from astrea.ops.moco import queue_enqueue_
+from astrea.ops.residual import combine_residual, stochastic_residual
 from astrea.ops.router import RouterOutput, load_balancing_loss, router_topk, router_z_loss
 
-__all__ = ["RouterOutput", "load_balancing_loss", "queue_enqueue_", "router_topk", "router_z_loss"]
+__all__ = [
+    "combine_residual",
+    "dense_weighted_combine",
+    "Dispatch",
+    "load_balancing_loss",
+    "moe_dispatch",
+    "permute",
+    "queue_enqueue_",
+    "router_topk",
+    "router_z_loss",
+    "RouterOutput",
+    "stochastic_residual",
+    "weighted_combine",
+]

@@ -81,18 +81,15 @@ def _setup_context(ctx, inputs, output):
     ctx.renormalize = renormalize
 
 
-def _float_grad(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(like) if grad is None else grad.float().contiguous()
-
-
 def _backward(ctx, grad_weights, _grad_indices, _grad_counts, grad_prob_sums, grad_lse):
     logits, indices, lse = ctx.saved_tensors
+
+    def fp32(grad, shape):  # an output not used in the loss may bring no gradient
+        return logits.new_zeros(shape, dtype=torch.float32) if grad is None else grad.float().contiguous()
+
     grad_logits = _router_topk_backward_op(
-        logits, indices, lse,
-        _float_grad(grad_weights, indices.float()),
-        _float_grad(grad_prob_sums, logits.new_empty(logits.shape[1], dtype=torch.float32)),
-        _float_grad(grad_lse, lse),
-        ctx.scoring, ctx.renormalize,
+        logits, indices, lse, fp32(grad_weights, indices.shape), fp32(grad_prob_sums, logits.shape[1:]),
+        fp32(grad_lse, lse.shape), ctx.scoring, ctx.renormalize,
     )
     return grad_logits, None, None, None, None
 

@@ -1,0 +1,106 @@
+"""The sparse weighted combine of MoE expert outputs (kernels in :mod:`astrea.kernels.combine`)."""
+
+from __future__ import annotations
+
+import torch
+
+from astrea import _backend
+from astrea._validation import FLOAT_DTYPES, check_same_device, check_size, check_tensor
+from astrea.ops.dispatch import Dispatch, check_dispatch
+from astrea.reference import combine as reference
+
+_backend.declare_op("weighted_combine", kernel="triton")
+
+
+@torch.library.custom_op("astrea::weighted_combine", mutates_args=())
+def _weighted_combine(expert_out: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                      inverse_positions: torch.Tensor, expert_offsets: torch.Tensor,
+                      expert_scale: torch.Tensor | None) -> torch.Tensor:
+    num_experts = expert_offsets.shape[0] - 1
+    if _backend.choose("weighted_combine", expert_out.device) == "reference":
+        return reference.weighted_combine(expert_out, weights, indices, inverse_positions, num_experts, expert_scale)
+    from astrea.kernels.combine import combine_forward
+
+    return combine_forward(expert_out, inverse_positions, weights, indices, expert_scale, num_experts)
+
+
+@_weighted_combine.register_fake
+def _weighted_combine_fake(expert_out, weights, indices, inverse_positions, expert_offsets, expert_scale):
+    return expert_out.new_empty(indices.shape[0], expert_out.shape[1])
+
+
+@torch.library.custom_op("astrea::weighted_combine_backward", mutates_args=())
+def _weighted_combine_backward(grad_out: torch.Tensor, expert_out: torch.Tensor, weights: torch.Tensor,
+                               indices: torch.Tensor, inverse_positions: torch.Tensor,
+                               expert_offsets: torch.Tensor, expert_scale: torch.Tensor | None
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients for expert_out, weights and expert_scale (an empty tensor without expert_scale)."""
+    num_experts = expert_offsets.shape[0] - 1
+    if _backend.choose("weighted_combine", expert_out.device) == "reference":
+        grads = reference.weighted_combine_backward(grad_out, expert_out, weights, indices, inverse_positions,
+                                                    num_experts, expert_scale)
+    else:
+        from astrea.kernels.combine import combine_backward
+
+        grads = combine_backward(grad_out, expert_out, weights, indices, inverse_positions, expert_offsets,
+                                 expert_scale)
+    grad_y, grad_weights, grad_scale = grads
+    return grad_y, grad_weights, grad_scale if grad_scale is not None else weights.new_empty(0)
+
+
+@_weighted_combine_backward.register_fake
+def _weighted_combine_backward_fake(grad_out, expert_out, weights, indices, inverse_positions, expert_offsets,
+                                    expert_scale):
+    return (torch.empty_like(expert_out, memory_format=torch.contiguous_format),
+            torch.empty_like(weights, memory_format=torch.contiguous_format),
+            expert_scale.new_empty(expert_scale.shape) if expert_scale is not None else weights.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    expert_out, weights, indices, inverse_positions, expert_offsets, expert_scale = inputs
+    ctx.has_scale = expert_scale is not None
+    ctx.save_for_backward(expert_out, weights, indices, inverse_positions, expert_offsets, expert_scale)
+
+
+def _backward(ctx, grad_out):
+    expert_out, weights, indices, inverse_positions, expert_offsets, expert_scale = ctx.saved_tensors
+    grad_y, grad_weights, grad_scale = torch.ops.astrea.weighted_combine_backward(
+        grad_out, expert_out, weights, indices, inverse_positions, expert_offsets, expert_scale)
+    return grad_y, grad_weights, None, None, None, grad_scale if ctx.has_scale else None
+
+
+_weighted_combine.register_autograd(_backward, setup_context=_setup_context)
+
+
+def weighted_combine(expert_out: torch.Tensor, weights: torch.Tensor, dispatch: Dispatch,
+                     expert_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Un-permute and weighted sum of the expert outputs:
+    ``out[t] = sum_j weights[t, j] * expert_scale[e(t, j)] * expert_out[pos(t, j)]``.
+
+    Args:
+        expert_out: ``[N*k, D]`` fp32/fp16/bf16 expert outputs in the layout of ``dispatch``.
+        weights: ``[N, k]`` float routing weights, the shape of ``dispatch.indices``.
+        dispatch: the :class:`~astrea.ops.Dispatch` from :func:`~astrea.ops.moe_dispatch`.
+        expert_scale: optional ``[E]`` float per-expert calibration.
+
+    Returns:
+        ``[N, D]`` in expert_out's dtype, accumulated in fp32. Slots whose expert is out of
+        range (possible only on CUDA, see :func:`~astrea.ops.moe_dispatch`) contribute nothing.
+        Backward gives expert_out, weights and expert_scale gradients, deterministically:
+        the expert_scale gradient sums each expert's rows in a fixed order, without atomics.
+    """
+    op = "weighted_combine"
+    dispatch = check_dispatch(op, dispatch)
+    check_tensor(op, "expert_out", expert_out, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor(op, "weights", weights, ndim=2, dtypes=FLOAT_DTYPES)
+    indices = dispatch.indices
+    if weights.shape != indices.shape:
+        raise ValueError(f"{op}: weights must have the shape of dispatch.indices {tuple(indices.shape)}; "
+                         f"got {tuple(weights.shape)}")
+    check_size(op, "expert_out", expert_out, 0, dispatch.sorted_token_ids.shape[0], "the N*k rows of dispatch")
+    if expert_scale is not None:
+        check_tensor(op, "expert_scale", expert_scale, ndim=1, dtypes=FLOAT_DTYPES)
+        check_size(op, "expert_scale", expert_scale, 0, dispatch.num_experts, "the number of experts E of dispatch")
+    check_same_device(op, expert_out=expert_out, weights=weights, indices=indices, expert_scale=expert_scale)
+    return torch.ops.astrea.weighted_combine(expert_out, weights, indices, dispatch.inverse_positions,
+                                             dispatch.expert_offsets, expert_scale)

@@ -1,0 +1,412 @@
+"""MoE dispatch, permute and sparse weighted combine: kernels against the references,
+validation, opcheck, torch.compile, float64 gradcheck of the references, determinism, and
+SparseMoE against a per-token loop."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import astrea
+from astrea import ops, reference
+from astrea.nn import SparseMoE
+from tests.utils import assert_close, strided
+
+
+def reference_layout(indices: torch.Tensor, num_experts: int):
+    """The Dispatch of indices from the reference path (the kernel's layout is tested on its
+    own; interpreting it again in every permute and combine test would only cost time)."""
+    with astrea.backend("reference"):
+        return ops.moe_dispatch(indices, num_experts)
+
+
+def make_indices(num_tokens: int, top_k: int, num_experts: int, device="cpu") -> torch.Tensor:
+    """Distinct experts per token, as a top-k router gives."""
+    return torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(num_tokens)]).int().to(device)
+
+
+def reference_dispatch(indices: torch.Tensor, num_experts: int):
+    """The layout written out from the definition: slots sorted by (expert, token, slot)."""
+    indices = indices.cpu()
+    top_k = indices.shape[1]
+    slots = sorted(range(indices.numel()), key=lambda r: (int(indices.view(-1)[r]), r))
+    sorted_token_ids = torch.tensor([r // top_k for r in slots], dtype=torch.int32)
+    inverse = torch.empty(indices.numel(), dtype=torch.int32)
+    inverse[torch.tensor(slots, dtype=torch.long)] = torch.arange(indices.numel(), dtype=torch.int32)
+    counts = torch.bincount(indices.view(-1).long(), minlength=num_experts)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    return sorted_token_ids, offsets, inverse.view_as(indices)
+
+
+def assert_same_layout(dispatch, expected) -> None:
+    for name, got, want in zip(("sorted_token_ids", "expert_offsets", "inverse_positions"), dispatch, expected):
+        assert got.dtype == want.dtype, name
+        assert torch.equal(got.cpu(), want), name
+
+
+def fp64_combine(y, weights, indices, inverse_positions, scale=None):
+    coefficient = weights.double() * (scale.double()[indices.long()] if scale is not None else 1)
+    rows = y.double()[inverse_positions.long()]
+    return (coefficient[..., None] * rows).sum(1)
+
+
+def kernel_device(request) -> torch.device:
+    """Turns the kernels on for this test; the device they run on (CPU: the interpreter)."""
+    request.getfixturevalue("kernels")
+    return request.getfixturevalue("device")
+
+
+# --- moe_dispatch -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_tokens, top_k, num_experts", [(1, 1, 1), (100, 3, 5), (67, 2, 160)])
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+def test_dispatch_is_a_stable_sort_by_expert(num_tokens, top_k, num_experts, impl, request):
+    device = kernel_device(request) if impl == "kernel" else "cpu"
+    indices = make_indices(num_tokens, top_k, num_experts, device)
+    dispatch = ops.moe_dispatch(indices, num_experts)
+    assert_same_layout(dispatch, reference_dispatch(indices, num_experts))
+    assert dispatch.indices is indices and dispatch.num_experts == num_experts
+
+
+def test_dispatch_kernel_spans_many_blocks_with_skewed_and_empty_experts(kernels, device):
+    # Several blocks of slots, most on expert 2, experts 0 and 5 empty, ties inside a token.
+    indices = torch.full((350 if device.type == "cpu" else 3000, 2), 2, dtype=torch.int32, device=device)
+    indices[::7, 1] = 4
+    indices[::11, 0] = 1
+    indices[5, :] = 3
+    assert_same_layout(ops.moe_dispatch(indices, 6), reference_dispatch(indices, 6))
+
+
+def test_dispatch_kernel_places_out_of_range_experts_after_the_last_expert(device):
+    """The CUDA policy, through the launcher (on CPU the op raises before any kernel runs)."""
+    from astrea.kernels.dispatch import dispatch_forward
+
+    indices = make_indices(90, 2, 4, device)
+    indices[3, 1] = 4
+    indices[40, 0] = -1
+    indices[77, 1] = 1000
+    sorted_token_ids, offsets, inverse = dispatch_forward(indices, 4)
+    bad = (indices < 0) | (indices >= 4)
+    # The same layout as if those slots had chosen a fifth expert.
+    want_sorted, want_offsets, want_inverse = reference_dispatch(torch.where(bad, 4, indices), 5)
+    assert_same_layout((sorted_token_ids, offsets, inverse), (want_sorted, want_offsets[:5], want_inverse))
+    assert int(offsets[-1]) == indices.numel() - 3
+    # Those slots contribute nothing, and their rows (never computed by an expert) are not read.
+    from astrea.kernels.combine import combine_forward
+
+    expert_out = torch.randn(indices.numel(), 5, device=device)
+    expert_out[offsets[-1]:] = float("nan")
+    weights, scale = torch.rand(90, 2, device=device), torch.rand(4, device=device)
+    out = combine_forward(expert_out, inverse, weights, indices, scale, 4)
+    rows = torch.where(bad[..., None], 0, expert_out.double()[inverse.long()])
+    coefficient = torch.where(bad, 0, weights.double() * scale.double()[indices.clamp(0, 3).long()])
+    assert_close(out, (coefficient[..., None] * rows).sum(1), torch.float32)
+
+
+def test_dispatch_of_zero_tokens(kernels, device):
+    dispatch = ops.moe_dispatch(torch.empty(0, 2, dtype=torch.int32, device=device), 3)
+    assert dispatch.sorted_token_ids.shape == (0,) and dispatch.inverse_positions.shape == (0, 2)
+    assert torch.equal(dispatch.expert_offsets.cpu(), torch.zeros(4, dtype=torch.int64))
+
+
+def test_dispatch_is_deterministic(kernels, device):
+    indices = make_indices(150, 2, 3, device)
+    first = ops.moe_dispatch(indices, 3)
+    second = ops.moe_dispatch(indices.clone(), 3)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+# --- permute ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_tokens, top_k, num_experts, dim", [(100, 3, 5, 1), (37, 2, 7, 33), (5, 2, 3, 4096)])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_permute_kernel_matches_reference(kernels, device, num_tokens, top_k, num_experts, dim, layout):
+    indices = make_indices(num_tokens, top_k, num_experts, device)
+    base = torch.randn(num_tokens, dim, device=device)
+    x = (strided(base) if layout == "strided" else base.clone()).requires_grad_()
+    dispatch = reference_layout(indices, num_experts)
+    out = ops.permute(x, dispatch)
+    assert torch.equal(out, base[dispatch.sorted_token_ids.long()])
+    grad = torch.randn_like(out)
+    (grad_x,) = torch.autograd.grad(out, x, grad)
+    expected = grad.double()[dispatch.inverse_positions.long()].sum(1)
+    assert_close(grad_x, expected.float(), what="grad x")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_permute_low_precision_reference_path(dtype):
+    indices = make_indices(40, 2, 5)
+    x = torch.randn(40, 33, dtype=dtype, requires_grad=True)
+    dispatch = ops.moe_dispatch(indices, 5)
+    out = ops.permute(x, dispatch)
+    assert out.dtype == dtype and torch.equal(out, x.detach()[dispatch.sorted_token_ids.long()])
+    grad = torch.randn_like(out)
+    (grad_x,) = torch.autograd.grad(out, x, grad)
+    assert_close(grad_x, grad.double()[dispatch.inverse_positions.long()].sum(1), dtype)
+
+
+# --- weighted_combine -------------------------------------------------------------------
+
+
+def combine_case(num_tokens, top_k, num_experts, dim, dtype=torch.float32, layout="contiguous", device="cpu"):
+    dispatch = reference_layout(make_indices(num_tokens, top_k, num_experts, device), num_experts)
+    y = torch.randn(num_tokens * top_k, dim, dtype=dtype, device=device)
+    weights = torch.rand(num_tokens, top_k, device=device)
+    scale = torch.rand(num_experts, device=device) + 0.5
+    if layout == "strided":
+        y, weights = strided(y), strided(weights)
+    return dispatch, y.requires_grad_(), weights.requires_grad_(), scale.requires_grad_()
+
+
+def check_combine(dispatch, y, weights, scale, dtype=torch.float32):
+    out = ops.weighted_combine(y, weights, dispatch, expert_scale=scale)
+    assert out.dtype == y.dtype
+    indices, inverse = dispatch.indices, dispatch.inverse_positions
+    y64 = y.detach().double().requires_grad_()
+    w64 = weights.detach().double().requires_grad_()
+    s64 = scale.detach().double().requires_grad_() if scale is not None else None
+    expected = fp64_combine(y64, w64, indices, inverse, s64)
+    assert_close(out, expected, dtype, what="out")
+    grad = torch.randn_like(expected)
+    inputs = (y, weights) + ((scale,) if scale is not None else ())
+    inputs64 = (y64, w64) + ((s64,) if scale is not None else ())
+    got = torch.autograd.grad(out, inputs, grad.to(out.dtype))
+    want = torch.autograd.grad(expected, inputs64, grad.to(out.dtype).double())
+    for name, g, w in zip(("grad expert_out", "grad weights", "grad expert_scale"), got, want):
+        # grad expert_scale sums over all of an expert's slots and features.
+        atol = 1e-4 * (1 + w.abs().max().item()) if name == "grad expert_scale" else None
+        assert_close(g, w, dtype if name == "grad expert_out" else torch.float32, atol=atol, what=name)
+
+
+@pytest.mark.parametrize("num_tokens, top_k, num_experts, dim", [(100, 3, 5, 1), (37, 2, 7, 33), (5, 2, 3, 4096)])
+@pytest.mark.parametrize("with_scale", [True, False])
+def test_weighted_combine_kernel_matches_reference(kernels, device, num_tokens, top_k, num_experts, dim, with_scale):
+    dispatch, y, weights, scale = combine_case(num_tokens, top_k, num_experts, dim, device=device)
+    check_combine(dispatch, y, weights, scale if with_scale else None)
+
+
+def test_weighted_combine_kernel_strided_inputs(kernels, device):
+    check_combine(*combine_case(45, 2, 3, 33, layout="strided", device=device))
+
+
+def test_weighted_combine_kernel_bfloat16(kernels, device):
+    check_combine(*combine_case(21, 2, 3, 300, dtype=torch.bfloat16, device=device), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_weighted_combine_low_precision_reference_path(dtype):
+    dispatch, y, weights, scale = combine_case(40, 2, 5, 33, dtype=dtype)
+    check_combine(dispatch, y, weights, scale, dtype)
+
+
+def test_combine_backward_is_deterministic(kernels, device):
+    dispatch, y, weights, scale = combine_case(64, 4, 5, 33, device=device)
+    grad = torch.randn(64, 33, device=device)
+    runs = [torch.autograd.grad(ops.weighted_combine(y, weights, dispatch, scale), (y, weights, scale), grad)
+            for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+# --- references: float64 gradcheck and explicit backward ---------------------------------
+
+
+def test_reference_gradcheck_float64():
+    indices = make_indices(6, 2, 3)
+    sorted_token_ids, offsets, inverse = reference.moe_dispatch(indices, 3)
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(6, 2, dtype=torch.float64, requires_grad=True)
+    scale = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: reference.permute(x, sorted_token_ids), (x,))
+    assert torch.autograd.gradcheck(
+        lambda y, w, s: reference.weighted_combine(y, w, indices, inverse, 3, s), (y, weights, scale))
+
+
+def test_reference_backwards_match_autograd_of_reference_forwards():
+    indices = make_indices(9, 3, 4)
+    sorted_token_ids, offsets, inverse = reference.moe_dispatch(indices, 4)
+    x = torch.randn(9, 7, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(27, 7, dtype=torch.float64)
+    (want,) = torch.autograd.grad(reference.permute(x, sorted_token_ids), x, grad)
+    assert_close(reference.permute_backward(grad, inverse), want)
+    y = torch.randn(27, 7, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(9, 3, dtype=torch.float64, requires_grad=True)
+    scale = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(9, 7, dtype=torch.float64)
+    want = torch.autograd.grad(reference.weighted_combine(y, weights, indices, inverse, 4, scale),
+                               (y, weights, scale), grad)
+    got = reference.weighted_combine_backward(grad, y, weights, indices, inverse, 4, scale)
+    for g, w in zip(got, want):
+        assert_close(g, w)
+
+
+# --- registration: opcheck and torch.compile --------------------------------------------
+
+
+def opcheck_cases(device):
+    indices = make_indices(10, 2, 3, device)
+    sorted_token_ids, offsets, inverse = reference.moe_dispatch(indices, 3)
+    x = torch.randn(10, 33, device=device, requires_grad=True)
+    y = torch.randn(20, 33, device=device, requires_grad=True)
+    weights = torch.rand(10, 2, device=device, requires_grad=True)
+    scale = torch.rand(3, device=device, requires_grad=True)
+    grad = torch.randn(10, 33, device=device)
+    ops_ = torch.ops.astrea
+    return [
+        (ops_.moe_dispatch.default, (indices, 3)),
+        (ops_.permute.default, (x, sorted_token_ids, inverse)),
+        (ops_.permute_backward.default, (y.detach(), inverse)),
+        (ops_.weighted_combine.default, (y, weights, indices, inverse, offsets, scale)),
+        (ops_.weighted_combine.default, (y, weights, indices, inverse, offsets, None)),
+        (ops_.weighted_combine_backward.default,
+         (grad, y.detach(), weights.detach(), indices, inverse, offsets, scale.detach())),
+        (ops_.weighted_combine_backward.default,
+         (grad, y.detach(), weights.detach(), indices, inverse, offsets, None)),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck(backend, device):
+    with astrea.backend(backend):
+        for op, args in opcheck_cases(device if backend == "triton" else torch.device("cpu")):
+            torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph_on_cpu():
+    dispatch_inputs = make_indices(30, 2, 4)
+    x = torch.randn(30, 16, requires_grad=True)
+    weights = torch.rand(30, 2, requires_grad=True)
+    scale = torch.rand(4, requires_grad=True)
+
+    def layer(x, indices, weights, scale):
+        dispatch = ops.moe_dispatch(indices, 4)
+        return ops.weighted_combine(torch.tanh(ops.permute(x, dispatch)), weights, dispatch, scale)
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out = compiled(x, dispatch_inputs, weights, scale)
+    want = layer(x, dispatch_inputs, weights, scale)
+    assert_close(out, want)
+    for g, w in zip(torch.autograd.grad(out.sum(), (x, weights, scale)),
+                    torch.autograd.grad(want.sum(), (x, weights, scale))):
+        assert_close(g, w)
+
+
+# --- validation -------------------------------------------------------------------------
+
+
+def test_dispatch_validation():
+    good = make_indices(4, 2, 3)
+    with pytest.raises(ValueError, match=r"moe_dispatch: indices must lie in \[0, num_experts=3\); got values in \[0, 3\]"):
+        ops.moe_dispatch(torch.tensor([[0, 3]], dtype=torch.int32), 3)
+    with pytest.raises(ValueError, match=r"got values in \[-1, 1\]"):
+        ops.moe_dispatch(torch.tensor([[1, -1]], dtype=torch.int32), 3)
+    with pytest.raises(TypeError, match="moe_dispatch: indices must have dtype int32; got torch.int64"):
+        ops.moe_dispatch(good.long(), 3)
+    with pytest.raises(ValueError, match="moe_dispatch: indices must be 2-D; got shape"):
+        ops.moe_dispatch(good.view(-1), 3)
+    with pytest.raises(ValueError, match=r"moe_dispatch: num_experts must be in \[1, 8192\]; got 0"):
+        ops.moe_dispatch(good, 0)
+    with pytest.raises(TypeError, match="moe_dispatch: num_experts must be an int, got float"):
+        ops.moe_dispatch(good, 3.0)
+
+
+def test_permute_and_combine_validation():
+    dispatch = ops.moe_dispatch(make_indices(4, 2, 3), 3)
+    with pytest.raises(TypeError, match="permute: dispatch must be the Dispatch returned by astrea.ops.moe_dispatch"):
+        ops.permute(torch.randn(4, 8), tuple(dispatch))
+    with pytest.raises(ValueError, match=r"permute: x.shape\[0\] must equal the number of tokens N of dispatch = 4"):
+        ops.permute(torch.randn(5, 8), dispatch)
+    with pytest.raises(TypeError, match="permute: x must have dtype float32, float16, bfloat16; got torch.int64"):
+        ops.permute(torch.ones(4, 8, dtype=torch.long), dispatch)
+    y, weights = torch.randn(8, 6), torch.rand(4, 2)
+    with pytest.raises(ValueError, match=r"weighted_combine: weights must have the shape of dispatch.indices \(4, 2\); got \(4, 3\)"):
+        ops.weighted_combine(y, torch.rand(4, 3), dispatch)
+    with pytest.raises(ValueError, match=r"weighted_combine: expert_out.shape\[0\] must equal the N\*k rows of dispatch = 8"):
+        ops.weighted_combine(torch.randn(7, 6), weights, dispatch)
+    with pytest.raises(ValueError, match=r"weighted_combine: expert_scale.shape\[0\] must equal the number of experts E"):
+        ops.weighted_combine(y, weights, dispatch, torch.rand(4))
+    with pytest.raises(TypeError, match="weighted_combine: weights must have dtype float32, float16, bfloat16; got torch.int32"):
+        ops.weighted_combine(y, weights.int(), dispatch)
+    with pytest.raises(TypeError, match="weighted_combine: expert_out must be a torch.Tensor, got list"):
+        ops.weighted_combine([1.0], weights, dispatch)
+
+
+# --- SparseMoE --------------------------------------------------------------------------
+
+
+class TinyRouter(nn.Module):
+    """Softmax top-k over a linear gate, renormalised; int32 indices."""
+
+    def __init__(self, dim: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.gate = nn.Linear(dim, num_experts)
+        self.top_k = top_k
+
+    def forward(self, x):
+        probs = self.gate(x).softmax(-1)
+        weights, indices = probs.topk(self.top_k, dim=-1)
+        return SimpleNamespace(weights=weights / weights.sum(-1, keepdim=True), indices=indices.int(),
+                               aux_loss=probs.mean(0).pow(2).sum())
+
+
+class Scale(nn.Module):
+    def __init__(self, num_experts: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(num_experts) + 0.5)
+
+
+def naive_moe(moe: SparseMoE, x: torch.Tensor) -> torch.Tensor:
+    tokens = x.reshape(-1, x.shape[-1])
+    routing = moe.router(tokens)
+    rows = []
+    for t in range(tokens.shape[0]):
+        row = 0
+        for j in range(routing.indices.shape[1]):
+            expert = int(routing.indices[t, j])
+            scale = moe.allocator.scale[expert] if moe.allocator is not None else 1
+            row = row + routing.weights[t, j] * scale * moe.experts[expert](tokens[t:t + 1])[0]
+        rows.append(row)
+    return torch.stack(rows).reshape(*x.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+@pytest.mark.parametrize("with_allocator", [True, False])
+def test_sparse_moe_equals_per_token_loop(impl, with_allocator, request):
+    device = kernel_device(request) if impl == "kernel" else "cpu"
+    num_experts, dim, out_dim = 5, 12, 7
+    experts = nn.ModuleList(nn.Sequential(nn.Linear(dim, 16), nn.GELU(), nn.Linear(16, out_dim))
+                            for _ in range(num_experts))
+    moe = SparseMoE(experts, TinyRouter(dim, num_experts, top_k=2), Scale(num_experts) if with_allocator else None)
+    moe.to(device)
+    x = torch.randn(3, 11, dim, device=device, requires_grad=True)
+    out = moe(x)
+    assert out.shape == (3, 11, out_dim)
+    assert moe.aux_loss is not None and moe.aux_loss.ndim == 0
+    expected = naive_moe(moe, x)
+    assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    params = [x, *moe.parameters()]
+    got = torch.autograd.grad(out.square().sum(), params, allow_unused=True)
+    want = torch.autograd.grad(expected.square().sum(), params, allow_unused=True)
+    for g, w in zip(got, want):
+        if w is None:  # an expert no token chose
+            assert g is None or not g.any()
+        else:
+            assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_sparse_moe_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="SparseMoE: experts must be a non-empty nn.ModuleList; got list"):
+        SparseMoE([nn.Linear(4, 4)], TinyRouter(4, 1, 1))
+    experts = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 5)])
+    moe = SparseMoE(experts, TinyRouter(4, 2, 2))
+    with pytest.raises(ValueError, match=r"SparseMoE: every expert must return the same feature size; got \[4, 5\]"):
+        moe(torch.randn(6, 4))
+    with pytest.raises(ValueError, match=r"moe_dispatch: indices must lie in \[0, num_experts=2\)"):
+        SparseMoE(experts, lambda x: SimpleNamespace(weights=torch.ones(x.shape[0], 1),
+                                                     indices=torch.full((x.shape[0], 1), 2, dtype=torch.int32)))(
+            torch.randn(6, 4))
