@@ -202,12 +202,18 @@ def test_greedy_generation_identical(family):
 
 
 def test_triton_backend_matches_under_interpreter():
+    """The Triton kernels (interpreted on CPU) inside a Mixtral block, forward and backward."""
     original, patched = pair("mixtral")
     block, reference = moe_blocks(patched)[0], moe_blocks(original)[0]
     hidden = torch.randn(1, 8, 32)
     with astrea.backend("triton"):
         out = block(hidden)
-    assert (out - reference(hidden)).abs().max() <= 1e-5
+        out.square().sum().backward()
+    expected = reference(hidden)
+    expected.square().sum().backward()
+    assert (out - expected).abs().max() <= 1e-5
+    for (name, param), ref in zip(block.named_parameters(), reference.parameters()):
+        assert_close(param.grad, ref.grad, what=f"grad of {name}")
 
 
 def test_generic_path_probes_the_routing():
