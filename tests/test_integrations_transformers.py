@@ -223,8 +223,9 @@ def test_generic_path_probes_the_routing():
     assert moe_blocks(patched)[0].gate.astrea_routing == Routing(2, True, weights_in_logits_dtype=False)
 
 
-def test_remove_astrea_restores_the_original_forwards():
-    model = apply_astrea_to_olmoe(olmoe())
+def test_patching_twice_then_remove_astrea_restores_the_original_forwards():
+    model = apply_astrea(apply_astrea_to_olmoe(olmoe()))
+    assert moe_blocks(model)[0].gate.astrea_routing == Routing(3, True, weights_in_logits_dtype=True)
     remove_astrea(model)
     for block in moe_blocks(model):
         assert "forward" not in block.gate.__dict__ and "forward" not in block.experts.__dict__
@@ -255,6 +256,10 @@ def test_unsupported_blocks_raise_and_patch_nothing():
     with pytest.raises(UnsupportedMoEBlockError, match=r"bad \(DeepseekV3MoE\) has a router .* not softmax"):
         apply_astrea(model)  # sigmoid scores, grouped and bias-corrected selection
     assert not any("forward" in m.__dict__ for m in model.modules())
+    gpt_oss = transformers.GptOssConfig(**dict(LM, max_position_embeddings=4096), intermediate_size=32,
+                                        num_local_experts=4, num_experts_per_tok=2, head_dim=8)
+    with pytest.raises(UnsupportedMoEBlockError, match=r"GptOssMLP\) has experts with has_bias=True"):
+        apply_astrea(transformers.GptOssForCausalLM(gpt_oss))
     with pytest.raises(UnsupportedMoEBlockError, match=r"HandWrittenBlock\) has experts ModuleList, not a"):
         apply_astrea(nn.Sequential(HandWrittenBlock()))
     with pytest.raises(UnsupportedMoEBlockError, match="top_k=9 of 5 experts"):
