@@ -264,6 +264,8 @@ def test_unsupported_blocks_raise_and_patch_nothing():
         apply_astrea(nn.Sequential(HandWrittenBlock()))
     with pytest.raises(UnsupportedMoEBlockError, match="top_k=9 of 5 experts"):
         patch_moe_block(moe_blocks(mixtral())[0], Routing(9, True, False))
+    with pytest.raises(TypeError, match="patch_moe_block: routing must be an astrea Routing, got dict"):
+        patch_moe_block(moe_blocks(mixtral())[0], {"top_k": 2})
 
 
 def test_models_without_the_block_raise():

@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import astrea
 import astrea.ops
 
 try:
@@ -207,6 +206,8 @@ def patch_moe_block(block: nn.Module, routing: Routing, *, where: str = "block")
     :func:`apply_astrea` work it out). Raises :class:`UnsupportedMoEBlockError` when the
     block does not have the structure described in the module docstring.
     """
+    if not isinstance(routing, Routing):
+        raise TypeError(f"patch_moe_block: routing must be an astrea Routing, got {type(routing).__name__}")
     _check_block(where, block, routing)
     block.gate.astrea_routing = routing
     _bind(block.gate, _router_forward)
