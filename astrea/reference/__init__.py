@@ -2,6 +2,6 @@
 CPU path of ops with no CPU kernel. Written for clarity, in fp32 (or the input's
 precision where the contract says so), never for speed."""
 
-from astrea.reference.moco import queue_enqueue_
+from astrea.reference.moco import moco_infonce, moco_logits, queue_enqueue_
 
-__all__ = ["queue_enqueue_"]
+__all__ = ["moco_infonce", "moco_logits", "queue_enqueue_"]
