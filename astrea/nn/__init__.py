@@ -1,3 +1,5 @@
 """nn.Modules built on :mod:`astrea.ops`."""
 
-__all__: list[str] = []
+from astrea.nn.moco import MomentumContrast
+
+__all__ = ["MomentumContrast"]
