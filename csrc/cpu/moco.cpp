@@ -29,24 +29,27 @@
 // AVX-512 (with FMA) and AVX2 and the best clone is picked when the library loads.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define ASTREA_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+// Helpers of the cloned loops: GCC would otherwise call them out of line.
+#define ASTREA_INLINE inline __attribute__((always_inline))
 #else
 #define ASTREA_SIMD_CLONES
+#define ASTREA_INLINE inline
 #endif
 
 namespace astrea {
 namespace {
 
-constexpr int64_t kRowBlock = 64;   // q rows per task
+constexpr int64_t kRowBlock = 128;  // q rows per task: each packed key tile serves them all
 constexpr int64_t kKeyTile = 128;   // queue rows per tile
-constexpr int64_t kMicroRows = 4;   // register block of the tile loops: rows ...
-constexpr int64_t kMicroCols = 32;  // ... times columns (two AVX-512 / four AVX2 registers)
+constexpr int64_t kMicroRows = 8;   // register block of the tile loops: rows ...
+constexpr int64_t kMicroCols = 32;  // ... times columns (16 AVX-512 accumulators)
 constexpr int64_t kLanes = 16;      // width of the row max / sum vectors
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // exp(x) for x <= 0 as a branch-free polynomial (Cephes expf, ~1 ulp) that the compiler
 // vectorises, unlike std::exp; float64 keeps the libm exp (it serves gradcheck, not speed).
-inline float exp_nonpositive(float x) {
+ASTREA_INLINE float exp_nonpositive(float x) {
   x = x < -87.0f ? -87.0f : x;
   const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
@@ -62,7 +65,7 @@ inline float exp_nonpositive(float x) {
   __builtin_memcpy(&scale, &bits, sizeof(scale));
   return poly * scale;
 }
-inline double exp_nonpositive(double x) { return __builtin_exp(x); }
+ASTREA_INLINE double exp_nonpositive(double x) { return __builtin_exp(x); }
 
 // Key tiles are packed in panels of kMicroCols keys so that the register-blocked loops
 // read memory contiguously (a plain [depth, kKeyTile] layout strides 512 bytes per step,
@@ -125,9 +128,9 @@ ASTREA_SIMD_CLONES void accumulate_tile(const acc_t* weights, const acc_t* keys,
 // std::max do not vectorise without -ffast-math); float64 keeps scalar loops.
 typedef float FloatLanes __attribute__((vector_size(kLanes * sizeof(float))));
 
-inline void load_lanes(FloatLanes& v, const float* x) { __builtin_memcpy(&v, x, sizeof(v)); }
+ASTREA_INLINE void load_lanes(FloatLanes& v, const float* x) { __builtin_memcpy(&v, x, sizeof(v)); }
 
-inline float row_max(const float* x, int64_t n, float init) {
+ASTREA_INLINE float row_max(const float* x, int64_t n, float init) {
   const int64_t body = n / kLanes * kLanes;
   FloatLanes lanes = init - FloatLanes{};
   for (int64_t c = 0; c < body; c += kLanes) {
@@ -141,7 +144,7 @@ inline float row_max(const float* x, int64_t n, float init) {
   return result;
 }
 
-inline float row_sum(const float* x, int64_t n) {
+ASTREA_INLINE float row_sum(const float* x, int64_t n) {
   const int64_t body = n / kLanes * kLanes;
   FloatLanes lanes = {};
   for (int64_t c = 0; c < body; c += kLanes) {
@@ -155,11 +158,11 @@ inline float row_sum(const float* x, int64_t n) {
   return result;
 }
 
-inline double row_max(const double* x, int64_t n, double init) {
+ASTREA_INLINE double row_max(const double* x, int64_t n, double init) {
   for (int64_t c = 0; c < n; ++c) init = x[c] > init ? x[c] : init;
   return init;
 }
-inline double row_sum(const double* x, int64_t n) {
+ASTREA_INLINE double row_sum(const double* x, int64_t n) {
   double result = 0;
   for (int64_t c = 0; c < n; ++c) result += x[c];
   return result;
