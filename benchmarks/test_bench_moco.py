@@ -21,7 +21,7 @@ if ON_GPU:
     SHAPES = [(n, k, d) for n in (256, 4096) for k in (16384, 65536) for d in (128, 256)]
     DTYPE = torch.bfloat16
 else:
-    SHAPES = [(256, 16384, 128), (1024, 16384, 128)]
+    SHAPES = [(256, 8192, 128), (512, 16384, 128)]
     DTYPE = torch.float32
 
 
