@@ -20,6 +20,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from astrea.testing import peak_cpu_memory_bytes
+
 PROVIDERS = ("astrea", "eager", "compile")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
@@ -91,16 +93,7 @@ def peak_memory_bytes(fn: Callable[[], Any]) -> int:
         fn()
         sync()
         return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage != 0), key=lambda e: e.time_range.start)
-    running = peak = 0
-    for event in events:
-        running += event.cpu_memory_usage
-        peak = max(peak, running)
-    return peak
+    return peak_cpu_memory_bytes(fn)
 
 
 @functools.lru_cache(maxsize=None)

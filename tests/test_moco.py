@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import astrea
 from astrea import _extension, ops, reference
 from astrea.nn import MomentumContrast
+from astrea.testing import peak_cpu_memory_bytes
 from tests.utils import assert_close, strided
 
 pytestmark = pytest.mark.skipif(not _extension.available(), reason="astrea._C is not built")
@@ -254,19 +255,6 @@ def test_bad_reduction_and_direct_op_checks(kernels):
 
 # --- memory ---------------------------------------------------------------------------
 
-def cpu_peak_bytes(fn) -> int:
-    """Peak of the CPU memory allocated while fn runs, net of what it frees (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage != 0), key=lambda e: e.time_range.start)
-    running = peak = 0
-    for event in events:
-        running += event.cpu_memory_usage
-        peak = max(peak, running)
-    return peak
-
 
 def test_fused_loss_never_allocates_n_by_k():
     n, k, d = 2048, 65536, 128
@@ -276,11 +264,11 @@ def test_fused_loss_never_allocates_n_by_k():
     def step():
         ops.moco_infonce(q, key, queue, TEMPERATURE).backward()
 
-    peak = cpu_peak_bytes(step)
+    peak = peak_cpu_memory_bytes(step)
     assert q.grad is not None and torch.isfinite(q.grad).all()
     assert peak < 0.05 * logits_bytes, f"peak {peak / 2**20:.1f} MiB >= 5% of the {logits_bytes / 2**20:.0f} MiB logits"
     # The measurement sees allocations of this size: the eager loss's are far above the bound.
-    eager_peak = cpu_peak_bytes(lambda: reference.moco_infonce(q[:256], key[:256], queue, TEMPERATURE))
+    eager_peak = peak_cpu_memory_bytes(lambda: reference.moco_infonce(q[:256], key[:256], queue, TEMPERATURE))
     assert eager_peak >= 256 * k * 4
 
 

@@ -291,6 +291,20 @@ int64_t load_keys(const scalar_t* queue, int64_t key_begin, int64_t count, int64
   return cols_pad;
 }
 
+// Scores task t's rows against each of its queue tiles in turn: `visit(key_begin, count,
+// cols_pad)` runs with ws.scores holding rows . keys^T for keys [key_begin, key_begin + count).
+template <typename scalar_t, typename acc_t, typename Visit>
+void for_each_score_tile(const scalar_t* queue, const Task& t, const Partition& p, int64_t rows_pad,
+                         Workspace<acc_t>& ws, bool row_major, Visit&& visit) {
+  for (int64_t tile = t.tile_begin; tile < t.tile_end; ++tile) {
+    const int64_t key_begin = tile * kKeyTile;
+    const int64_t count = std::min(kKeyTile, p.keys - key_begin);
+    const int64_t cols_pad = load_keys(queue, key_begin, count, p.depth, ws, row_major);
+    score_tile(ws.rows, ws.keys_t, rows_pad, cols_pad, p.depth, ws.scores);
+    visit(key_begin, count, cols_pad);
+  }
+}
+
 // q_i . k_i / T for every row.
 template <typename scalar_t, typename acc_t>
 void positive_logits(const scalar_t* q, const scalar_t* k, int64_t n, int64_t depth, acc_t inv_t,
@@ -331,16 +345,12 @@ at::Tensor moco_logits_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
     positive_logits(q, ops.k.const_data_ptr<scalar_t>(), p.rows, p.depth, inv_t, logits, stride);
     for_each_task<acc_t>(p, out.options(), [&](const Task& t, Workspace<acc_t>& ws) {
       const int64_t rows_pad = load_rows(q, t, p.depth, inv_t, ws.rows);
-      for (int64_t tile = t.tile_begin; tile < t.tile_end; ++tile) {
-        const int64_t key_begin = tile * kKeyTile;
-        const int64_t count = std::min(kKeyTile, p.keys - key_begin);
-        const int64_t cols_pad = load_keys(queue, key_begin, count, p.depth, ws, false);
-        score_tile(ws.rows, ws.keys_t, rows_pad, cols_pad, p.depth, ws.scores);
+      for_each_score_tile(queue, t, p, rows_pad, ws, false, [&](int64_t key_begin, int64_t count, int64_t) {
         for (int64_t r = 0; r < t.num_rows(); ++r) {
           const acc_t* src = ws.scores + r * kKeyTile;
           std::copy(src, src + count, logits + (t.row_begin + r) * stride + 1 + key_begin);
         }
-      }
+      });
     });
   });
   return out;
@@ -371,15 +381,11 @@ std::tuple<at::Tensor, at::Tensor> moco_infonce_cpu(const at::Tensor& q_in,
       acc_t* row_sum = part_sum + t.split * p.rows + t.row_begin;
       std::fill(row_max, row_max + t.num_rows(), -std::numeric_limits<acc_t>::infinity());
       std::fill(row_sum, row_sum + t.num_rows(), acc_t(0));
-      for (int64_t tile = t.tile_begin; tile < t.tile_end; ++tile) {
-        const int64_t key_begin = tile * kKeyTile;
-        const int64_t count = std::min(kKeyTile, p.keys - key_begin);
-        const int64_t cols_pad = load_keys(queue, key_begin, count, p.depth, ws, false);
-        score_tile(ws.rows, ws.keys_t, rows_pad, cols_pad, p.depth, ws.scores);
+      for_each_score_tile(queue, t, p, rows_pad, ws, false, [&](int64_t, int64_t count, int64_t) {
         for (int64_t r = 0; r < t.num_rows(); ++r) {
           online_lse_update(ws.scores + r * kKeyTile, count, row_max[r], row_sum[r]);
         }
-      }
+      });
     });
     acc_t* loss_data = loss.data_ptr<acc_t>();
     acc_t* lse_data = lse.data_ptr<acc_t>();
@@ -437,12 +443,7 @@ std::tuple<at::Tensor, at::Tensor> moco_infonce_backward_cpu(const at::Tensor& g
       // Padding features of the row panels must read as zero; the sums start at zero.
       std::fill(ws.keys, ws.keys + kKeyTile * depth_pad, acc_t(0));
       std::fill(ws.grad, ws.grad + kRowBlock * depth_pad, acc_t(0));
-      for (int64_t tile = t.tile_begin; tile < t.tile_end; ++tile) {
-        const int64_t key_begin = tile * kKeyTile;
-        const int64_t count = std::min(kKeyTile, p.keys - key_begin);
-        load_keys(queue, key_begin, count, p.depth, ws, true);
-        const int64_t cols_pad = round_up(count, kMicroCols);
-        score_tile(ws.rows, ws.keys_t, rows_pad, cols_pad, p.depth, ws.scores);
+      for_each_score_tile(queue, t, p, rows_pad, ws, true, [&](int64_t, int64_t count, int64_t cols_pad) {
         for (int64_t r = 0; r < rows_pad; ++r) {
           acc_t* weights = ws.scores + r * kKeyTile;
           if (r < t.num_rows()) {
@@ -454,7 +455,7 @@ std::tuple<at::Tensor, at::Tensor> moco_infonce_backward_cpu(const at::Tensor& g
           }
         }
         accumulate_tile(ws.scores, ws.keys, rows_pad, count, depth_pad, ws.grad);
-      }
+      });
       std::copy(ws.grad, ws.grad + t.num_rows() * depth_pad, part_grad + (t.split * p.rows + t.row_begin) * depth_pad);
     });
     scalar_t* gq = grad_q.data_ptr<scalar_t>();
