@@ -1,0 +1,248 @@
+"""Data-parallel training: 2 gloo processes on the loopback interface must train exactly like
+1 process over the same global batch.
+
+Each multi-process test spawns its ranks itself (``torch.multiprocessing``, a free port on
+127.0.0.1, the torchrun environment variables), runs a module-level function on every rank,
+and gets each rank's result back through a file; a rank that fails or hangs fails the test.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from astrea import distributed
+from astrea.nn import AdaptiveWeightAllocator, SparseMoE, TopKRouter
+from tests.utils import assert_close
+
+WORLD = 2
+RANK_TIMEOUT_S = 90.0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(local_rank: int, world: int, port: int, out_dir: str, fn) -> None:
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # 2 ranks on 2 cores
+    distributed.init_from_env("cpu", timeout_s=RANK_TIMEOUT_S)
+    try:
+        torch.save(fn(), Path(out_dir) / f"rank{local_rank}.pt")
+    finally:
+        distributed.shutdown()
+
+
+def run_ranks(fn, tmp_path: Path, world: int = WORLD) -> list:
+    """Runs ``fn()`` on ``world`` gloo ranks; returns what each rank returned, by rank."""
+    context = mp.start_processes(_rank_main, args=(world, _free_port(), str(tmp_path), fn), nprocs=world,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + RANK_TIMEOUT_S
+    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{world} ranks did not finish within {RANK_TIMEOUT_S} s")
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+
+def shard(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rank ``rank``'s contiguous part of a global batch (rows split as evenly as possible)."""
+    return batch.tensor_split(world)[rank]
+
+
+# ---------------------------------------------------------------- single process
+
+
+def test_single_process_defaults():
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+    assert not distributed.is_distributed()
+    assert distributed.distributed_sampler(list(range(10))) is None
+    model = nn.Linear(2, 2)
+    assert distributed.wrap_ddp(model) is model and distributed.unwrap(model) is model
+    assert distributed.main_only(lambda: 7)() == 7
+    distributed.barrier()
+
+
+def test_init_from_env_without_torchrun_initialises_nothing(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.init_from_env("cpu") == torch.device("cpu")
+    assert not torch.distributed.is_initialized()
+
+
+def test_rank_seed():
+    seeds = [distributed.rank_seed(1234, r) for r in range(64)]
+    assert seeds[0] == 1234 and len(set(seeds)) == 64
+    assert distributed.rank_seed(1234, 3) == distributed.rank_seed(1234, 3)
+    assert all(0 <= s < 2**63 for s in seeds)
+    with pytest.raises(ValueError, match="rank_seed: seed must be a non-negative int; got -1"):
+        distributed.rank_seed(-1, 0)
+
+
+def test_router_stats_single_process_are_local():
+    router = TopKRouter(8, 5, 2)
+    result = router(torch.randn(7, 8))
+    stats = distributed.global_router_stats(result)
+    assert torch.equal(stats.counts, result.counts.long()) and int(stats.num_tokens) == 7
+    assert torch.equal(stats.prob_sums, result.prob_sums)
+    assert_close(distributed.global_load_balancing_loss(result), result.aux_loss)
+
+
+# ---------------------------------------------------------------- router statistics on 2 ranks
+
+NUM_TOKENS, DIM, EXPERTS, TOP_K = 13, 8, 5, 2  # 13 tokens: ranks get 7 and 6
+
+
+def _router_and_batch():
+    torch.manual_seed(0)
+    router = TopKRouter(DIM, EXPERTS, TOP_K, bias_update_rate=0.1)
+    allocator = AdaptiveWeightAllocator(EXPERTS, bias_update_rate=0.05)
+    tokens = torch.randn(NUM_TOKENS, DIM) * 3  # sharp scores: an unbalanced load
+    return router, allocator, tokens
+
+
+def _router_step(router, allocator, tokens):
+    """Global aux loss, its gate gradient (DDP-averaged when distributed), and both bias updates."""
+    model = distributed.wrap_ddp(router)
+    result = model(tokens)
+    loss = distributed.global_load_balancing_loss(result)
+    loss.backward()
+    stats = distributed.global_router_stats(result)
+    router.update_expert_bias(stats.counts)
+    allocator.update_bias(stats.counts)
+    return {"loss": loss.detach(), "grad": router.gate.weight.grad, "counts": stats.counts,
+            "prob_sums": stats.prob_sums.detach(), "num_tokens": stats.num_tokens,
+            "router_bias": router.expert_bias, "allocator_bias": allocator.bias}
+
+
+def _router_rank():
+    router, allocator, tokens = _router_and_batch()
+    return _router_step(router, allocator, shard(tokens, distributed.rank(), distributed.world_size()))
+
+
+def test_router_stats_two_ranks_equal_one_process(tmp_path):
+    ranks = run_ranks(_router_rank, tmp_path)
+    expected = _router_step(*_router_and_batch())
+    assert int(expected["counts"].min()) != int(expected["counts"].max()), "the test needs an unbalanced load"
+    for r, got in enumerate(ranks):
+        assert int(got["num_tokens"]) == NUM_TOKENS
+        assert torch.equal(got["counts"], expected["counts"]), f"rank {r} counts"
+        for name in ("loss", "grad", "prob_sums", "router_bias", "allocator_bias"):
+            assert_close(got[name], expected[name], what=f"rank {r} {name}")
+
+
+# ---------------------------------------------------------------- DDP on a SparseMoE layer
+
+MOE_STEPS, MOE_BATCH = 3, 8  # 4 tokens per rank
+
+
+def _moe_and_data():
+    torch.manual_seed(0)
+    experts = nn.ModuleList(nn.Sequential(nn.Linear(DIM, 16), nn.GELU(), nn.Linear(16, DIM)) for _ in range(EXPERTS))
+    router = TopKRouter(DIM, EXPERTS, TOP_K, bias_update_rate=0.01)
+    moe = SparseMoE(experts, router, AdaptiveWeightAllocator(EXPERTS))
+    moe.allocator.log_temperature.requires_grad_(False)  # SparseMoE uses the allocator's scale only
+    inputs = torch.randn(MOE_STEPS, MOE_BATCH, DIM)
+    targets = torch.randn(MOE_STEPS, MOE_BATCH, DIM)
+    return moe, inputs, targets
+
+
+def _train_moe(moe, inputs, targets):
+    """A few Adam steps of MSE + global balancing loss, with the aux-loss-free bias update; the
+    batch of each step is this rank's shard. Returns the global losses and the final state."""
+    model = distributed.wrap_ddp(moe)
+    optimizer = torch.optim.Adam(moe.parameters(), lr=1e-2)
+    routings = []
+    moe.router.register_forward_hook(lambda module, args, result: routings.append(result))
+    losses = []
+    for x, y in zip(inputs, targets):
+        routings.clear()
+        task = nn.functional.mse_loss(model(x), y)
+        aux = distributed.global_load_balancing_loss(routings[0])
+        (task + 0.1 * aux).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        moe.router.update_expert_bias(distributed.global_router_stats(routings[0]).counts)
+        global_task = task.detach().clone()
+        if distributed.is_distributed():
+            torch.distributed.all_reduce(global_task, op=torch.distributed.ReduceOp.AVG)
+        losses.append(torch.stack([global_task, aux.detach()]))
+    return {"losses": torch.stack(losses), "state": {k: v.clone() for k, v in moe.state_dict().items()}}
+
+
+def _moe_rank():
+    moe, inputs, targets = _moe_and_data()
+    rank, world = distributed.rank(), distributed.world_size()
+    return _train_moe(moe, inputs.tensor_split(world, dim=1)[rank], targets.tensor_split(world, dim=1)[rank])
+
+
+def test_ddp_sparse_moe_two_ranks_equal_one_process(tmp_path):
+    ranks = run_ranks(_moe_rank, tmp_path)
+    expected = _train_moe(*_moe_and_data())
+    for r, got in enumerate(ranks):
+        assert_close(got["losses"], expected["losses"], what=f"rank {r} losses")
+        assert got["state"].keys() == expected["state"].keys()
+        for name, value in expected["state"].items():
+            assert_close(got["state"][name], value, what=f"rank {r} {name}")
+    moved = [name for name, value in expected["state"].items() if not torch.equal(value, _moe_and_data()[0].state_dict()[name])]
+    assert "router.expert_bias" in moved and "router.gate.weight" in moved
+
+
+# ---------------------------------------------------------------- in-batch negatives over the global batch
+
+CONTRAST_BATCH = 6
+
+
+class _DualEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.image, self.text = nn.Linear(DIM, 4), nn.Linear(DIM, 4)
+
+    def forward(self, images, texts):
+        return nn.functional.normalize(self.image(images), dim=-1), nn.functional.normalize(self.text(texts), dim=-1)
+
+
+def _encoder_and_pairs():
+    torch.manual_seed(0)
+    return _DualEncoder(), torch.randn(CONTRAST_BATCH, DIM), torch.randn(CONTRAST_BATCH, DIM)
+
+
+def _in_batch_contrast(encoder, images, texts):
+    """Symmetric InfoNCE over the gathered global batch: its loss and DDP-averaged gradients."""
+    model = distributed.wrap_ddp(encoder)  # kept alive through backward: DDP's reducer averages the gradients
+    queries, keys = model(images, texts)
+    queries, keys = distributed.gather_batch(queries), distributed.gather_batch(keys)
+    logits = queries @ keys.T / 0.1
+    target = torch.arange(logits.shape[0])
+    loss = (nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target)) / 2
+    loss.backward()
+    return {"loss": loss.detach(), "global_batch": queries.shape[0],
+            "grads": {name: p.grad.clone() for name, p in encoder.named_parameters()}}
+
+
+def _contrast_rank():
+    encoder, images, texts = _encoder_and_pairs()
+    rank, world = distributed.rank(), distributed.world_size()
+    return _in_batch_contrast(encoder, shard(images, rank, world), shard(texts, rank, world))
+
+
+def test_gather_batch_in_batch_negatives_two_ranks_equal_one_process(tmp_path):
+    ranks = run_ranks(_contrast_rank, tmp_path)
+    expected = _in_batch_contrast(*_encoder_and_pairs())
+    for r, got in enumerate(ranks):
+        assert got["global_batch"] == CONTRAST_BATCH
+        assert_close(got["loss"], expected["loss"], what=f"rank {r} loss")
+        for name, grad in expected["grads"].items():
+            assert_close(got["grads"][name], grad, what=f"rank {r} grad {name}")
