@@ -153,6 +153,65 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """All-reduce (sum) whose backward sums the gradient over the ranks."""
+    from torch.distributed import _functional_collectives as funcol  # collectives with autograd
+
+    return funcol.wait_tensor(funcol.all_reduce(x, "sum", dist.group.WORLD))
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch normalisation over the global batch, on any device (gloo on the CPU included, where
+    :class:`torch.nn.SyncBatchNorm` refuses to run). In training the per-channel mean and variance
+    are those of every rank's samples (sums all-reduced, differentiable), so a data-parallel run
+    normalises exactly as one process over the global batch; outside a process group, or in eval,
+    it is plain batch norm. Its state dict is a ``BatchNorm*d``'s. Made by :func:`global_batchnorm`."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"GlobalBatchNorm: input must be [N, C, ...]; got shape {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        dims = [0, *range(2, x.dim())]
+        shape = (1, -1, *([1] * (x.dim() - 2)))
+        local = x.float()
+        count = x.numel() // x.shape[1] * world_size()
+        mean = _sum_over_ranks(local.sum(dims)) / count
+        centered = local - mean.reshape(shape)
+        var = _sum_over_ranks(centered.square().sum(dims)) / count  # two passes: no cancellation
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+                unbiased = var * (count / max(count - 1, 1))
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        out = centered * torch.rsqrt(var.reshape(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.reshape(shape) + self.bias.reshape(shape)
+        return out.to(x.dtype)
+
+
+def global_batchnorm(module: nn.Module) -> nn.Module:
+    """Replaces, in place, every ``BatchNorm1d/2d/3d`` inside ``module`` by a :class:`GlobalBatchNorm`
+    with the same parameters and buffers (call it before :func:`wrap_ddp`); returns ``module``
+    (or the replacement, when ``module`` itself is a batch norm)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        tensors = [*module.parameters(), *module.buffers()]
+        replaced = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                   module.track_running_stats, device=tensors[0].device if tensors else None)
+        replaced.load_state_dict(module.state_dict())
+        for name, parameter in module.named_parameters(recurse=False):
+            getattr(replaced, name).requires_grad_(parameter.requires_grad)
+        return replaced.train(module.training)
+    for name, child in module.named_children():
+        module.add_module(name, global_batchnorm(child))
+    return module
+
+
 class RouterStats(NamedTuple):
     """Router statistics of the whole global batch (identical on every rank)."""
 
@@ -194,10 +253,8 @@ def all_reduce_router_stats(counts: torch.Tensor, prob_sums: torch.Tensor, num_t
     totals = torch.cat([counts.to(torch.int64), torch.tensor([num_tokens], dtype=torch.int64, device=counts.device)])
     prob_sums = prob_sums.float()
     if is_distributed():
-        from torch.distributed import _functional_collectives as funcol  # collectives with autograd
-
         dist.all_reduce(totals)
-        prob_sums = funcol.wait_tensor(funcol.all_reduce(prob_sums, "sum", dist.group.WORLD))
+        prob_sums = _sum_over_ranks(prob_sums)
     return RouterStats(totals[:-1], prob_sums, totals[-1])
 
 

@@ -246,3 +246,66 @@ def test_gather_batch_in_batch_negatives_two_ranks_equal_one_process(tmp_path):
         assert_close(got["loss"], expected["loss"], what=f"rank {r} loss")
         for name, grad in expected["grads"].items():
             assert_close(got["grads"][name], grad, what=f"rank {r} grad {name}")
+
+
+# ---------------------------------------------------------------- batch norm over the global batch
+
+BN_STEPS, BN_BATCH = 2, 6
+
+
+def _conv_net_and_data():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1),
+                        nn.BatchNorm2d(2, momentum=None))
+    return net, torch.randn(BN_STEPS, BN_BATCH, 3, 5, 5) * 2 + 1, torch.randn(BN_STEPS, BN_BATCH, 2, 5, 5)
+
+
+def _train_conv_net(net, inputs, targets):
+    net = distributed.global_batchnorm(net)
+    model = distributed.wrap_ddp(net)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    losses = []
+    for x, y in zip(inputs, targets):
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        global_loss = loss.detach().clone()
+        if distributed.is_distributed():
+            torch.distributed.all_reduce(global_loss, op=torch.distributed.ReduceOp.AVG)
+        losses.append(global_loss)
+    return {"losses": torch.stack(losses), "state": {k: v.clone() for k, v in net.state_dict().items()},
+            "kinds": sorted({type(m).__name__ for m in net.modules()})}
+
+
+def _conv_net_rank():
+    net, inputs, targets = _conv_net_and_data()
+    rank, world = distributed.rank(), distributed.world_size()
+    return _train_conv_net(net, inputs.tensor_split(world, dim=1)[rank], targets.tensor_split(world, dim=1)[rank])
+
+
+def test_global_batchnorm_two_ranks_equal_one_process_batchnorm(tmp_path):
+    ranks = run_ranks(_conv_net_rank, tmp_path)
+    net, inputs, targets = _conv_net_and_data()
+    expected = _train_conv_net(net, inputs, targets)
+    for r, got in enumerate(ranks):
+        assert "BatchNorm2d" not in got["kinds"] and "GlobalBatchNorm" in got["kinds"]
+        assert_close(got["losses"], expected["losses"], what=f"rank {r} losses")
+        for name, value in expected["state"].items():
+            assert_close(got["state"][name], value, torch.float32, atol=1e-5, rtol=1e-4, what=f"rank {r} {name}")
+
+
+def test_global_batchnorm_single_process_is_batchnorm():
+    torch.manual_seed(0)
+    plain = nn.BatchNorm2d(3)
+    plain.weight.data.uniform_()
+    plain.weight.requires_grad_(False)
+    converted = distributed.global_batchnorm(nn.Sequential(nn.BatchNorm2d(3)).requires_grad_(True))
+    replaced = distributed.global_batchnorm(plain)
+    assert isinstance(converted[0], distributed.GlobalBatchNorm) and isinstance(replaced, distributed.GlobalBatchNorm)
+    assert not replaced.weight.requires_grad and replaced.bias.requires_grad
+    x = torch.randn(4, 3, 2, 2)
+    assert_close(replaced(x), plain(x))
+    assert_close(replaced.running_var, plain.running_var)
+    with pytest.raises(ValueError, match=r"GlobalBatchNorm: input must be \[N, C, \.\.\.\]; got shape \(3,\)"):
+        replaced(torch.randn(3))
