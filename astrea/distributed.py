@@ -109,6 +109,50 @@ def rank_seed(seed: int, rank_: int | None = None) -> int:
     return (seed + rank_ * 0x9E3779B97F4A7C15) % (2**63)
 
 
+def seed_rank(seed: int) -> int:
+    """Seeds torch's generators (CPU and CUDA) for this rank with :func:`rank_seed`; returns the seed."""
+    seed = rank_seed(seed)
+    torch.manual_seed(seed)
+    return seed
+
+
+def rng_states() -> list[dict[str, torch.Tensor]]:
+    """Every rank's torch RNG states (``"cpu"``, and ``"cuda"`` for the current device when CUDA
+    is available), indexed by rank, on every rank: what a checkpoint written by rank 0 must hold
+    for each rank to resume its own random stream."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if not is_distributed():
+        return [state]
+    states: list = [None] * world_size()
+    dist.all_gather_object(states, state)
+    return [{name: value.cpu() for name, value in s.items()} for s in states]
+
+
+def set_rng_states(states: list[dict[str, torch.Tensor]]) -> None:
+    """Restores this rank's entry of :func:`rng_states` (a resumed run must keep the world size)."""
+    if len(states) != world_size():
+        raise ValueError(f"set_rng_states: states must hold one entry per rank ({world_size()}); got {len(states)} "
+                         f"(resume with the world size the checkpoint was written with)")
+    state = states[rank()]
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def shard_batch(batch: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """This rank's contiguous part of a global batch along ``dim`` (the whole batch in a single
+    process): sharding the same global draw on every rank is a distributed sampler that needs
+    no epoch state, so a resumed run draws exactly what an uninterrupted one would. The size
+    must divide evenly, so that DDP's average of per-rank means is the global mean."""
+    world = world_size()
+    if batch.shape[dim] % world:
+        raise ValueError(f"shard_batch: the global batch must split evenly over {world} ranks; got "
+                         f"{batch.shape[dim]} along dim {dim} of shape {tuple(batch.shape)}")
+    return batch.tensor_split(world, dim)[rank()]
+
+
 def main_only(fn: Callable[..., T]) -> Callable[..., T | None]:
     """Decorator: ``fn`` runs on the main rank only and returns None elsewhere (logging, plots,
     checkpoint writes). It does not synchronise: follow a write with :func:`barrier` before

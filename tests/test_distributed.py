@@ -100,6 +100,40 @@ def test_router_stats_single_process_are_local():
     assert_close(distributed.global_load_balancing_loss(result), result.aux_loss)
 
 
+def test_shard_batch_and_rng_states_single_process():
+    batch = torch.arange(6)
+    assert torch.equal(distributed.shard_batch(batch), batch)
+    states = distributed.rng_states()
+    first = torch.rand(3)
+    distributed.set_rng_states(states)
+    assert torch.equal(torch.rand(3), first)
+    with pytest.raises(ValueError, match=r"set_rng_states: states must hold one entry per rank \(1\); got 2"):
+        distributed.set_rng_states(states * 2)
+
+
+def _shards_and_streams_rank():
+    rank = distributed.rank()
+    shard_rows = distributed.shard_batch(torch.arange(12).reshape(6, 2), dim=0)
+    with pytest.raises(ValueError, match=r"shard_batch: the global batch must split evenly over 2 ranks; got 5"):
+        distributed.shard_batch(torch.arange(5))
+    seed = distributed.seed_rank(7)
+    states = distributed.rng_states()
+    draw = torch.rand(4)
+    torch.rand(100)
+    distributed.set_rng_states(states)
+    return {"rank": rank, "rows": shard_rows, "seed": seed, "draw": draw, "redraw": torch.rand(4),
+            "num_states": len(states)}
+
+
+def test_shard_batch_seeds_and_rng_states_two_ranks(tmp_path):
+    ranks = run_ranks(_shards_and_streams_rank, tmp_path)
+    assert torch.equal(torch.cat([got["rows"] for got in ranks]), torch.arange(12).reshape(6, 2))
+    assert [got["seed"] for got in ranks] == [distributed.rank_seed(7, r) for r in range(WORLD)]
+    assert not torch.equal(ranks[0]["draw"], ranks[1]["draw"])
+    for got in ranks:
+        assert got["num_states"] == WORLD and torch.equal(got["redraw"], got["draw"])
+
+
 # ---------------------------------------------------------------- router statistics on 2 ranks
 
 NUM_TOKENS, DIM, EXPERTS, TOP_K = 13, 8, 5, 2  # 13 tokens: ranks get 7 and 6
