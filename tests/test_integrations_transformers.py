@@ -1,0 +1,286 @@
+"""astrea.integrations.transformers on tiny, randomly initialised transformers MoE models
+(nothing downloaded), each checked against the same model unpatched."""
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers", minversion="5.0")
+
+import astrea  # noqa: E402
+from astrea.integrations.transformers import (  # noqa: E402
+    Routing,
+    UnsupportedMoEBlockError,
+    apply_astrea,
+    apply_astrea_to_mixtral,
+    apply_astrea_to_olmoe,
+    apply_astrea_to_qwen2_moe,
+    apply_astrea_to_qwen3_vl_moe,
+    patch_moe_block,
+    remove_astrea,
+)
+from tests.utils import assert_close  # noqa: E402
+
+VOCAB = 100
+IMAGE_TOKEN, VISION_START, VISION_END = 90, 92, 93
+LM = dict(
+    vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=None,
+    # Larger than the default 0.02, so routing and greedy decoding are not near-ties.
+    initializer_range=0.2, router_aux_loss_coef=0.1, tie_word_embeddings=False,
+)
+
+
+def mixtral():
+    config = transformers.MixtralConfig(**LM, intermediate_size=40, num_local_experts=5, num_experts_per_tok=2)
+    return transformers.MixtralForCausalLM(config)
+
+
+def qwen2_moe():
+    # norm_topk_prob=False: the un-renormalised path (Qwen2-MoE's default); with a shared expert.
+    config = transformers.Qwen2MoeConfig(
+        **LM, intermediate_size=40, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+        num_experts=6, num_experts_per_tok=2, norm_topk_prob=False,
+    )
+    return transformers.Qwen2MoeForCausalLM(config)
+
+
+def olmoe():
+    config = transformers.OlmoeConfig(
+        **LM, intermediate_size=40, num_experts=7, num_experts_per_tok=3, norm_topk_prob=True,
+    )
+    return transformers.OlmoeForCausalLM(config)
+
+
+def qwen3_vl_moe():
+    text = dict(
+        LM, intermediate_size=40, moe_intermediate_size=24, head_dim=8, num_experts=6, num_experts_per_tok=2,
+        decoder_sparse_step=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                         "mrope_interleaved": True},
+    )
+    vision = dict(
+        depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4,
+        spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0],
+        initializer_range=0.2,
+    )
+    config = transformers.Qwen3VLMoeConfig(
+        text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN, video_token_id=91,
+        vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+    )
+    return transformers.Qwen3VLMoeForConditionalGeneration(config)
+
+
+def qwen3_moe():
+    """A family without its own function: patched through the generic path."""
+    config = transformers.Qwen3MoeConfig(
+        **LM, intermediate_size=40, moe_intermediate_size=24, head_dim=8, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=True,
+    )
+    return transformers.Qwen3MoeForCausalLM(config)
+
+
+FAMILIES = {
+    "mixtral": (mixtral, apply_astrea_to_mixtral),
+    "qwen2_moe": (qwen2_moe, apply_astrea_to_qwen2_moe),
+    "olmoe": (olmoe, apply_astrea_to_olmoe),
+    "qwen3_vl_moe": (qwen3_vl_moe, apply_astrea_to_qwen3_vl_moe),
+    "qwen3_moe (generic)": (qwen3_moe, apply_astrea),
+}
+
+
+def pair(family: str, dtype=torch.float32):
+    """(unpatched, patched) copies of one randomly initialised model."""
+    build, patch = FAMILIES[family]
+    original = build().to(dtype)
+    return original, patch(copy.deepcopy(original))
+
+
+def moe_blocks(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(getattr(m, "experts", None), nn.Module)]
+
+
+def inputs(family: str) -> dict:
+    """A batch of two prompts; for Qwen3-VL-MoE one of them holds a 4-token image."""
+    ids = torch.randint(3, 90, (2, 11))
+    if family != "qwen3_vl_moe":
+        return dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    ids[0, 2:8] = torch.tensor([VISION_START] + [IMAGE_TOKEN] * 4 + [VISION_END])
+    # One image of 4x4 patches (merged 2x2 into 4 tokens), each patch 3 x 2 frames x 4 x 4 pixels.
+    return dict(
+        input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == IMAGE_TOKEN).long(),
+        pixel_values=torch.randn(16, 3 * 2 * 4 * 4), image_grid_thw=torch.tensor([[1, 4, 4]]),
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patches_every_block_and_keeps_parameters(family):
+    original, patched = pair(family)
+    blocks = moe_blocks(patched)
+    assert len(blocks) == 2
+    assert all("forward" in b.gate.__dict__ and "forward" in b.experts.__dict__ for b in blocks)
+    assert patched.state_dict().keys() == original.state_dict().keys()
+    patched.load_state_dict(original.state_dict())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_outputs_fp32(family):
+    original, patched = pair(family)
+    for block, reference in zip(moe_blocks(patched), moe_blocks(original)):
+        hidden = torch.randn(2, 9, block.gate.weight.shape[1])
+        assert (block(hidden) - reference(hidden)).abs().max() <= 1e-5
+        logits, weights, indices = block.gate(hidden.view(-1, hidden.shape[-1]))
+        ref_logits, ref_weights, ref_indices = reference.gate(hidden.view(-1, hidden.shape[-1]))
+        assert torch.equal(logits, ref_logits)
+        assert torch.equal(indices.long(), ref_indices)
+        assert weights.dtype == ref_weights.dtype
+        assert_close(weights, ref_weights, what="routing weights")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_model_outputs_aux_loss_and_gradients_fp32(family):
+    original, patched = pair(family)
+    batch = inputs(family)
+    results = []
+    for model in (original, patched):
+        model.train()
+        out = model(**batch, labels=batch["input_ids"], output_router_logits=True)
+        out.loss.backward()
+        results.append(out)
+    ref, got = results
+    assert_close(got.logits, ref.logits, what="logits")
+    assert len(got.router_logits) == len(ref.router_logits) == 2
+    for layer, (a, b) in enumerate(zip(got.router_logits, ref.router_logits)):
+        assert_close(a, b, what=f"router logits of layer {layer}")
+    assert_close(got.aux_loss, ref.aux_loss, what="aux loss")
+    assert_close(got.loss, ref.loss, what="loss")
+    grads = dict(original.named_parameters())
+    checked = 0
+    for name, param in patched.named_parameters():
+        if grads[name].grad is None:
+            assert param.grad is None, name
+            continue
+        assert_close(param.grad, grads[name].grad, what=f"grad of {name}")
+        checked += 1
+    assert checked > 0
+    assert all(b.experts.gate_up_proj.grad is not None and b.gate.weight.grad is not None for b in moe_blocks(patched))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_outputs_bf16_within_pytorch_error(family):
+    """|patched_bf16 - fp64| <= 2 |unpatched_bf16 - fp64| + atol, block by block."""
+    original, patched = pair(family, torch.bfloat16)
+    exact = copy.deepcopy(original).double()
+    exact.set_experts_implementation("eager")  # the default grouped_mm has no float64
+    for block, reference, truth in zip(moe_blocks(patched), moe_blocks(original), moe_blocks(exact)):
+        hidden = torch.randn(2, 9, block.gate.weight.shape[1]).bfloat16()
+        expected = truth(hidden.double())
+        tokens = hidden.view(-1, hidden.shape[-1])
+        weights, ref_weights = block.gate(tokens)[1], reference.gate(tokens)[1]
+        assert weights.dtype == ref_weights.dtype
+        assert_close(weights, ref_weights, what="bf16 routing weights")
+        ours = (block(hidden).double() - expected).abs().max()
+        theirs = (reference(hidden).double() - expected).abs().max()
+        assert ours <= 2 * theirs + 1e-3, (ours, theirs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generation_identical(family):
+    original, patched = pair(family)
+    batch = inputs(family)
+    tokens = [
+        m.eval().generate(**batch, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+        for m in (original, patched)
+    ]
+    assert tokens[0].shape == tokens[1].shape == (2, 11 + 10)
+    assert torch.equal(tokens[0], tokens[1])
+    assert len(set(tokens[1][:, 11:].flatten().tolist())) > 2  # decoding is not stuck on one token
+
+
+def test_triton_backend_matches_under_interpreter():
+    """The Triton kernels (interpreted on CPU) inside a Mixtral block, forward and backward."""
+    original, patched = pair("mixtral")
+    block, reference = moe_blocks(patched)[0], moe_blocks(original)[0]
+    hidden = torch.randn(1, 8, 32)
+    with astrea.backend("triton"):
+        out = block(hidden)
+        out.square().sum().backward()
+    expected = reference(hidden)
+    expected.square().sum().backward()
+    assert (out - expected).abs().max() <= 1e-5
+    for (name, param), ref in zip(block.named_parameters(), reference.parameters()):
+        assert_close(param.grad, ref.grad, what=f"grad of {name}")
+
+
+def test_generic_path_probes_the_routing():
+    patched = apply_astrea(qwen3_moe())
+    assert moe_blocks(patched)[0].gate.astrea_routing == Routing(2, True, weights_in_logits_dtype=True)
+    patched = apply_astrea(mixtral())  # a family block found by apply_astrea gets its own routing
+    assert moe_blocks(patched)[0].gate.astrea_routing == Routing(2, True, weights_in_logits_dtype=False)
+
+
+def test_patching_twice_then_remove_astrea_restores_the_original_forwards():
+    model = apply_astrea(apply_astrea_to_olmoe(olmoe()))
+    assert moe_blocks(model)[0].gate.astrea_routing == Routing(3, True, weights_in_logits_dtype=True)
+    remove_astrea(model)
+    for block in moe_blocks(model):
+        assert "forward" not in block.gate.__dict__ and "forward" not in block.experts.__dict__
+        assert not hasattr(block.gate, "astrea_routing")
+
+
+def deepseek_v3():
+    config = transformers.DeepseekV3Config(
+        **LM, intermediate_size=40, moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2,
+        n_group=2, topk_group=1, first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+    )
+    return transformers.DeepseekV3ForCausalLM(config)
+
+
+class HandWrittenBlock(nn.Module):
+    """The pre-transformers-5 layout: a linear gate and a list of expert MLPs."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(16, 4, bias=False)
+        self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(4))
+
+
+def test_unsupported_blocks_raise_and_patch_nothing():
+    # A supported block first: the error on the second must leave it unpatched too.
+    model = nn.ModuleDict({"ok": moe_blocks(mixtral())[0], "bad": moe_blocks(deepseek_v3())[0]})
+    with pytest.raises(UnsupportedMoEBlockError, match=r"bad \(DeepseekV3MoE\) has a router .* not softmax"):
+        apply_astrea(model)  # sigmoid scores, grouped and bias-corrected selection
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    gpt_oss = transformers.GptOssConfig(**dict(LM, max_position_embeddings=4096), intermediate_size=32,
+                                        num_local_experts=4, num_experts_per_tok=2, head_dim=8)
+    with pytest.raises(UnsupportedMoEBlockError, match=r"GptOssMLP\) has experts with has_bias=True"):
+        apply_astrea(transformers.GptOssForCausalLM(gpt_oss))
+    with pytest.raises(UnsupportedMoEBlockError, match=r"HandWrittenBlock\) has experts ModuleList, not a"):
+        apply_astrea(nn.Sequential(HandWrittenBlock()))
+    with pytest.raises(UnsupportedMoEBlockError, match="top_k=9 of 5 experts"):
+        patch_moe_block(moe_blocks(mixtral())[0], Routing(9, True, False))
+    with pytest.raises(TypeError, match="patch_moe_block: routing must be an astrea Routing, got dict"):
+        patch_moe_block(moe_blocks(mixtral())[0], {"top_k": 2})
+
+
+def test_models_without_the_block_raise():
+    with pytest.raises(ValueError, match=r"apply_astrea: model \(Linear\) has no sparse MoE block"):
+        apply_astrea(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"apply_astrea_to_olmoe: model \(MixtralForCausalLM\) has no Olmoe"):
+        apply_astrea_to_olmoe(mixtral())
+
+
+def test_readme_examples_run():
+    """The python blocks of the README section, run in order in one namespace."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Using astrea.ops in another MoE model", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) >= 3
+    namespace = {}
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), namespace)
