@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import inspect
 import os
 from typing import Callable, NamedTuple, TypeVar
 
@@ -180,21 +181,53 @@ def distributed_sampler(dataset, *, shuffle: bool = True, seed: int = 0, drop_la
                                                seed=seed, drop_last=drop_last)
 
 
-def wrap_ddp(model: nn.Module, device: torch.device | None = None, **ddp_kwargs) -> nn.Module:
+def wrap_ddp(model: nn.Module, device: torch.device | None = None, *, sync_buffers: bool = True,
+             **ddp_kwargs) -> nn.Module:
     """``model`` wrapped in :class:`~torch.nn.parallel.DistributedDataParallel` in a process group,
     else returned as is. ``unwrap(model)`` gives back the module (for state dicts and attributes).
     Keep the wrapper referenced until ``backward`` has run (its reducer averages the gradients),
     and rebuild it whenever the set of trainable parameters changes (a new alignment stage):
-    DDP fixes its gradient buckets at construction."""
+    DDP fixes its gradient buckets at construction.
+
+    ``sync_buffers=False`` skips DDP's copy of rank 0's buffers before every forward, for models
+    whose buffers are updated from global quantities only (queues filled with gathered keys,
+    biases moved by all-reduced loads, :class:`GlobalBatchNorm` statistics): they are equal on
+    every rank already, and a MoCo queue is large."""
     if not is_distributed():
         return model
     device_ids = [device.index] if device is not None and device.type == "cuda" else None
+    if not sync_buffers:  # the option's name changed in torch 2.13
+        parameters = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+        ddp_kwargs["forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"] = False
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **ddp_kwargs)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper (the module itself when it is not wrapped)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """The average over the ranks of ``x`` (a detached copy; ``x`` itself in a single process): for
+    logging a global value, such as the loss of the global batch from the ranks' per-rank means."""
+    x = x.detach().clone()
+    if is_distributed():
+        dist.all_reduce(x)
+        x /= world_size()
+    return x
+
+
+def as_global_mean(local_mean: torch.Tensor, local_count: int | torch.Tensor) -> torch.Tensor:
+    """Rescales a mean over a rank-dependent number of items (the answer tokens of a masked
+    language-model loss) so that DDP's gradient average, and :func:`mean_over_ranks` of the
+    result, give the mean over all ranks' items: ``local_mean * local_count * world / total_count``.
+    ``local_mean`` itself in a single process."""
+    if not is_distributed():
+        return local_mean
+    counts = torch.as_tensor(local_count, dtype=torch.float64, device=local_mean.device).reshape(1).clone()
+    total = counts.clone()
+    dist.all_reduce(total)
+    return local_mean * (counts * world_size() / total).to(local_mean.dtype).squeeze(0)
 
 
 def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:

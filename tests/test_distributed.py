@@ -103,6 +103,8 @@ def test_router_stats_single_process_are_local():
 def test_shard_batch_and_rng_states_single_process():
     batch = torch.arange(6)
     assert torch.equal(distributed.shard_batch(batch), batch)
+    mean = torch.tensor(2.5)
+    assert distributed.as_global_mean(mean, 3) is mean and torch.equal(distributed.mean_over_ranks(mean), mean)
     states = distributed.rng_states()
     first = torch.rand(3)
     distributed.set_rng_states(states)
@@ -112,6 +114,7 @@ def test_shard_batch_and_rng_states_single_process():
 
 
 def _shards_and_streams_rank():
+    """shard_batch, seed_rank, rng_states and the global means on one rank."""
     rank = distributed.rank()
     shard_rows = distributed.shard_batch(torch.arange(12).reshape(6, 2), dim=0)
     with pytest.raises(ValueError, match=r"shard_batch: the global batch must split evenly over 2 ranks; got 5"):
@@ -121,17 +124,25 @@ def _shards_and_streams_rank():
     draw = torch.rand(4)
     torch.rand(100)
     distributed.set_rng_states(states)
+    tokens = 3 if rank == 0 else 1  # rank 0 averages 3 tokens, rank 1 one token
+    local_mean = torch.tensor(2.0 if rank == 0 else 6.0, requires_grad=True)
+    global_mean = distributed.as_global_mean(local_mean, tokens)
+    global_mean.backward()
     return {"rank": rank, "rows": shard_rows, "seed": seed, "draw": draw, "redraw": torch.rand(4),
-            "num_states": len(states)}
+            "num_states": len(states), "mean_over_ranks": distributed.mean_over_ranks(global_mean),
+            "mean_grad": local_mean.grad}
 
 
-def test_shard_batch_seeds_and_rng_states_two_ranks(tmp_path):
+def test_shard_batch_seeds_rng_states_and_means_two_ranks(tmp_path):
     ranks = run_ranks(_shards_and_streams_rank, tmp_path)
     assert torch.equal(torch.cat([got["rows"] for got in ranks]), torch.arange(12).reshape(6, 2))
     assert [got["seed"] for got in ranks] == [distributed.rank_seed(7, r) for r in range(WORLD)]
     assert not torch.equal(ranks[0]["draw"], ranks[1]["draw"])
     for got in ranks:
         assert got["num_states"] == WORLD and torch.equal(got["redraw"], got["draw"])
+        assert float(got["mean_over_ranks"]) == pytest.approx((3 * 2.0 + 6.0) / 4)  # the mean over all 4 tokens
+    # DDP averages the two ranks' gradients: (3/4 * 2 + 1/4 * 2) / 2 = d(global mean)/d(each token)
+    assert [float(got["mean_grad"]) for got in ranks] == pytest.approx([1.5, 0.5])
 
 
 # ---------------------------------------------------------------- router statistics on 2 ranks
@@ -196,7 +207,7 @@ def _moe_and_data():
 def _train_moe(moe, inputs, targets):
     """A few Adam steps of MSE + global balancing loss, with the aux-loss-free bias update; the
     batch of each step is this rank's shard. Returns the global losses and the final state."""
-    model = distributed.wrap_ddp(moe)
+    model = distributed.wrap_ddp(moe, sync_buffers=False)  # expert_bias moves by the global load on every rank
     optimizer = torch.optim.Adam(moe.parameters(), lr=1e-2)
     routings = []
     moe.router.register_forward_hook(lambda module, args, result: routings.append(result))
