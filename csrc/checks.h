@@ -26,4 +26,34 @@ inline void check_queue_enqueue_args(const at::Tensor& queue, const at::Tensor& 
                     queue.device(), ", ", ptr.device(), ", ", keys.device());
 }
 
+// q [N, D], k [N, D], queue [K, D] (N, D, K > 0) of one floating dtype on one device, T > 0.
+inline void check_moco_args(const char* op, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& queue, double temperature) {
+  TORCH_CHECK_VALUE(q.dim() == 2 && q.size(0) > 0 && q.size(1) > 0, op,
+                    ": q must be [N > 0, D > 0], got ", q.sizes());
+  TORCH_CHECK_VALUE(queue.dim() == 2 && queue.size(0) > 0 && queue.size(1) == q.size(1), op,
+                    ": queue must be [K > 0, ", q.size(1), "], got ", queue.sizes());
+  TORCH_CHECK_VALUE(k.sizes() == q.sizes(), op, ": k must have q's shape ", q.sizes(), ", got ",
+                    k.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(q.scalar_type()) && k.scalar_type() == q.scalar_type() &&
+                       queue.scalar_type() == q.scalar_type(),
+                   op, ": q, k and queue must share one floating dtype, got ", q.scalar_type(),
+                   ", ", k.scalar_type(), ", ", queue.scalar_type());
+  TORCH_CHECK_VALUE(k.device() == q.device() && queue.device() == q.device(), op,
+                    ": q, k and queue must be on one device, got ", q.device(), ", ", k.device(),
+                    ", ", queue.device());
+  TORCH_CHECK_VALUE(temperature > 0, op, ": temperature must be > 0, got ", temperature);
+}
+
+// The saved row statistics and incoming gradient of moco_infonce_backward: fp32 [N]
+// (float64 for float64 inputs).
+inline void check_moco_row_vector(const char* name, const at::Tensor& v, const at::Tensor& q) {
+  const auto expected = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == q.size(0), "moco_infonce_backward: ", name,
+                    " must be [", q.size(0), "], got ", v.sizes());
+  TORCH_CHECK_TYPE(v.scalar_type() == expected && v.device() == q.device(),
+                   "moco_infonce_backward: ", name, " must be ", expected, " on ", q.device(),
+                   ", got ", v.scalar_type(), " on ", v.device());
+}
+
 }  // namespace astrea

@@ -18,4 +18,15 @@ TORCH_LIBRARY(astrea, m) {
   // advances ptr by keys.size(0) modulo queue.size(0). Reads ptr on the device that
   // holds it, so a CUDA enqueue never synchronises with the host.
   m.def("queue_enqueue_(Tensor(a!) queue, Tensor(b!) ptr, Tensor keys) -> ()");
+  // MoCo logits [N, 1 + K] in fp32 (float64 for float64 inputs): column 0 is q.k / T,
+  // column 1 + j is q.queue[j] / T.
+  m.def("moco_logits(Tensor q, Tensor k, Tensor queue, float temperature) -> Tensor");
+  // Per-row InfoNCE loss (label 0) over those logits and the row log-sum-exp, computed
+  // tile by tile over the queue; no [N, K] tensor is ever allocated.
+  m.def("moco_infonce(Tensor q, Tensor k, Tensor queue, float temperature) "
+        "-> (Tensor loss, Tensor lse)");
+  // Gradients of sum(grad_loss * loss) w.r.t. q and k, recomputing the logits tiles from
+  // the saved lse; the queue is a buffer and gets no gradient.
+  m.def("moco_infonce_backward(Tensor grad_loss, Tensor q, Tensor k, Tensor queue, Tensor lse, "
+        "float temperature) -> (Tensor grad_q, Tensor grad_k)");
 }

@@ -1,12 +1,14 @@
 """nn.Modules built on :mod:`astrea.ops`."""
 
 from astrea.nn.allocator import AdaptiveWeightAllocator
+from astrea.nn.moco import MomentumContrast
 from astrea.nn.moe import SparseMoE
 from astrea.nn.residual import StochasticResidual
 from astrea.nn.router import RouterResult, TopKRouter
 
 __all__ = [
     "AdaptiveWeightAllocator",
+    "MomentumContrast",
     "RouterResult",
     "SparseMoE",
     "StochasticResidual",

@@ -4,6 +4,7 @@ implementations, autograd and per-device dispatch (see :mod:`astrea._backend`)."
 from astrea.ops.combine import weighted_combine
 from astrea.ops.dense_combine import dense_weighted_combine
 from astrea.ops.dispatch import Dispatch, moe_dispatch, permute
+from astrea.ops.moco import moco_infonce, moco_logits, queue_enqueue_
 from astrea.ops.moco import queue_enqueue_
 from astrea.ops.residual import combine_residual, stochastic_residual
 from astrea.ops.router import RouterOutput, load_balancing_loss, router_topk, router_z_loss
@@ -13,6 +14,8 @@ __all__ = [
     "dense_weighted_combine",
     "Dispatch",
     "load_balancing_loss",
+    "moco_infonce",
+    "moco_logits",
     "moe_dispatch",
     "permute",
     "queue_enqueue_",

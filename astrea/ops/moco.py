@@ -1,13 +1,102 @@
-"""Momentum-queue contrast ops (kernels in the compiled extension astrea._C)."""
+"""Momentum-queue contrast ops (kernels in the compiled extension astrea._C).
+
+Logits of a query ``q_i`` are ``[q_i . k_i, q_i . queue_0, ..., q_i . queue_{K-1}] / T``:
+the positive key first, then the queue of negatives (MoCo, He et al. 2020). The queue
+is a buffer: no op returns a gradient for it. Inputs share one dtype (fp32, fp16 or
+bf16; float64 on CPU, for gradcheck); logits and losses are fp32 (float64 for float64).
+"""
 
 from __future__ import annotations
+
+import math
+import numbers
 
 import torch
 
 from astrea import _backend, _extension, reference
-from astrea._validation import FLOAT_DTYPES, check_same_device, check_size, check_tensor
+from astrea._validation import FLOAT_DTYPES, check_choice, check_same_device, check_size, check_tensor
 
+_backend.declare_op("moco_infonce", kernel="extension", cpu_kernel=True)
+_backend.declare_op("moco_logits", kernel="extension", cpu_kernel=True)
 _backend.declare_op("queue_enqueue_", kernel="extension", cpu_kernel=True)
+
+REDUCTIONS = ("mean", "sum", "none")
+# float64 runs on the CPU kernel only; it exists so that gradcheck can test that kernel.
+MOCO_DTYPES = FLOAT_DTYPES + (torch.float64,)
+
+
+@torch.compiler.assume_constant_result
+def _implementation(op: str, device_type: str) -> str:
+    """``_backend.choose``, evaluated once at trace time under torch.compile: Dynamo cannot
+    trace the backend switch's ContextVar, and the choice is a constant of the trace."""
+    return _backend.choose(op, torch.device(device_type))
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_contrast_args(op: str, q, k, queue, temperature) -> torch.device:
+    check_tensor(op, "q", q, ndim=2, dtypes=MOCO_DTYPES)
+    check_tensor(op, "k", k, ndim=2, dtypes=MOCO_DTYPES)
+    check_tensor(op, "queue", queue, ndim=2, dtypes=MOCO_DTYPES)
+    device = check_same_device(op, q=q, k=k, queue=queue)
+    if q.shape[0] == 0 or q.shape[1] == 0:
+        raise ValueError(f"{op}: q must be [N, D] with N > 0 and D > 0; got shape {tuple(q.shape)}")
+    if k.shape != q.shape:
+        raise ValueError(f"{op}: k must have q's shape {tuple(q.shape)}; got shape {tuple(k.shape)}")
+    check_size(op, "queue", queue, 1, q.shape[1], "q.shape[1]")
+    if queue.shape[0] == 0:
+        raise ValueError(f"{op}: queue must have K > 0 rows; got shape {tuple(queue.shape)}")
+    if k.dtype != q.dtype or queue.dtype != q.dtype:
+        raise TypeError(f"{op}: q, k and queue must share one dtype; got {q.dtype}, {k.dtype}, {queue.dtype}")
+    if q.dtype == torch.float64 and device.type != "cpu":
+        raise TypeError(f"{op}: float64 inputs run on the CPU only; got {q.dtype} on {device}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"{op}: temperature must be a float, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{op}: temperature must be a finite number > 0; got {temperature}")
+    return device
+
+
+def moco_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo logits ``[N, 1 + K]`` in fp32: column 0 is ``q.k / T``, column ``1 + j`` is ``q.queue[j] / T``.
+
+    Args:
+        q: ``[N, D]`` queries. k: ``[N, D]`` positive keys. queue: ``[K, D]`` negatives.
+        temperature: ``T > 0``.
+
+    Differentiable with respect to ``q`` and ``k``. Materialises ``N x (1 + K)`` fp32
+    values; for the loss use :func:`moco_infonce`, which never does.
+    """
+    device = _check_contrast_args("moco_logits", q, k, queue, temperature)
+    if _implementation("moco_logits", device.type) == "reference":
+        return reference.moco_logits(q, k, queue, temperature)
+    return torch.ops.astrea.moco_logits(q, k, queue, float(temperature))
+
+
+def moco_infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float,
+                 reduction: str = "mean") -> torch.Tensor:
+    """InfoNCE loss of :func:`moco_logits` with label 0 (the positive), fused.
+
+    Equal to ``cross_entropy(moco_logits(q, k, queue, T), zeros(N), reduction=reduction)``,
+    but computed by streaming over tiles of the queue with an online log-sum-exp: only
+    the row log-sum-exp ``[N]`` is kept for backward, which recomputes the tiles. Memory
+    is O(N*D + K*D); nothing of size N x K is allocated. Returns an fp32 scalar
+    (``"mean"``, ``"sum"``) or ``[N]`` (``"none"``); differentiable w.r.t. ``q`` and ``k``
+    (once: no double backward).
+    """
+    op = "moco_infonce"
+    check_choice(op, "reduction", reduction, REDUCTIONS)
+    device = _check_contrast_args(op, q, k, queue, temperature)
+    if _implementation(op, device.type) == "reference":
+        return reference.moco_infonce(q, k, queue, temperature, reduction)
+    loss, _ = torch.ops.astrea.moco_infonce(q, k, queue, float(temperature))
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
 
 
 def queue_enqueue_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None:
@@ -33,7 +122,7 @@ def queue_enqueue_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -
     check_size(op, "keys", keys, 1, queue.shape[1], "queue.shape[1]")
     if keys.shape[0] > queue.shape[0]:
         raise ValueError(f"{op}: keys has {keys.shape[0]} rows, more than the queue's {queue.shape[0]}")
-    if _backend.choose(op, device) == "reference":
+    if _implementation(op, device.type) == "reference":
         reference.queue_enqueue_(queue, ptr, keys)
     else:
         torch.ops.astrea.queue_enqueue_(queue, ptr, keys)
@@ -44,3 +133,49 @@ if _extension.available():
     @torch.library.register_fake("astrea::queue_enqueue_")
     def _queue_enqueue_fake(queue, ptr, keys):
         return None
+
+    @torch.library.register_fake("astrea::moco_logits")
+    def _moco_logits_fake(q, k, queue, temperature):
+        return q.new_empty((q.shape[0], 1 + queue.shape[0]), dtype=_accumulation_dtype(q.dtype))
+
+    @torch.library.register_fake("astrea::moco_infonce")
+    def _moco_infonce_fake(q, k, queue, temperature):
+        acc = _accumulation_dtype(q.dtype)
+        return q.new_empty(q.shape[0], dtype=acc), q.new_empty(q.shape[0], dtype=acc)
+
+    @torch.library.register_fake("astrea::moco_infonce_backward")
+    def _moco_infonce_backward_fake(grad_loss, q, k, queue, lse, temperature):
+        return q.new_empty(q.shape), k.new_empty(k.shape)
+
+    def _setup_contrast(ctx, inputs, output):
+        q, k, queue, temperature = inputs
+        ctx.temperature = temperature
+        ctx.save_for_backward(q, k, queue)
+
+    def _moco_logits_backward(ctx, grad):
+        q, k, queue = ctx.saved_tensors
+        inv_t = 1.0 / ctx.temperature
+        positive = grad[:, :1] * inv_t
+        grad_q = grad_k = None
+        if ctx.needs_input_grad[0]:
+            grad_q = (positive * k.to(grad.dtype) + (grad[:, 1:] * inv_t) @ queue.to(grad.dtype)).to(q.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_k = (positive * q.to(grad.dtype)).to(k.dtype)
+        return grad_q, grad_k, None, None
+
+    torch.library.register_autograd("astrea::moco_logits", _moco_logits_backward, setup_context=_setup_contrast)
+
+    def _setup_infonce(ctx, inputs, output):
+        q, k, queue, temperature = inputs
+        ctx.temperature = temperature
+        ctx.save_for_backward(q, k, queue, output[1])
+
+    def _moco_infonce_backward(ctx, grad_loss, grad_lse):
+        # lse is an internal statistic, never returned by astrea.ops.moco_infonce: grad_lse is ignored.
+        q, k, queue, lse = ctx.saved_tensors
+        grad_q, grad_k = torch.ops.astrea.moco_infonce_backward(
+            grad_loss.contiguous(), q, k, queue, lse, ctx.temperature)
+        return (grad_q if ctx.needs_input_grad[0] else None,
+                grad_k if ctx.needs_input_grad[1] else None, None, None)
+
+    torch.library.register_autograd("astrea::moco_infonce", _moco_infonce_backward, setup_context=_setup_infonce)

@@ -5,6 +5,7 @@ precision where the contract says so), never for speed."""
 from astrea.reference.combine import weighted_combine, weighted_combine_backward
 from astrea.reference.dense_combine import combine_residual, dense_weighted_combine
 from astrea.reference.dispatch import moe_dispatch, permute, permute_backward
+from astrea.reference.moco import moco_infonce, moco_logits, queue_enqueue_
 from astrea.reference.moco import queue_enqueue_
 from astrea.reference.residual import stochastic_residual
 from astrea.reference.router import router_topk, router_topk_backward
@@ -12,6 +13,8 @@ from astrea.reference.router import router_topk, router_topk_backward
 __all__ = [
     "combine_residual",
     "dense_weighted_combine",
+    "moco_infonce",
+    "moco_logits",
     "moe_dispatch",
     "permute",
     "permute_backward",

@@ -1,8 +1,31 @@
-"""References of the momentum-queue contrast ops."""
+"""References of the momentum-queue contrast ops: plain MoCo (He et al. 2020), logits
+materialised, cross-entropy with label 0."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def moco_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``cat([q.k, q @ queue.T], 1) / T`` in fp32 (float64 for float64 inputs); the queue gets no gradient."""
+    acc = _accumulation_dtype(q.dtype)
+    q, k = q.to(acc), k.to(acc)
+    positive = (q * k).sum(dim=1, keepdim=True)
+    negative = q @ queue.detach().to(acc).T
+    return torch.cat([positive, negative], dim=1) / temperature
+
+
+def moco_infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float,
+                 reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of :func:`moco_logits` with the positive (column 0) as the label."""
+    logits = moco_logits(q, k, queue, temperature)
+    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, labels, reduction=reduction)
 
 
 def queue_enqueue_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None:

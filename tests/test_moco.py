@@ -1,0 +1,377 @@
+"""Momentum-queue contrast ops of astrea._C (CPU kernels here; CUDA kernels when a GPU
+is present) against the plain MoCo reference, and the MomentumContrast module."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import astrea
+from astrea import _extension, ops, reference
+from astrea.nn import MomentumContrast
+from tests.utils import assert_close, strided
+
+pytestmark = pytest.mark.skipif(not _extension.available(), reason="astrea._C is not built")
+
+TEMPERATURE = 0.07
+# (N, K, D): odd sizes, N below and above one row block, K not a multiple of a tile,
+# a queue smaller than the batch.
+SHAPES = [(5, 37, 19), (70, 300, 128), (3, 1000, 64), (130, 7, 33)]
+# Logits are q.key / T with T = 0.07: 1/T scales the input rounding error.
+TOLERANCES = {torch.float32: (2e-5, 1e-5), torch.float16: (2e-4, 1e-3), torch.bfloat16: (2e-4, 1e-3)}
+GRAD_TOLERANCES = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-3, 1e-2), torch.bfloat16: (2e-2, 2e-2)}
+
+
+def make_inputs(n, k, d, dtype, device="cpu", *, requires_grad=False):
+    """L2-normalised rows, as MoCo feeds them; q and k of a row are correlated."""
+    q = F.normalize(torch.randn(n, d, device=device), dim=1)
+    key = F.normalize(q + 0.5 * torch.randn(n, d, device=device), dim=1)
+    queue = F.normalize(torch.randn(k, d, device=device), dim=1)
+    q, key, queue = q.to(dtype), key.to(dtype), queue.to(dtype)
+    return q.requires_grad_(requires_grad), key.requires_grad_(requires_grad), queue
+
+
+def reference_grads(fn, q, key, queue, weight):
+    """Gradients of sum(weight * fn(q, k)) through the reference, in float64."""
+    q64 = q.detach().double().requires_grad_()
+    k64 = key.detach().double().requires_grad_()
+    out = fn(q64, k64, queue.double(), TEMPERATURE)
+    (out * weight.double()).sum().backward()
+    return out, q64.grad, k64.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_logits_forward_backward(kernels, device, shape, dtype):
+    q, key, queue = make_inputs(*shape, dtype, device, requires_grad=True)
+    logits = ops.moco_logits(q, key, queue, TEMPERATURE)
+    assert logits.dtype == torch.float32 and logits.shape == (shape[0], 1 + shape[1])
+    weight = torch.randn_like(logits)
+    expected, grad_q, grad_k = reference_grads(reference.moco_logits, q, key, queue, weight)
+    atol, rtol = TOLERANCES[dtype]
+    assert_close(logits, expected.float(), atol=atol, rtol=rtol, what="logits")
+    logits.backward(weight)
+    atol, rtol = GRAD_TOLERANCES[dtype]
+    assert q.grad.dtype == dtype and key.grad.dtype == dtype
+    assert_close(q.grad, grad_q.to(dtype), atol=atol, rtol=rtol, what="grad q")
+    assert_close(key.grad, grad_k.to(dtype), atol=atol, rtol=rtol, what="grad k")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_infonce_forward_backward(kernels, device, shape, dtype):
+    q, key, queue = make_inputs(*shape, dtype, device, requires_grad=True)
+    loss = ops.moco_infonce(q, key, queue, TEMPERATURE, reduction="none")
+    assert loss.dtype == torch.float32 and loss.shape == (shape[0],)
+    weight = torch.rand_like(loss)
+    expected, grad_q, grad_k = reference_grads(
+        lambda *a: reference.moco_infonce(*a, reduction="none"), q, key, queue, weight)
+    atol, rtol = TOLERANCES[dtype]
+    assert_close(loss, expected.float(), atol=atol, rtol=rtol, what="loss")
+    loss.backward(weight)
+    atol, rtol = GRAD_TOLERANCES[dtype]
+    assert_close(q.grad, grad_q.to(dtype), atol=atol, rtol=rtol, what="grad q")
+    assert_close(key.grad, grad_k.to(dtype), atol=atol, rtol=rtol, what="grad k")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_infonce_reductions_match_cross_entropy(kernels, device, reduction):
+    q, key, queue = make_inputs(9, 200, 32, torch.float32, device, requires_grad=True)
+    loss = ops.moco_infonce(q, key, queue, TEMPERATURE, reduction=reduction)
+    logits = torch.cat([(q * key).sum(1, keepdim=True), q @ queue.T], dim=1) / TEMPERATURE
+    expected = F.cross_entropy(logits, torch.zeros(9, dtype=torch.long, device=device), reduction=reduction)
+    assert_close(loss, expected, atol=1e-5, rtol=1e-5, what=reduction)
+    grads = torch.autograd.grad(loss.sum(), (q, key))
+    expected_grads = torch.autograd.grad(expected.sum(), (q, key))
+    for got, want, name in zip(grads, expected_grads, ("q", "k")):
+        assert_close(got, want, atol=1e-5, rtol=1e-4, what=f"grad {name}")
+
+
+def test_strided_inputs(kernels, device):
+    q, key, queue = make_inputs(11, 150, 24, torch.float32, device)
+    logits = ops.moco_logits(strided(q), strided(key), strided(queue), TEMPERATURE)
+    assert_close(logits, reference.moco_logits(q, key, queue, TEMPERATURE), atol=2e-5, rtol=1e-5, what="logits")
+    qs = strided(q).requires_grad_()
+    loss = ops.moco_infonce(qs, strided(key).t().contiguous().t(), queue, TEMPERATURE)
+    loss.backward()
+    qr = q.clone().requires_grad_()
+    reference.moco_infonce(qr, key, queue, TEMPERATURE).backward()
+    assert_close(loss, reference.moco_infonce(q, key, queue, TEMPERATURE), atol=1e-5, rtol=1e-5, what="loss")
+    assert_close(qs.grad, qr.grad, atol=1e-5, rtol=1e-4, what="grad q")
+
+
+def test_queue_gets_no_gradient(kernels):
+    q, key, queue = make_inputs(4, 20, 8, torch.float32, requires_grad=True)
+    queue.requires_grad_()
+    ops.moco_infonce(q, key, queue, TEMPERATURE).backward()
+    ops.moco_logits(q, key, queue, TEMPERATURE).sum().backward()
+    assert queue.grad is None and q.grad is not None
+
+
+def test_large_logits_are_stable(kernels):
+    """An online log-sum-exp must not overflow where exp(logit) does."""
+    q, key, queue = make_inputs(6, 300, 16, torch.float32)
+    loss = ops.moco_infonce(q, key, queue, 1e-3, reduction="none")
+    assert torch.isfinite(loss).all()
+    assert_close(loss, reference.moco_infonce(q, key, queue, 1e-3, reduction="none"), atol=1e-2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["moco_logits", "moco_infonce"])
+def test_gradcheck_cpu_kernel_float64(kernels, op):
+    q, key, queue = make_inputs(5, 70, 7, torch.float64, requires_grad=True)
+    fn = {"moco_logits": lambda a, b: ops.moco_logits(a, b, queue, 0.5),
+          "moco_infonce": lambda a, b: ops.moco_infonce(a, b, queue, 0.5, reduction="none")}[op]
+    assert torch.autograd.gradcheck(fn, (q, key))
+
+
+@pytest.mark.parametrize("op", ["moco_logits", "moco_infonce"])
+def test_gradcheck_reference(op):
+    q, key, queue = make_inputs(4, 30, 6, torch.float64, requires_grad=True)
+    fn = getattr(reference, op)
+    assert torch.autograd.gradcheck(lambda a, b: fn(a, b, queue, 0.5), (q, key))
+
+
+def test_opcheck_every_op(kernels, device):
+    q, key, queue = make_inputs(7, 90, 16, torch.float32, device, requires_grad=True)
+    torch.library.opcheck(torch.ops.astrea.moco_logits.default, (q, key, queue, TEMPERATURE))
+    torch.library.opcheck(torch.ops.astrea.moco_infonce.default, (q, key, queue, TEMPERATURE))
+    _, lse = torch.ops.astrea.moco_infonce(q, key, queue, TEMPERATURE)
+    grad = torch.rand(7, device=device)
+    torch.library.opcheck(torch.ops.astrea.moco_infonce_backward.default,
+                          (grad, q.detach(), key.detach(), queue, lse.detach(), TEMPERATURE))
+    ring = torch.zeros(10, 16, device=device)
+    ptr = torch.tensor([8], device=device)
+    torch.library.opcheck(torch.ops.astrea.queue_enqueue_.default, (ring, ptr, key.detach()))
+
+
+def test_torch_compile_fullgraph(kernels):
+    q, key, queue = make_inputs(6, 50, 12, torch.float32, requires_grad=True)
+    ring = queue.clone()
+    ptr = torch.zeros(1, dtype=torch.long)
+
+    def step(q, key, ring, ptr):
+        loss = ops.moco_infonce(q, key, ring, TEMPERATURE) + ops.moco_logits(q, key, ring, TEMPERATURE).mean()
+        return loss
+
+    compiled = torch.compile(step, fullgraph=True)
+    loss = compiled(q, key, ring, ptr)
+    loss.backward()
+    grad_q = q.grad.clone()
+    q.grad = None
+    step(q, key, ring, ptr).backward()
+    assert_close(loss, step(q, key, ring, ptr), atol=1e-6, rtol=1e-6)
+    assert_close(grad_q, q.grad, atol=1e-6, rtol=1e-6)
+
+    enqueue = torch.compile(lambda r, p, k: ops.queue_enqueue_(r, p, k), fullgraph=True)
+    enqueue(ring, ptr, key.detach())
+    assert int(ptr) == 6
+    assert_close(ring[:6], key.detach(), atol=0, rtol=0)
+
+
+# --- queue_enqueue_ -------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch", [1, 3, 7, 10])
+def test_enqueue_wraps_around_for_any_batch(kernels, device, batch):
+    capacity = 10
+    queue = torch.zeros(capacity, 4, device=device)
+    ptr = torch.zeros(1, dtype=torch.long, device=device)
+    expected = queue.clone()
+    expected_ptr = torch.zeros(1, dtype=torch.long, device=device)
+    for step in range(5):
+        keys = torch.randn(batch, 4, device=device)
+        ops.queue_enqueue_(queue, ptr, keys)
+        reference.queue_enqueue_(expected, expected_ptr, keys)
+        assert int(ptr) == (step + 1) * batch % capacity
+    assert_close(queue, expected, atol=0, rtol=0)
+    assert int(ptr) == int(expected_ptr)
+
+
+def test_enqueue_casts_keys(kernels, device):
+    queue = torch.zeros(5, 3, dtype=torch.bfloat16, device=device)
+    ptr = torch.tensor([4], device=device)
+    keys = torch.randn(2, 3, dtype=torch.float32, device=device)
+    ops.queue_enqueue_(queue, ptr, keys)
+    assert_close(queue[4], keys[0].to(torch.bfloat16), atol=0, rtol=0)
+    assert_close(queue[0], keys[1].to(torch.bfloat16), atol=0, rtol=0)
+    assert int(ptr) == 1
+
+
+def test_enqueue_rejects_more_keys_than_rows(kernels):
+    queue = torch.zeros(4, 3)
+    ptr = torch.zeros(1, dtype=torch.long)
+    with pytest.raises(ValueError, match="queue_enqueue_: keys has 5 rows, more than the queue's 4"):
+        ops.queue_enqueue_(queue, ptr, torch.randn(5, 3))
+    with pytest.raises(ValueError, match="do not fit"):
+        torch.ops.astrea.queue_enqueue_(queue, ptr, torch.randn(5, 3))
+
+
+# --- bad inputs -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("op", [ops.moco_logits, ops.moco_infonce])
+def test_bad_inputs_raise_clear_errors(kernels, op):
+    q, key, queue = make_inputs(4, 10, 8, torch.float32)
+    name = op.__name__
+    with pytest.raises(ValueError, match=rf"{name}: queue.shape\[1\] must equal q.shape\[1\] = 8"):
+        op(q, key, torch.randn(10, 9), TEMPERATURE)
+    with pytest.raises(ValueError, match=f"{name}: k must have q's shape"):
+        op(q, key[:3], queue, TEMPERATURE)
+    with pytest.raises(TypeError, match=f"{name}: q must have dtype"):
+        op(q.to(torch.int32), key, queue, TEMPERATURE)
+    with pytest.raises(TypeError, match=f"{name}: queue must have dtype"):
+        op(q, key, queue.to(torch.int64), TEMPERATURE)
+    with pytest.raises(TypeError, match=f"{name}: q, k and queue must share one dtype"):
+        op(q, key, queue.to(torch.bfloat16), TEMPERATURE)
+    with pytest.raises(ValueError, match=f"{name}: queue must have K > 0 rows"):
+        op(q, key, queue[:0], TEMPERATURE)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"{name}: temperature must be a finite number > 0"):
+            op(q, key, queue, bad)
+    with pytest.raises(TypeError, match=f"{name}: temperature must be a float"):
+        op(q, key, queue, torch.tensor(0.1))
+    with pytest.raises(ValueError, match=f"{name}: q must be 2-D"):
+        op(q[0], key[0], queue, TEMPERATURE)
+    with pytest.raises(ValueError, match=f"{name}: queue must be 2-D"):
+        op(q, key, queue[None], TEMPERATURE)
+    with pytest.raises(ValueError, match=f"{name}: q must be \\[N, D\\] with N > 0"):
+        op(q[:0], key[:0], queue, TEMPERATURE)
+
+
+def test_bad_reduction_and_direct_op_checks(kernels):
+    q, key, queue = make_inputs(4, 10, 8, torch.float32)
+    with pytest.raises(ValueError, match="moco_infonce: reduction must be one of 'mean', 'sum', 'none'; got 'max'"):
+        ops.moco_infonce(q, key, queue, TEMPERATURE, reduction="max")
+    # The C++ checks guard direct torch.ops calls too.
+    with pytest.raises(ValueError, match="moco_logits: temperature must be > 0"):
+        torch.ops.astrea.moco_logits(q, key, queue, 0.0)
+    with pytest.raises(TypeError, match="moco_infonce: q, k and queue must share one floating dtype"):
+        torch.ops.astrea.moco_infonce(q, key, queue.double(), TEMPERATURE)
+    with pytest.raises(ValueError, match="moco_infonce_backward: lse must be \\[4\\]"):
+        torch.ops.astrea.moco_infonce_backward(torch.ones(4), q, key, queue, torch.ones(3), TEMPERATURE)
+
+
+# --- memory ---------------------------------------------------------------------------
+
+def cpu_peak_bytes(fn) -> int:
+    """Peak of the CPU memory allocated while fn runs, net of what it frees (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.cpu_memory_usage != 0), key=lambda e: e.time_range.start)
+    running = peak = 0
+    for event in events:
+        running += event.cpu_memory_usage
+        peak = max(peak, running)
+    return peak
+
+
+def test_fused_loss_never_allocates_n_by_k():
+    n, k, d = 2048, 65536, 128
+    q, key, queue = make_inputs(n, k, d, torch.float32, requires_grad=True)
+    logits_bytes = n * k * 4
+
+    def step():
+        ops.moco_infonce(q, key, queue, TEMPERATURE).backward()
+
+    peak = cpu_peak_bytes(step)
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    assert peak < 0.05 * logits_bytes, f"peak {peak / 2**20:.1f} MiB >= 5% of the {logits_bytes / 2**20:.0f} MiB logits"
+    # The measurement sees allocations of this size: the eager loss's are far above the bound.
+    eager_peak = cpu_peak_bytes(lambda: reference.moco_infonce(q[:256], key[:256], queue, TEMPERATURE))
+    assert eager_peak >= 256 * k * 4
+
+
+# --- the module -----------------------------------------------------------------------
+
+def test_module_loss_uses_the_queue_before_enqueue_and_enqueues_keys():
+    torch.manual_seed(0)
+    moco = MomentumContrast(dim=16, queue_size=40, temperature=0.1)
+    queue_before = moco.queue.clone()
+    q = torch.randn(6, 16, requires_grad=True)
+    key = torch.randn(6, 16)
+    loss = moco(q, key)
+    loss.backward()
+    qr = q.detach().clone().requires_grad_()
+    expected = reference.moco_infonce(F.normalize(qr, dim=1), F.normalize(key, dim=1), queue_before, 0.1)
+    expected.backward()
+    assert_close(loss, expected, atol=1e-5, rtol=1e-5, what="loss")
+    assert_close(q.grad, qr.grad, atol=1e-5, rtol=1e-4, what="grad q (queue snapshot)")
+    assert_close(moco.queue[:6], F.normalize(key, dim=1), atol=0, rtol=0, what="enqueued keys")
+    assert int(moco.ptr) == 6
+    state = moco.state_dict()
+    assert set(state) == {"queue", "ptr"}
+    assert_close(state["queue"].norm(dim=1), torch.ones(40), atol=1e-5, rtol=0, what="queue rows are unit vectors")
+
+
+def test_module_learnable_temperature_gets_a_gradient():
+    moco = MomentumContrast(dim=8, queue_size=30, temperature=0.2, learnable_temperature=True)
+    queue_before = moco.queue.clone()
+    q, key = torch.randn(5, 8, requires_grad=True), torch.randn(5, 8)
+    moco(q, key).backward()
+    log_t = torch.tensor(0.2).log().requires_grad_()
+    reference.moco_infonce(F.normalize(q.detach(), dim=1) / log_t.exp(), F.normalize(key, dim=1),
+                           queue_before, 1.0).backward()
+    assert_close(moco.log_temperature.grad, log_t.grad, atol=1e-5, rtol=1e-4, what="d loss / d log T")
+    assert "log_temperature" in moco.state_dict()
+
+
+def test_momentum_update_is_an_ema():
+    online, target = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    expected = [0.9 * t.detach() + 0.1 * o.detach() for o, t in zip(online.parameters(), target.parameters())]
+    MomentumContrast(dim=4, queue_size=8, momentum=0.9).momentum_update(online, target)
+    for got, want in zip(target.parameters(), expected):
+        assert_close(got, want, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="momentum_update: online has 2 parameters, target has 4"):
+        MomentumContrast(dim=4, queue_size=8).momentum_update(online, torch.nn.Sequential(online, target))
+
+
+def test_module_bad_arguments():
+    with pytest.raises(ValueError, match="MomentumContrast: momentum must be in"):
+        MomentumContrast(dim=4, momentum=1.5)
+    with pytest.raises(ValueError, match="MomentumContrast: temperature must be"):
+        MomentumContrast(dim=4, temperature=0.0)
+    with pytest.raises(ValueError, match=r"MomentumContrast: q and k must both be \[B, 4\]"):
+        MomentumContrast(dim=4, queue_size=8)(torch.randn(2, 5), torch.randn(2, 5))
+    with pytest.raises(ValueError, match="more than the queue's 8"):
+        MomentumContrast(dim=4, queue_size=8)(torch.randn(9, 4), torch.randn(9, 4))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_worker(rank: int, world: int, port: int, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # the same initial queue on every rank
+        moco = MomentumContrast(dim=8, queue_size=20)
+        keys = torch.zeros(3, 8)
+        keys[:, rank] = 1.0  # unit keys along axis `rank`: the queue shows whose keys went where
+        moco(torch.randn(3, 8, requires_grad=True), keys).backward()
+        results[rank] = (moco.queue[:6].clone(), int(moco.ptr))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_rank_gloo_step_enqueues_both_ranks_keys_in_rank_order():
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(_gloo_worker, args=(2, _free_port(), results), nprocs=2, start_method="spawn")
+        results = dict(results)
+    expected = torch.zeros(6, 8)
+    expected[:3, 0] = 1.0
+    expected[3:, 1] = 1.0
+    for rank in (0, 1):
+        queue, ptr = results[rank]
+        assert ptr == 6
+        assert_close(queue, expected, atol=1e-6, rtol=0, what=f"rank {rank} queue")
