@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from astrea import distributed
-from astrea.nn import AdaptiveWeightAllocator, SparseMoE, TopKRouter
+from astrea.nn import AdaptiveWeightAllocator, MomentumContrast, SparseMoE, TopKRouter
 from tests.utils import assert_close
 
 WORLD = 2
@@ -291,6 +291,63 @@ def test_gather_batch_in_batch_negatives_two_ranks_equal_one_process(tmp_path):
         assert_close(got["loss"], expected["loss"], what=f"rank {r} loss")
         for name, grad in expected["grads"].items():
             assert_close(got["grads"][name], grad, what=f"rank {r} grad {name}")
+
+
+# ---------------------------------------------------------------- momentum contrast on 2 ranks
+
+MOCO_STEPS, MOCO_BATCH, MOCO_QUEUE = 3, 4, 10  # 3 steps of 4 keys wrap the queue of 10
+
+
+class _MocoStep(nn.Module):
+    """Query encoder + MoCo loss in one forward (the module DDP wraps); keys from its EMA copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(DIM, 6)
+        self.key_encoder = nn.Linear(DIM, 6).requires_grad_(False)
+        self.key_encoder.load_state_dict(self.encoder.state_dict())
+        self.contrast = MomentumContrast(6, queue_size=MOCO_QUEUE, momentum=0.9, temperature=0.2)
+
+    def forward(self, queries, keys):
+        with torch.no_grad():
+            keys = self.key_encoder(keys)
+        return self.contrast(self.encoder(queries), keys)
+
+
+def _moco_and_data():
+    torch.manual_seed(0)
+    return _MocoStep(), torch.randn(MOCO_STEPS, MOCO_BATCH, DIM), torch.randn(MOCO_STEPS, MOCO_BATCH, DIM)
+
+
+def _train_moco(step_module, queries, keys):
+    model = distributed.wrap_ddp(step_module, sync_buffers=False)  # queues must agree without rank 0's copy
+    optimizer = torch.optim.SGD(step_module.encoder.parameters(), lr=0.5)
+    losses = []
+    for q, k in zip(queries, keys):
+        loss = model(q, k)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        step_module.contrast.momentum_update(step_module.encoder, step_module.key_encoder)
+        losses.append(distributed.mean_over_ranks(loss))
+    return {"losses": torch.stack(losses), "state": {k: v.clone() for k, v in step_module.state_dict().items()}}
+
+
+def _moco_rank():
+    step_module, queries, keys = _moco_and_data()
+    rank, world = distributed.rank(), distributed.world_size()
+    return _train_moco(step_module, queries.tensor_split(world, dim=1)[rank], keys.tensor_split(world, dim=1)[rank])
+
+
+def test_momentum_contrast_two_ranks_equal_one_process_and_share_the_queue(tmp_path):
+    ranks = run_ranks(_moco_rank, tmp_path)
+    expected = _train_moco(*_moco_and_data())
+    assert int(expected["state"]["contrast.ptr"]) == MOCO_STEPS * MOCO_BATCH % MOCO_QUEUE
+    assert torch.equal(ranks[0]["state"]["contrast.queue"], ranks[1]["state"]["contrast.queue"])
+    for r, got in enumerate(ranks):
+        assert_close(got["losses"], expected["losses"], what=f"rank {r} losses")
+        for name, value in expected["state"].items():
+            assert_close(got["state"][name], value, torch.float32, what=f"rank {r} {name}")
 
 
 # ---------------------------------------------------------------- batch norm over the global batch
