@@ -57,6 +57,17 @@ def run_ranks(fn, tmp_path: Path, world: int = WORLD) -> list:
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
 
+def _every_check_rank() -> dict:
+    """What each 2-rank check below returns, from one spawn of the ranks (a spawn costs seconds)."""
+    return {fn.__name__: fn() for fn in (_shards_and_streams_rank, _router_rank, _moe_rank, _contrast_rank,
+                                         _moco_rank, _conv_net_rank)}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    return run_ranks(_every_check_rank, tmp_path_factory.mktemp("ranks"))
+
+
 def shard(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """Rank ``rank``'s contiguous part of a global batch (rows split as evenly as possible)."""
     return batch.tensor_split(world)[rank]
@@ -133,8 +144,8 @@ def _shards_and_streams_rank():
             "mean_grad": local_mean.grad}
 
 
-def test_shard_batch_seeds_rng_states_and_means_two_ranks(tmp_path):
-    ranks = run_ranks(_shards_and_streams_rank, tmp_path)
+def test_shard_batch_seeds_rng_states_and_means_two_ranks(two_ranks):
+    ranks = [got['_shards_and_streams_rank'] for got in two_ranks]
     assert torch.equal(torch.cat([got["rows"] for got in ranks]), torch.arange(12).reshape(6, 2))
     assert [got["seed"] for got in ranks] == [distributed.rank_seed(7, r) for r in range(WORLD)]
     assert not torch.equal(ranks[0]["draw"], ranks[1]["draw"])
@@ -177,8 +188,8 @@ def _router_rank():
     return _router_step(router, allocator, shard(tokens, distributed.rank(), distributed.world_size()))
 
 
-def test_router_stats_two_ranks_equal_one_process(tmp_path):
-    ranks = run_ranks(_router_rank, tmp_path)
+def test_router_stats_two_ranks_equal_one_process(two_ranks):
+    ranks = [got['_router_rank'] for got in two_ranks]
     expected = _router_step(*_router_and_batch())
     assert int(expected["counts"].min()) != int(expected["counts"].max()), "the test needs an unbalanced load"
     for r, got in enumerate(ranks):
@@ -233,8 +244,8 @@ def _moe_rank():
     return _train_moe(moe, inputs.tensor_split(world, dim=1)[rank], targets.tensor_split(world, dim=1)[rank])
 
 
-def test_ddp_sparse_moe_two_ranks_equal_one_process(tmp_path):
-    ranks = run_ranks(_moe_rank, tmp_path)
+def test_ddp_sparse_moe_two_ranks_equal_one_process(two_ranks):
+    ranks = [got['_moe_rank'] for got in two_ranks]
     expected = _train_moe(*_moe_and_data())
     for r, got in enumerate(ranks):
         assert_close(got["losses"], expected["losses"], what=f"rank {r} losses")
@@ -283,8 +294,8 @@ def _contrast_rank():
     return _in_batch_contrast(encoder, shard(images, rank, world), shard(texts, rank, world))
 
 
-def test_gather_batch_in_batch_negatives_two_ranks_equal_one_process(tmp_path):
-    ranks = run_ranks(_contrast_rank, tmp_path)
+def test_gather_batch_in_batch_negatives_two_ranks_equal_one_process(two_ranks):
+    ranks = [got['_contrast_rank'] for got in two_ranks]
     expected = _in_batch_contrast(*_encoder_and_pairs())
     for r, got in enumerate(ranks):
         assert got["global_batch"] == CONTRAST_BATCH
@@ -339,8 +350,8 @@ def _moco_rank():
     return _train_moco(step_module, queries.tensor_split(world, dim=1)[rank], keys.tensor_split(world, dim=1)[rank])
 
 
-def test_momentum_contrast_two_ranks_equal_one_process_and_share_the_queue(tmp_path):
-    ranks = run_ranks(_moco_rank, tmp_path)
+def test_momentum_contrast_two_ranks_equal_one_process_and_share_the_queue(two_ranks):
+    ranks = [got['_moco_rank'] for got in two_ranks]
     expected = _train_moco(*_moco_and_data())
     assert int(expected["state"]["contrast.ptr"]) == MOCO_STEPS * MOCO_BATCH % MOCO_QUEUE
     assert torch.equal(ranks[0]["state"]["contrast.queue"], ranks[1]["state"]["contrast.queue"])
@@ -386,8 +397,8 @@ def _conv_net_rank():
     return _train_conv_net(net, inputs.tensor_split(world, dim=1)[rank], targets.tensor_split(world, dim=1)[rank])
 
 
-def test_global_batchnorm_two_ranks_equal_one_process_batchnorm(tmp_path):
-    ranks = run_ranks(_conv_net_rank, tmp_path)
+def test_global_batchnorm_two_ranks_equal_one_process_batchnorm(two_ranks):
+    ranks = [got['_conv_net_rank'] for got in two_ranks]
     net, inputs, targets = _conv_net_and_data()
     expected = _train_conv_net(net, inputs, targets)
     for r, got in enumerate(ranks):
