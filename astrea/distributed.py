@@ -8,12 +8,14 @@ runs unchanged with and without ``torchrun``.
 
 What is global and what is per rank:
 
-* global: the parameters (DDP averages the gradients), the router's token counts and
+* global: the parameters (DDP averages the gradients); the router's token counts and
   probability sums (:func:`all_reduce_router_stats`, before the balancing loss and the
-  selection-bias update), the MoCo queue (keys are gathered from every rank before the
-  enqueue), checkpoints (one file, written by rank 0);
-* per rank: the data shard (:func:`distributed_sampler`), the random stream
-  (:func:`rank_seed`), the activations and the per-sample losses.
+  selection-bias update); in-batch contrastive negatives (:func:`gather_batch`); batch-norm
+  statistics (:func:`global_batchnorm`); the MoCo queue (``MomentumContrast`` gathers the keys
+  of every rank before the enqueue); checkpoints (one file, written by rank 0, holding every
+  rank's RNG state: :func:`rng_states`);
+* per rank: the data shard (:func:`shard_batch`, :func:`distributed_sampler`), the random
+  stream (:func:`seed_rank`), the activations and the per-sample losses.
 """
 
 from __future__ import annotations
@@ -72,12 +74,12 @@ def init_from_env(device: str | torch.device | None = None, *, timeout_s: float 
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"init_from_env: device must be a CUDA device or the CPU; got {device}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not launched_by_torchrun() or dist.is_initialized():
         return device
-    if device.type not in ("cuda", "cpu"):
-        raise ValueError(f"init_from_env: device must be a CUDA device or the CPU; got {device}")
     dist.init_process_group(
         backend="nccl" if device.type == "cuda" else "gloo",
         timeout=datetime.timedelta(seconds=timeout_s),
@@ -98,16 +100,18 @@ def barrier() -> None:
         dist.barrier()
 
 
-def rank_seed(seed: int, rank_: int | None = None) -> int:
-    """This rank's seed, derived from the run's one ``seed``: distinct per rank, reproducible,
-    and equal to ``seed`` on rank 0 (so a 1-process run draws what rank 0 of a larger run draws).
-    Use it for per-sample randomness (augmentation, dropout); the parameters must instead be
-    initialised from ``seed`` itself, identically on every rank."""
-    rank_ = rank() if rank_ is None else rank_
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"rank_seed: seed must be a non-negative int; got {seed!r}")
+def rank_seed(seed: int, for_rank: int | None = None) -> int:
+    """The seed of rank ``for_rank`` (default: this rank), derived from the run's one ``seed``:
+    distinct per rank, reproducible, and equal to ``seed`` on rank 0 (so a 1-process run draws
+    what rank 0 of a larger run draws). Use it for per-sample randomness (augmentation, dropout);
+    the parameters must instead be initialised from ``seed`` itself, identically on every rank."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"rank_seed: seed must be an int; got {type(seed).__name__}")
+    if seed < 0:
+        raise ValueError(f"rank_seed: seed must be >= 0; got {seed}")
+    for_rank = rank() if for_rank is None else for_rank
     # a large odd multiplier (golden ratio, 64 bits) spreads neighbouring ranks far apart
-    return (seed + rank_ * 0x9E3779B97F4A7C15) % (2**63)
+    return (seed + for_rank * 0x9E3779B97F4A7C15) % (2**63)
 
 
 def seed_rank(seed: int) -> int:

@@ -91,6 +91,8 @@ def test_init_from_env_without_torchrun_initialises_nothing(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     assert distributed.init_from_env("cpu") == torch.device("cpu")
     assert not torch.distributed.is_initialized()
+    with pytest.raises(ValueError, match="init_from_env: device must be a CUDA device or the CPU; got meta"):
+        distributed.init_from_env("meta")
 
 
 def test_rank_seed():
@@ -98,8 +100,10 @@ def test_rank_seed():
     assert seeds[0] == 1234 and len(set(seeds)) == 64
     assert distributed.rank_seed(1234, 3) == distributed.rank_seed(1234, 3)
     assert all(0 <= s < 2**63 for s in seeds)
-    with pytest.raises(ValueError, match="rank_seed: seed must be a non-negative int; got -1"):
+    with pytest.raises(ValueError, match="rank_seed: seed must be >= 0; got -1"):
         distributed.rank_seed(-1, 0)
+    with pytest.raises(TypeError, match="rank_seed: seed must be an int; got float"):
+        distributed.rank_seed(1.5, 0)
 
 
 def test_router_stats_single_process_are_local():
