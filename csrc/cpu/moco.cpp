@@ -281,9 +281,10 @@ int64_t load_keys(const scalar_t* queue, int64_t key_begin, int64_t count, int64
   if (row_major) {
     for (int64_t c = 0; c < count; ++c) {
       const scalar_t* src = queue + (key_begin + c) * depth;
-      acc_t* dst = ws.keys + c * kMicroCols;
-      for (int64_t d = 0; d < depth; ++d) {
-        dst[d / kMicroCols * kKeyTile * kMicroCols + d % kMicroCols] = static_cast<acc_t>(src[d]);
+      for (int64_t d0 = 0; d0 < depth; d0 += kMicroCols) {
+        acc_t* dst = ws.keys + d0 * kKeyTile + c * kMicroCols;
+        const int64_t width = std::min(kMicroCols, depth - d0);
+        for (int64_t d = 0; d < width; ++d) dst[d] = static_cast<acc_t>(src[d0 + d]);
       }
     }
   }
