@@ -6,7 +6,7 @@ VENV ?= .venv
 
 demo:
 	bash scripts/bootstrap.sh
-	$(VENV)/bin/python -m astrea info
+	$(VENV)/bin/astrea demo --out runs/demo
 
 test:
 	bash scripts/bootstrap.sh

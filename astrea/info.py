@@ -11,6 +11,7 @@ import torch
 
 import astrea
 from astrea import _backend, _extension
+from astrea.nn.attention import attention_backend
 
 
 def _version(dist: str) -> str:
@@ -54,6 +55,8 @@ def collect() -> list[tuple[str, str]]:
         rows.append(("astrea._C", f"not loaded: {err}; {_extension.BUILD_HINT}"))
     rows.append(("flash-attn", _importable("flash_attn")))
     rows.append(("xformers", _importable("xformers")))
+    rows.append(("attention backend", f"{attention_backend('cuda', torch.bfloat16)} for fp16/bf16 CUDA tensors, "
+                                      "sdpa otherwise"))
     return rows
 
 

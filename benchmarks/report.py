@@ -50,8 +50,20 @@ def _seconds(bench: dict) -> float:
     return bench["extra_info"].get("median_s", bench["stats"]["median"])
 
 
+def _plain(value) -> str:
+    """pytest-benchmark writes objects it cannot serialise (dtypes) as 'UNSERIALIZABLE[torch.x]'."""
+    text = str(value)
+    match = re.fullmatch(r"UNSERIALIZABLE\[(?:torch\.)?(.*)\]", text)
+    return match.group(1) if match else text
+
+
 def _case_label(params: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in params.items() if k != "provider")
+    items = []
+    for key, value in params.items():
+        if key == "provider":
+            continue
+        items += value.items() if isinstance(value, dict) else [(key, value)]
+    return ", ".join(f"{k}={_plain(v)}" for k, v in items)
 
 
 def load(paths: list[Path]) -> tuple[list[dict], dict]:
@@ -142,7 +154,10 @@ def store(json_path: Path, results: Path = RESULTS) -> Path:
     device_dir = "cpu-" + _slug(device.split("(")[1].split(",")[0]) if device.startswith("CPU") else _slug(device)
     run_dir = results / device_dir / f"{str(machine.get('datetime'))[:10]}_{str(machine.get('commit'))[:10]}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "benchmarks.json").write_text(json_path.read_text())
+    data = json.loads(json_path.read_text())
+    for bench in data["benchmarks"]:
+        bench["stats"].pop("data", None)  # every raw timing: megabytes, and the report needs none
+    (run_dir / "benchmarks.json").write_text(json.dumps(data, indent=1) + "\n")
     (run_dir / "report.md").write_text(render(benchmarks, machine))
     return run_dir
 

@@ -65,3 +65,11 @@ def test_store_files_a_run_by_device_and_date(tmp_path):
     assert run_dir == tmp_path / "results" / "nvidia-h100-80gb-hbm3" / "2026-03-04_feedbeef00"
     assert json.loads((run_dir / "benchmarks.json").read_text())["benchmarks"][0]["stats"]["median"] == 1e-3
     assert "## test_op" in (run_dir / "report.md").read_text()
+
+
+def test_case_labels_flatten_dict_params_and_name_dtypes():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import report
+
+    params = {"mode": "forward", "case": {"tokens": 512, "dtype": "UNSERIALIZABLE[torch.bfloat16]"}, "provider": "eager"}
+    assert report._case_label(params) == "mode=forward, tokens=512, dtype=bfloat16"

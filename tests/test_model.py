@@ -1,0 +1,230 @@
+"""The Astrea model: attention chooser, experts, heads, adapters, fusion, language side, demo data."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import astrea
+from astrea.data import CLASS_NAMES, TASKS, Vocabulary, generate_scenes
+from astrea.models import EXPERTS, Astrea, ExpertAdapter, TextEncoder, TinyDecoder, default_experts
+from astrea.models.experts import BoxHead, CaptionHead, LabelHead, MaskHead, box_iou
+from astrea.nn import attention as attn
+from astrea.train.metrics import in_batch_info_nce
+from tests.utils import assert_close, strided
+
+VOCAB = Vocabulary()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Models this small run fastest single-threaded (and a busy CPU makes extra threads spin)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _reference_attention(q, k, v, causal):
+    scores = q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if causal:
+        lq, lk = q.shape[2], k.shape[2]
+        keep = torch.ones(lq, lk, dtype=torch.bool).tril(diagonal=lk - lq)
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return (scores.softmax(-1) @ v.double()).to(q.dtype)
+
+
+@pytest.mark.parametrize("lq, lk, causal", [(7, 7, True), (3, 11, True), (5, 9, False)])
+def test_attention_matches_reference(lq, lk, causal):
+    q, k, v = torch.randn(2, 3, lq, 8), torch.randn(2, 3, lk, 8), torch.randn(2, 3, lk, 8)
+    assert_close(attn.attention(strided(q), k, v, causal=causal), _reference_attention(q, k, v, causal),
+                 atol=1e-5, rtol=1e-4, what="attention")
+
+
+def test_attention_backend_chooser(monkeypatch):
+    installed = set()
+    monkeypatch.setattr(attn, "_installed", lambda module: module in installed)
+    assert attn.attention_backend("cpu", torch.float16) == "sdpa"
+    assert attn.attention_backend("cuda", torch.bfloat16) == "sdpa"
+    installed.add("xformers")
+    assert attn.attention_backend("cuda", torch.bfloat16) == "xformers"
+    installed.add("flash_attn")
+    assert attn.attention_backend("cuda", torch.float16) == "flash-attn"
+    assert attn.attention_backend("cuda", torch.float32) == "sdpa", "flash-attn and xformers need half precision"
+    assert attn.attention_backend("cpu", torch.float16) == "sdpa"
+
+
+def test_attention_rejects_bad_arguments():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="attention: expected q"):
+        attn.attention(q, torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4))
+    with pytest.raises(TypeError, match="attention: k must have dtype float32"):
+        attn.attention(q, q.double(), q)
+    with pytest.raises(ValueError, match="causal attention needs Lq <= Lk"):
+        attn.attention(q, q[:, :, :2], q[:, :, :2], causal=True)
+
+
+def test_info_reports_the_attention_backend():
+    from astrea import info
+
+    rows = dict(info.collect())
+    assert rows["attention backend"].startswith(attn.attention_backend("cuda", torch.bfloat16))
+
+
+def test_default_experts_are_heterogeneous_and_map_images_to_tokens():
+    experts = default_experts(32)
+    images = torch.rand(3, 3, 32, 32)
+    kinds = set()
+    for name in EXPERTS:
+        tokens = experts[name](images)
+        assert tokens.dim() == 3 and tokens.shape[0] == 3, name
+        kinds.add(type(experts[name]).__name__)
+    assert len(kinds) == 4
+
+
+def test_heads_predict_their_targets():
+    scenes = generate_scenes(4, seed=3)
+    tokens = torch.randn(4, 64, 24, requires_grad=True)
+    cases = [
+        (BoxHead(24), scenes.boxes, (4, 2, 4)),
+        (MaskHead(24, 32), scenes.masks, (4, 32, 32)),
+        (LabelHead(24, len(CLASS_NAMES)), scenes.labels, (4, len(CLASS_NAMES))),
+        (CaptionHead(24, len(VOCAB), VOCAB.pad), scenes.captions, (4, len(VOCAB))),
+    ]
+    for head, target, shape in cases:
+        prediction = head(tokens)
+        assert prediction.shape == shape, type(head).__name__
+        loss = head.loss(prediction, target)
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        (grad,) = torch.autograd.grad(loss, tokens)
+        assert grad.abs().sum() > 0, type(head).__name__
+    with pytest.raises(ValueError, match="MaskHead: tokens must form a square grid"):
+        MaskHead(24, 32)(torch.randn(1, 10, 24))
+
+
+def test_box_iou_and_contrastive_loss_gradcheck():
+    a = torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.2, 0.3, 0.6, 0.9]], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([[0.3, 0.2, 0.7, 0.6], [0.25, 0.35, 0.55, 0.8]], dtype=torch.float64)
+    assert box_iou(a[:1], a[:1]).item() == pytest.approx(1.0)
+    assert box_iou(a[:1], b[:1]).item() == pytest.approx(0.06 / (0.16 + 0.16 - 0.06))
+    assert torch.autograd.gradcheck(lambda x: box_iou(x, b), (a,))
+    q = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, y: in_batch_info_nce(x, y, 0.5), (q, k))
+
+
+def test_adapter_resamples_to_common_token_count():
+    adapter = ExpertAdapter(in_dim=24, dim=32, num_tokens=5, heads=4)
+    assert adapter(torch.randn(2, 49, 24)).shape == (2, 5, 32)
+    assert adapter(strided(torch.randn(2, 7, 24))).shape == (2, 5, 32)
+
+
+def _small_astrea(**kwargs):
+    return Astrea(len(VOCAB), VOCAB.pad, dim=32, num_tokens=5, **kwargs)
+
+
+def test_astrea_output_shapes_and_gradients():
+    model = _small_astrea()
+    images = torch.rand(3, 3, 32, 32)
+    out = model(images, instruction=torch.randn(3, 32), step=4)
+    assert out.tokens.shape == (3, 5, 32)
+    assert out.router_probs.shape == (3, len(EXPERTS))
+    assert_close(out.router_probs.sum(-1), torch.ones(3), atol=1e-5, rtol=0, what="router probabilities")
+    assert ((out.expert_weights > 0).sum(-1) == model.top_k).all()
+    (out.tokens.square().mean() + out.aux_loss).backward()
+    for name in EXPERTS:
+        assert model.adapters[name].project.weight.grad is not None, name
+        assert any(p.grad is not None for p in model.experts[name].parameters()), name
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.router.parameters())
+    model.eval()
+    with torch.no_grad():
+        first, second = model(images, step=1).tokens, model(images, step=2).tokens
+    assert torch.equal(first, second), "evaluation must not drop the residual at random"
+
+
+def test_astrea_accepts_any_expert_modules():
+    class Flatten(nn.Module):  # a foreign encoder: 16 tokens of width 12
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(3 * 8 * 8, 12)
+
+        def forward(self, images):
+            return self.proj(images.unfold(2, 8, 8).unfold(3, 8, 8).permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2))
+
+    experts = default_experts(32)
+    experts["classification"] = Flatten()
+    model = _small_astrea(experts=experts)
+    assert model.adapters["classification"].project.in_features == 12
+    assert model(torch.rand(2, 3, 32, 32)).tokens.shape == (2, 5, 32)
+    with pytest.raises(ValueError, match="Astrea: experts must be named"):
+        _small_astrea(experts={"detection": Flatten()})
+    with pytest.raises(ValueError, match="residual_p must be in"):
+        _small_astrea(residual_p=0.0)
+
+
+def test_decoder_is_causal_and_scores_answers():
+    decoder = TinyDecoder(len(VOCAB), 32, max_len=30, pad_id=VOCAB.pad)
+    visual = torch.randn(2, 5, 32)
+    tokens = torch.randint(4, len(VOCAB), (2, 9))
+    changed = tokens.clone()
+    changed[:, 6] = (changed[:, 6] + 1) % len(VOCAB)
+    before, after = decoder(visual, tokens), decoder(visual, changed)
+    assert before.shape == (2, 9, len(VOCAB))
+    assert torch.equal(before[:, :6], after[:, :6]) and not torch.equal(before[:, 6:], after[:, 6:])
+    scenes = generate_scenes(2, seed=1)
+    loss, token_hits, exact = decoder.loss_and_accuracy(visual, scenes.prompts[:, 0], scenes.answer_mask[:, 0])
+    assert torch.isfinite(loss) and token_hits.numel() == int(scenes.answer_mask[:, 0, 1:].sum())
+    assert exact.shape == (2,)
+    text = TextEncoder(len(VOCAB), 32, 12, VOCAB.pad)
+    assert text(scenes.captions).shape == (2, 32)
+
+
+def test_decoder_compiles_fullgraph():
+    decoder = TinyDecoder(len(VOCAB), 32, max_len=30, pad_id=VOCAB.pad).eval()
+    visual, tokens = torch.randn(2, 5, 32), torch.randint(0, len(VOCAB), (2, 9))
+    compiled = torch.compile(decoder, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert_close(compiled(visual, tokens), decoder(visual, tokens), what="compiled decoder")
+
+
+def test_scenes_are_deterministic_and_annotations_exact():
+    scenes = generate_scenes(12, seed=5)
+    again = generate_scenes(12, seed=5)
+    assert torch.equal(scenes.images, again.images) and torch.equal(scenes.prompts, again.prompts)
+    assert not torch.equal(scenes.images, generate_scenes(12, seed=6).images)
+    s = scenes.images.shape[-1]
+    for n in range(len(scenes)):
+        left, right = (scenes.boxes[n] * s).round().long().tolist()
+        assert left[2] <= s // 2 <= right[0], "the left object lies in the left half"
+        inside = torch.zeros(s, s, dtype=torch.bool)
+        for x0, y0, x1, y1 in (left, right):
+            inside[y0:y1, x0:x1] = True
+            assert scenes.masks[n, y0:y1, x0:x1].any(0).all() and scenes.masks[n, y0:y1, x0:x1].any(1).all()
+        assert not scenes.masks[n][~inside].any(), "boxes are tight around the mask"
+        caption = VOCAB.decode(scenes.captions[n].tolist())
+        assert caption.startswith("a ") and (" left of a " in caption or " right of a " in caption)
+        label = CLASS_NAMES[scenes.labels[n]]
+        first, second = caption.split(" of a ")
+        first, relation = first.rsplit(" ", 1)
+        assert (first if relation == "left" else second).endswith(label), (caption, label)
+        answers = [VOCAB.decode(p[m].tolist()) for p, m in zip(scenes.prompts[n], scenes.answer_mask[n])]
+        assert answers[TASKS.index("caption")] == caption
+        assert answers[TASKS.index("position")] in ("left", "right")
+    with pytest.raises(ValueError, match="split must be"):
+        generate_scenes(1, seed=0, split="test")
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        VOCAB.encode("a purple circle")
+
+
+def test_astrea_fusion_on_the_kernels_matches_the_reference():
+    model = _small_astrea()
+    _, adapted = model.encode(torch.rand(3, 3, 32, 32))
+    instruction = torch.randn(3, 32)
+    with astrea.backend("reference"):
+        expected = model.fuse(adapted, instruction, step=7)
+    with astrea.backend("triton"):
+        actual = model.fuse(adapted, instruction, step=7)
+    assert_close(actual.tokens, expected.tokens, what="fused tokens")
+    assert torch.equal(actual.counts.long(), expected.counts.long())
+    assert_close(actual.aux_loss, expected.aux_loss, what="balancing loss")
