@@ -426,3 +426,114 @@ def test_global_batchnorm_single_process_is_batchnorm():
     assert_close(replaced.running_var, plain.running_var)
     with pytest.raises(ValueError, match=r"GlobalBatchNorm: input must be \[N, C, \.\.\.\]; got shape \(3,\)"):
         replaced(torch.randn(3))
+
+
+# ---------------------------------------------------------------- progressive alignment on 2 ranks
+
+ALIGN_STEPS = dict(steps_caption=2, steps_classification=2, steps_detection=2, steps_segmentation=2,
+                   steps_instruct=2, train_scenes=32, eval_scenes=8)
+RESUME_AFTER = 5  # steps: in the middle of the detection stage
+
+
+class _AdamWithoutRoundingNoise(torch.optim.AdamW):
+    """AdamW with ``eps`` 1e-5. Some gradients are zero up to rounding (biases that a following
+    norm or softmax cancels); Adam's default eps of 1e-8 turns their rounding noise into full
+    steps, which differ between any two summation orders (1 process or 2 ranks alike). 1e-5
+    leaves those biases in place, as exact arithmetic would, and barely changes real steps."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **{**kwargs, "eps": 1e-5})
+
+
+def _aligner(checkpoint: str | None = None):
+    """A ProgressiveAligner of the test configuration (or loaded from ``checkpoint``)."""
+    from astrea.train import AlignConfig, ProgressiveAligner
+
+    torch.set_flush_denormal(True)
+    torch.optim.AdamW = _AdamWithoutRoundingNoise  # patched in the test's own processes only
+    if checkpoint is not None:
+        return ProgressiveAligner.load(checkpoint)
+    return ProgressiveAligner(AlignConfig.quick(**ALIGN_STEPS))
+
+
+def _cancelled_by_batchnorm(net: nn.Module) -> set[str]:
+    """The bias of each layer a batch norm follows, and that norm's running mean. The norm
+    cancels the bias, so its gradient is rounding noise larger than Adam's eps even at 1e-5:
+    any two summation orders move it differently (nothing else in training depends on it)."""
+    names = set()
+    for name, module in net.named_modules():
+        parent, _, index = name.rpartition(".")
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and index.isdigit() and int(index) > 0:
+            names |= {f"{parent}.{int(index) - 1}.bias", f"{name}.running_mean"}
+    return names
+
+
+def _snapshot(aligner) -> dict:
+    return {name: value.detach().clone() for name, value in aligner.net.state_dict().items()}
+
+
+def _align(aligner, steps: int | None = None) -> dict:
+    """Trains ``steps`` steps (to the end when None); per-step losses and a state at each stage end."""
+    losses, stage_states = [], {}
+    while not aligner.finished and (steps is None or len(losses) < steps):
+        stage = aligner.stage
+        losses.append(aligner.train_step())
+        if aligner.finished or aligner.stage != stage:
+            stage_states[stage] = _snapshot(aligner)
+    return {"losses": losses, "stage_states": stage_states, "state": _snapshot(aligner),
+            "history": [entry["train"] for entry in aligner.history]}
+
+
+def _align_rank(checkpoint: str) -> dict:
+    """An uninterrupted run, then a run interrupted after RESUME_AFTER steps and resumed from
+    its checkpoint by a new aligner (the ranks are spawned once: it costs seconds)."""
+    uninterrupted = _align(_aligner())
+    interrupted = _aligner()
+    _align(interrupted, RESUME_AFTER)
+    interrupted.save(checkpoint)
+    return {"uninterrupted": uninterrupted, "resumed": _align(_aligner(checkpoint))}
+
+
+@pytest.fixture(scope="module")
+def two_rank_alignment(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("align")
+    return run_ranks(functools.partial(_align_rank, str(folder / "checkpoint.safetensors")), folder)
+
+
+def test_alignment_two_ranks_equal_one_process(two_rank_alignment, monkeypatch):
+    monkeypatch.setattr(torch.optim, "AdamW", torch.optim.AdamW)  # undone after the test
+    aligner = _aligner()
+    noise = _cancelled_by_batchnorm(aligner.net)
+    assert len(noise) >= 12, sorted(noise)
+    expected = _align(aligner)
+    assert list(expected["stage_states"]) == ["caption", "classification", "detection", "segmentation", "instruct"]
+    for r, got in enumerate(run["uninterrupted"] for run in two_rank_alignment):
+        assert len(got["losses"]) == len(expected["losses"])
+        for step, (got_step, expected_step) in enumerate(zip(got["losses"], expected["losses"])):
+            assert got_step.keys() == expected_step.keys()
+            for name, value in expected_step.items():
+                assert got_step[name] == pytest.approx(value, rel=1e-4, abs=1e-5), f"rank {r} step {step} {name}"
+        for stage, state in expected["stage_states"].items():
+            for name in state.keys() - noise:
+                assert_close(got["stage_states"][stage][name], state[name], torch.float32, atol=1e-4, rtol=1e-3,
+                             what=f"rank {r} after {stage}: {name}")
+
+
+def test_alignment_two_ranks_keep_identical_queues(two_rank_alignment):
+    first, second = (run["uninterrupted"]["state"] for run in two_rank_alignment)
+    queues = [name for name in first if name.startswith("contrast.") and name.endswith((".queue", ".ptr"))]
+    assert len(queues) == 8
+    for name in queues:
+        assert torch.equal(first[name], second[name]), name
+    # each step enqueued the keys of both ranks, the global batch of 8, into a queue of 32:
+    # the segmentation expert was aligned for 2 steps, the classification expert for 6
+    assert int(first["contrast.segmentation.ptr"]) == 16 and int(first["contrast.classification.ptr"]) == 16
+
+
+def test_alignment_two_ranks_resume_exactly(two_rank_alignment):
+    for r, run in enumerate(two_rank_alignment):
+        got, expected = run["resumed"], run["uninterrupted"]
+        assert got["losses"] == expected["losses"][RESUME_AFTER:], f"rank {r} losses after the resume"
+        assert got["history"] == expected["history"], f"rank {r} history"
+        for name, value in expected["state"].items():
+            assert torch.equal(got["state"][name], value), f"rank {r} {name}"
