@@ -25,6 +25,7 @@ def _add_demo(sub) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
+    from astrea import distributed
     from astrea.train import AlignConfig
     from astrea.train.config import overrides
     from astrea.train.demo import run_demo, summary_lines
@@ -34,9 +35,12 @@ def _demo(args: argparse.Namespace) -> None:
         raise SystemExit("astrea demo: --resume continues the saved configuration; drop "
                          + ", ".join("--" + k.replace("_", "-") for k in given))
     cfg = None if args.resume else (AlignConfig.quick(**given) if args.quick else AlignConfig(**given))
+    distributed.init_from_env("cpu")  # under torchrun: one data-parallel rank of the CPU demo (gloo)
     final = run_demo(args.out, cfg, resume=args.resume, progress=not args.no_progress, threads=args.threads)
-    print("\n".join(["final metrics:"] + ["  " + line for line in summary_lines(final)]))
-    print(f"run folder: {args.out}")
+    if distributed.is_main():
+        print("\n".join(["final metrics:"] + ["  " + line for line in summary_lines(final)]))
+        print(f"run folder: {args.out}")
+    distributed.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

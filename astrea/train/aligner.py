@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from astrea import distributed
 from astrea.data import PROMPT_LEN, TASKS, Scenes, Vocabulary, generate_scenes
 from astrea.data.shapes import CAPTION_LEN
 from astrea.data.text import CLASS_NAMES
@@ -43,6 +44,20 @@ _EVAL_CHUNK = 128
 def _task_target(expert: str, batch: Scenes) -> torch.Tensor:
     return {"detection": batch.boxes, "segmentation": batch.masks, "classification": batch.labels,
             "caption": batch.captions}[expert]
+
+
+class _StageLosses(nn.Module):
+    """The current stage's losses as one ``forward`` over ``net``: the module DDP wraps."""
+
+    def __init__(self, aligner: "ProgressiveAligner"):
+        super().__init__()
+        self.net = aligner.net
+        self.aligner = aligner
+
+    def forward(self, batch: Scenes, tasks: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.aligner.stage == "instruct":
+            return self.aligner._instruct_losses(batch, tasks)
+        return self.aligner._align_losses(batch)
 
 
 class ProgressiveAligner:
@@ -78,6 +93,9 @@ class ProgressiveAligner:
                                        temperature=config.temperature)
                 for name in EXPERTS}),
         })
+        # data parallel: batch statistics of the global batch; distinct random streams per rank
+        distributed.global_batchnorm(self.net)
+        distributed.seed_rank(config.seed)
         self.stage_index = 0
         self.step = 0  # within the stage
         self.global_step = 0
@@ -120,6 +138,10 @@ class ProgressiveAligner:
         for module in modules:
             module.requires_grad_(True)
         params = [p for module in modules for p in module.parameters()]
+        # data parallel: DDP fixes its gradient buckets to the trainable parameters, so it is rebuilt
+        # with them; every buffer (queues, allocator bias, batch-norm statistics) is updated from
+        # global quantities, identically on every rank, so none is copied from rank 0
+        self._losses = distributed.wrap_ddp(_StageLosses(self), sync_buffers=False)
         return torch.optim.AdamW(params, lr=self._learning_rate(), weight_decay=self.config.weight_decay)
 
     def _learning_rate(self) -> float:
@@ -137,6 +159,8 @@ class ProgressiveAligner:
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.stage_index * 10_007 + self.step)
         index = torch.randint(len(self.train_set), (cfg.batch_size,), generator=generator)
         tasks = torch.randint(len(TASKS), (cfg.batch_size,), generator=generator)
+        # data parallel: batch_size is the global batch; each rank takes its contiguous part
+        index, tasks = distributed.shard_batch(index), distributed.shard_batch(tasks)
         return self.train_set.select(index), tasks
 
     def _set_modes(self) -> None:
@@ -155,7 +179,7 @@ class ProgressiveAligner:
         for group in self.optimizer.param_groups:
             group["lr"] = self._learning_rate()
         batch, tasks = self._batch()
-        losses = self._instruct_losses(batch, tasks) if self.stage == "instruct" else self._align_losses(batch)
+        losses = self._losses(batch, tasks)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         self.optimizer.step()
@@ -163,7 +187,8 @@ class ProgressiveAligner:
             self.model.allocator.update_bias(losses.pop("counts"))
         else:
             self.net["contrast"][self.stage].momentum_update(self.net["text"], self.net["text_key"])
-        logged = {name: value.item() for name, value in losses.items()}
+        names = list(losses)  # data parallel: the losses of the global batch
+        logged = dict(zip(names, distributed.mean_over_ranks(torch.stack([losses[n] for n in names])).tolist()))
         for name, value in logged.items():
             self._stage_log.setdefault(name, []).append(value)
         self.step += 1
@@ -175,14 +200,14 @@ class ProgressiveAligner:
     def _align_losses(self, batch: Scenes) -> dict[str, torch.Tensor]:
         model, scope = self.model, self.scope()
         raw, adapted = model.encode(batch.images, scope)
-        text = self.net["text"](batch.captions)
+        text = distributed.gather_batch(self.net["text"](batch.captions))  # in-batch negatives of all ranks
         with torch.no_grad():
             keys = F.normalize(self.net["text_key"](batch.captions), dim=-1)
         total, losses = 0.0, {}
         for name in scope:
             query = F.normalize(self.net["align_proj"][name](adapted[name].mean(1)), dim=-1)
             contrast = self.net["contrast"][name](query, keys)
-            in_batch = metrics.in_batch_info_nce(query, text, self.config.temperature)
+            in_batch = metrics.in_batch_info_nce(distributed.gather_batch(query), text, self.config.temperature)
             head = model.heads[name]
             task = head.loss(head(raw[name]), _task_target(name, batch))
             total = total + contrast + in_batch + task
@@ -197,13 +222,20 @@ class ProgressiveAligner:
         with torch.no_grad():  # experts and adapters stay as pre-alignment left them
             _, adapted = model.encode(batch.images)
         instruction = decoder.instruction_embedding(batch.instructions[rows, tasks])
-        fused = model.fuse(adapted, instruction, step=self.global_step)
-        lm_loss, _, _ = decoder.loss_and_accuracy(fused.tokens, batch.prompts[rows, tasks],
-                                                  batch.answer_mask[rows, tasks])
         cfg = self.config
-        loss = lm_loss + cfg.balance_coef * fused.aux_loss + cfg.z_loss_coef * fused.z_loss
-        return {"loss": loss, "lm_loss": lm_loss.detach(), "balance_loss": fused.aux_loss.detach(),
-                "counts": fused.counts.detach()}
+        # data parallel: the residual mask offset of this rank's first token row in the global batch
+        first_row = distributed.rank() * len(tasks) * cfg.num_tokens
+        fused = model.fuse(adapted, instruction, step=self.global_step + first_row)
+        answer_mask = batch.answer_mask[rows, tasks]
+        lm_loss, _, _ = decoder.loss_and_accuracy(fused.tokens, batch.prompts[rows, tasks], answer_mask)
+        # data parallel: the mean over all ranks' answer tokens; router load of the global batch
+        lm_loss = distributed.as_global_mean(lm_loss, answer_mask[:, 1:].sum())
+        stats = distributed.all_reduce_router_stats(fused.counts, fused.router_probs.sum(0), len(tasks))
+        # one process: the router op's own loss, bit for bit (router_probs sums round differently)
+        balance_loss = stats.load_balancing_loss(model.top_k) if distributed.is_distributed() else fused.aux_loss
+        loss = lm_loss + cfg.balance_coef * balance_loss + cfg.z_loss_coef * fused.z_loss
+        return {"loss": loss, "lm_loss": lm_loss.detach(), "balance_loss": balance_loss.detach(),
+                "counts": stats.counts}
 
     def _finish_stage(self) -> None:
         log = {name: sum(values) / len(values) for name, values in self._stage_log.items()}
@@ -294,7 +326,9 @@ class ProgressiveAligner:
         for index, state in optim["state"].items():
             for key, value in state.items():
                 tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).clone().contiguous()
-        tensors["rng.torch"] = torch.get_rng_state()
+        # data parallel: every rank calls save (the RNG states are gathered); rank 0 writes
+        for rank, state in enumerate(distributed.rng_states()):
+            tensors[f"rng.torch.{rank}"] = state["cpu"]
         position = {"stage_index": self.stage_index, "step": self.step, "global_step": self.global_step}
         metadata = {
             "format": CHECKPOINT_FORMAT,
@@ -304,7 +338,9 @@ class ProgressiveAligner:
             "stage_log": json.dumps(self._stage_log),
             "optim_param_groups": json.dumps(optim["param_groups"]),
         }
-        save_file(tensors, str(path), metadata=metadata)
+        if distributed.is_main():
+            save_file(tensors, str(path), metadata=metadata)
+        distributed.barrier()
 
     @classmethod
     def load(cls, path) -> "ProgressiveAligner":
@@ -334,5 +370,6 @@ class ProgressiveAligner:
                     state.setdefault(int(index), {})[name] = value
             aligner.optimizer.load_state_dict({"state": state,
                                                "param_groups": json.loads(metadata["optim_param_groups"])})
-        torch.set_rng_state(tensors["rng.torch"])
+        ranks = sum(key.startswith("rng.torch.") for key in tensors)
+        distributed.set_rng_states([{"cpu": tensors[f"rng.torch.{rank}"]} for rank in range(ranks)])
         return aligner

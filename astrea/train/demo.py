@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from astrea import distributed
 from astrea.train.aligner import ProgressiveAligner
 from astrea.train.config import AlignConfig
 from astrea.train.plots import plot_router_probabilities, plot_stage_metrics
@@ -19,6 +20,7 @@ SUMMARY_METRICS = ("retrieval_top1", "classification_accuracy", "box_iou", "mask
                    "qa_accuracy", "load_share", "load_cv")
 
 
+@distributed.main_only  # data parallel: rank 0 writes the run folder
 def _write_json(path: Path, value) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n")
 
@@ -64,12 +66,13 @@ def _train_and_report(out: Path, config: AlignConfig | None, resume, progress: b
     if not aligner.history:
         aligner.record_initial_evaluation()
         write_last_stage(aligner)
-    aligner.run(progress=progress, on_stage_end=write_last_stage)
+    aligner.run(progress=progress and distributed.is_main(), on_stage_end=write_last_stage)
 
     _write_json(out / "metrics.json", aligner.history)
-    plot_stage_metrics(aligner.history, out / "metrics_across_stages.png")
     final = aligner.history[-1]["eval"]
-    plot_router_probabilities(final["router_probs"], out / "router_probabilities.png")
+    if distributed.is_main():
+        plot_stage_metrics(aligner.history, out / "metrics_across_stages.png")
+        plot_router_probabilities(final["router_probs"], out / "router_probabilities.png")
     return final
 
 
