@@ -127,7 +127,7 @@ def _small_astrea(**kwargs):
 def test_astrea_output_shapes_and_gradients():
     model = _small_astrea()
     images = torch.rand(3, 3, 32, 32)
-    out = model(images, instruction=torch.randn(3, 32), step=4)
+    out = model(images, instruction=torch.randn(3, 32), offset=4)
     assert out.tokens.shape == (3, 5, 32)
     assert out.router_probs.shape == (3, len(EXPERTS))
     assert_close(out.router_probs.sum(-1), torch.ones(3), atol=1e-5, rtol=0, what="router probabilities")
@@ -139,7 +139,7 @@ def test_astrea_output_shapes_and_gradients():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.router.parameters())
     model.eval()
     with torch.no_grad():
-        first, second = model(images, step=1).tokens, model(images, step=2).tokens
+        first, second = model(images, offset=1).tokens, model(images, offset=2).tokens
     assert torch.equal(first, second), "evaluation must not drop the residual at random"
 
 
@@ -222,9 +222,9 @@ def test_astrea_fusion_on_the_kernels_matches_the_reference():
     _, adapted = model.encode(torch.rand(3, 3, 32, 32))
     instruction = torch.randn(3, 32)
     with astrea.backend("reference"):
-        expected = model.fuse(adapted, instruction, step=7)
+        expected = model.fuse(adapted, instruction, offset=7)
     with astrea.backend("triton"):
-        actual = model.fuse(adapted, instruction, step=7)
+        actual = model.fuse(adapted, instruction, offset=7)
     assert_close(actual.tokens, expected.tokens, what="fused tokens")
     assert torch.equal(actual.counts.long(), expected.counts.long())
     assert_close(actual.aux_loss, expected.aux_loss, what="balancing loss")

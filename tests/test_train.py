@@ -145,3 +145,25 @@ def test_demo_command_writes_a_resumable_run_folder(tmp_path, capsys):
 
     with pytest.raises(SystemExit, match="--resume continues the saved configuration"):
         main(["demo", "--out", str(out), "--resume", str(out / "checkpoint.safetensors"), "--seed", "1"])
+
+
+def test_instruct_steps_draw_disjoint_residual_mask_counters(monkeypatch):
+    """Consecutive Instruct steps place their batches at non-overlapping Philox offsets, so
+    no token row reuses another step's residual mask draw."""
+    from astrea.models.astrea import Astrea
+
+    spans = []
+    original = Astrea.fuse
+
+    def recording_fuse(self, adapted, instruction=None, offset=0):
+        if self.training:
+            batch, tokens = next(iter(adapted.values())).shape[:2]
+            spans.append((offset, offset + batch * tokens))
+        return original(self, adapted, instruction, offset)
+
+    monkeypatch.setattr(Astrea, "fuse", recording_fuse)
+    aligner = ProgressiveAligner(AlignConfig.quick(schedule="instruct-only", steps_instruct=3))
+    for _ in range(3):
+        aligner.train_step()
+    assert len(spans) == 3
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])), spans

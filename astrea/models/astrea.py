@@ -62,7 +62,7 @@ class Astrea(nn.Module):
         num_tokens: common token count ``T`` after resampling.
         top_k: experts combined per sample.
         residual_p: keep probability of the caption expert's stochastic residual.
-        seed: seed of the residual's Philox mask stream (the offset is the training step).
+        seed: seed of the residual's Philox mask stream; ``fuse``'s ``offset`` places a batch in it.
     """
 
     def __init__(self, vocab_size: int, pad_id: int, *, experts: dict[str, nn.Module] | None = None,
@@ -99,9 +99,13 @@ class Astrea(nn.Module):
         return raw, {name: self.adapters[name](tokens) for name, tokens in raw.items()}
 
     def fuse(self, adapted: dict[str, torch.Tensor], instruction: torch.Tensor | None = None,
-             step: int = 0) -> AstreaOutput:
+             offset: int = 0) -> AstreaOutput:
         """Routes on the pooled adapted features (plus the instruction embedding ``[B, D]``)
-        and combines the experts, with the caption expert as the stochastic-residual base."""
+        and combines the experts, with the caption expert as the stochastic-residual base.
+
+        ``offset``: Philox counter of this batch's first token row. Token row ``i`` of the
+        batch draws its residual mask from counter ``offset + i``, so batches that must
+        draw fresh masks need offsets at least ``B * T`` apart (one per token row)."""
         from astrea import ops
 
         stacked = torch.stack([adapted[name] for name in self.names])  # [E, B, T, D]
@@ -113,12 +117,12 @@ class Astrea(nn.Module):
         dense = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
         dense = dense.scatter(1, routed.indices.long(), routed.weights)
         tokens = ops.combine_residual(stacked, dense, adapted[BASE_EXPERT], self.residual_p, seed=self.seed,
-                                      offset=step, training=self.training, expert_scale=self.allocator.scale)
+                                      offset=offset, training=self.training, expert_scale=self.allocator.scale)
         return AstreaOutput(tokens=tokens, router_probs=logits.float().softmax(-1), expert_weights=dense,
                             counts=routed.counts, aux_loss=ops.load_balancing_loss(routed),
                             z_loss=ops.router_z_loss(routed))
 
-    def forward(self, images: torch.Tensor, instruction: torch.Tensor | None = None, step: int = 0) -> AstreaOutput:
+    def forward(self, images: torch.Tensor, instruction: torch.Tensor | None = None, offset: int = 0) -> AstreaOutput:
         """Visual tokens ``[B, T, D]`` for a language model, and the router's view of them."""
         _, adapted = self.encode(images)
-        return self.fuse(adapted, instruction, step)
+        return self.fuse(adapted, instruction, offset)

@@ -223,9 +223,11 @@ class ProgressiveAligner:
             _, adapted = model.encode(batch.images)
         instruction = decoder.instruction_embedding(batch.instructions[rows, tasks])
         cfg = self.config
-        # data parallel: the residual mask offset of this rank's first token row in the global batch
+        # Each step draws fresh residual masks: its global batch owns batch_size * num_tokens
+        # counters of the Philox stream. Data parallel: this rank starts at its first token row.
         first_row = distributed.rank() * len(tasks) * cfg.num_tokens
-        fused = model.fuse(adapted, instruction, step=self.global_step + first_row)
+        offset = self.global_step * cfg.batch_size * cfg.num_tokens + first_row
+        fused = model.fuse(adapted, instruction, offset=offset)
         answer_mask = batch.answer_mask[rows, tasks]
         lm_loss, _, _ = decoder.loss_and_accuracy(fused.tokens, batch.prompts[rows, tasks], answer_mask)
         # data parallel: the mean over all ranks' answer tokens; router load of the global batch
