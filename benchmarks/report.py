@@ -97,8 +97,9 @@ def render(benchmarks: list[dict], machine: dict) -> str:
     ]
     for function, cases in tables.items():
         lines += ["", f"## {function}", "",
-                  "| case | astrea | eager | compile | vs eager | vs compile | astrea GB/s | % BW | % matmul peak | mem |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| case | astrea | eager | compile | vs eager | vs compile | astrea GB/s | % BW | % matmul peak | mem "
+                  "| other providers (their time / astrea's) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for case, by_provider in cases.items():
             median = {p: _seconds(by_provider[p]) if p in by_provider else None for p in PROVIDERS}
             ours = by_provider.get("astrea", {}).get("extra_info", {})
@@ -112,6 +113,8 @@ def render(benchmarks: list[dict], machine: dict) -> str:
                 _number_or_dash(ours, "pct_bandwidth"),
                 _number_or_dash(ours, "pct_matmul_peak"),
                 _ratio(ours.get("peak_memory_bytes"), eager.get("peak_memory_bytes")),
+                "; ".join(f"{name} {_fmt_time(_seconds(bench))} ({_ratio(_seconds(bench), median['astrea'])})"
+                          for name, bench in by_provider.items() if name not in PROVIDERS) or "–",
             ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

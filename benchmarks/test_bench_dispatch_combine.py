@@ -11,7 +11,7 @@ from astrea import ops
 from benchmarks.harness import DEVICE, ON_GPU, PROVIDERS, provider_fn, run
 
 if ON_GPU:
-    CASES = [dict(tokens=65536, top_k=top_k, dim=4096, experts=64, dtype=torch.bfloat16) for top_k in (2, 8)]
+    CASES = [dict(tokens=65536, top_k=top_k, dim=2048, experts=64, dtype=torch.bfloat16) for top_k in (2, 8)]
 else:
     CASES = [dict(tokens=512, top_k=2, dim=256, experts=8, dtype=torch.float32)]
 MODES = ("forward", "forward_backward")

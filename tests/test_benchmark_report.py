@@ -25,6 +25,7 @@ def test_report_table(tmp_path):
             _bench("astrea", 1e-3, 4096, gbps=100.0, pct_bandwidth=50.0, peak_memory_bytes=100),
             _bench("eager", 4e-3, 4096, peak_memory_bytes=400),
             _bench("compile", 2e-3, 4096),
+            _bench("astrea-two-ops", 3e-3, 4096),
         ],
     }
     path = tmp_path / "bench.json"
@@ -33,7 +34,7 @@ def test_report_table(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert "device: Fake GPU" in out and "commit 0123456789" in out
     assert "## test_op" in out
-    assert "| n=4096 | 1 ms | 4 ms | 2 ms | 4.00× | 2.00× | 100.0 | 50.0 | – | 0.25× |" in out
+    assert "| n=4096 | 1 ms | 4 ms | 2 ms | 4.00× | 2.00× | 100.0 | 50.0 | – | 0.25× | astrea-two-ops 3 ms (3.00×) |" in out
 
 
 def test_readme_section_uses_newest_run_per_device(tmp_path):
