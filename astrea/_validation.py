@@ -10,6 +10,15 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def accumulation_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """fp32, or float64 when any of the (present) tensors is float64: the precision ops accumulate in."""
+    dtype = torch.float32
+    for t in tensors:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def _names(dtypes: Iterable[torch.dtype]) -> str:
     return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
 

@@ -14,7 +14,14 @@ import numbers
 import torch
 
 from astrea import _backend, _extension, reference
-from astrea._validation import FLOAT_DTYPES, check_choice, check_same_device, check_size, check_tensor
+from astrea._validation import (
+    FLOAT_DTYPES,
+    accumulation_dtype,
+    check_choice,
+    check_same_device,
+    check_size,
+    check_tensor,
+)
 
 _backend.declare_op("moco_infonce", kernel="extension", cpu_kernel=True)
 _backend.declare_op("moco_logits", kernel="extension", cpu_kernel=True)
@@ -30,10 +37,6 @@ def _implementation(op: str, device_type: str) -> str:
     """``_backend.choose``, evaluated once at trace time under torch.compile: Dynamo cannot
     trace the backend switch's ContextVar, and the choice is a constant of the trace."""
     return _backend.choose(op, torch.device(device_type))
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_contrast_args(op: str, q, k, queue, temperature) -> torch.device:
@@ -136,11 +139,11 @@ if _extension.available():
 
     @torch.library.register_fake("astrea::moco_logits")
     def _moco_logits_fake(q, k, queue, temperature):
-        return q.new_empty((q.shape[0], 1 + queue.shape[0]), dtype=_accumulation_dtype(q.dtype))
+        return q.new_empty((q.shape[0], 1 + queue.shape[0]), dtype=accumulation_dtype(q))
 
     @torch.library.register_fake("astrea::moco_infonce")
     def _moco_infonce_fake(q, k, queue, temperature):
-        acc = _accumulation_dtype(q.dtype)
+        acc = accumulation_dtype(q)
         return q.new_empty(q.shape[0], dtype=acc), q.new_empty(q.shape[0], dtype=acc)
 
     @torch.library.register_fake("astrea::moco_infonce_backward")

@@ -5,13 +5,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _accumulation_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    dtype = torch.float32
-    for t in tensors:
-        if t is not None:
-            dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
+from astrea._validation import accumulation_dtype
 
 
 def _coefficients(weights, indices, expert_scale, num_experts, dtype):
@@ -27,7 +21,7 @@ def weighted_combine(expert_out: torch.Tensor, weights: torch.Tensor, indices: t
                      inverse_positions: torch.Tensor, num_experts: int,
                      expert_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``out[t] = sum_j w[t, j] * s[e(t, j)] * y[pos(t, j)]``; out-of-range experts contribute nothing."""
-    dtype = _accumulation_dtype(expert_out, weights, expert_scale)
+    dtype = accumulation_dtype(expert_out, weights, expert_scale)
     num_tokens, top_k = indices.shape
     coefficient, valid = _coefficients(weights, indices, expert_scale, num_experts, dtype)
     rows = expert_out.index_select(0, inverse_positions.reshape(-1).long()).view(num_tokens, top_k, -1).to(dtype)
@@ -40,7 +34,7 @@ def weighted_combine_backward(grad_out: torch.Tensor, expert_out: torch.Tensor, 
                               expert_scale: torch.Tensor | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of :func:`weighted_combine` for ``expert_out``, ``weights`` and ``expert_scale``."""
-    dtype = _accumulation_dtype(grad_out, expert_out, weights, expert_scale)
+    dtype = accumulation_dtype(grad_out, expert_out, weights, expert_scale)
     num_tokens, top_k = indices.shape
     positions = inverse_positions.reshape(-1).long()
     coefficient, valid = _coefficients(weights, indices, expert_scale, num_experts, dtype)

@@ -6,14 +6,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from astrea._validation import accumulation_dtype
 
 
 def moco_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
     """``cat([q.k, q @ queue.T], 1) / T`` in fp32 (float64 for float64 inputs); the queue gets no gradient."""
-    acc = _accumulation_dtype(q.dtype)
+    acc = accumulation_dtype(q)
     q, k = q.to(acc), k.to(acc)
     positive = (q * k).sum(dim=1, keepdim=True)
     negative = q @ queue.detach().to(acc).T
