@@ -73,6 +73,12 @@ def shard(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return batch.tensor_split(world)[rank]
 
 
+def this_ranks_steps(*steps: torch.Tensor) -> list[torch.Tensor]:
+    """This rank's part of every step's global batch, for inputs stacked ``[steps, batch, ...]``."""
+    rank, world = distributed.rank(), distributed.world_size()
+    return [s.tensor_split(world, dim=1)[rank] for s in steps]
+
+
 # ---------------------------------------------------------------- single process
 
 
@@ -244,8 +250,7 @@ def _train_moe(moe, inputs, targets):
 
 def _moe_rank():
     moe, inputs, targets = _moe_and_data()
-    rank, world = distributed.rank(), distributed.world_size()
-    return _train_moe(moe, inputs.tensor_split(world, dim=1)[rank], targets.tensor_split(world, dim=1)[rank])
+    return _train_moe(moe, *this_ranks_steps(inputs, targets))
 
 
 def test_ddp_sparse_moe_two_ranks_equal_one_process(two_ranks):
@@ -350,8 +355,7 @@ def _train_moco(step_module, queries, keys):
 
 def _moco_rank():
     step_module, queries, keys = _moco_and_data()
-    rank, world = distributed.rank(), distributed.world_size()
-    return _train_moco(step_module, queries.tensor_split(world, dim=1)[rank], keys.tensor_split(world, dim=1)[rank])
+    return _train_moco(step_module, *this_ranks_steps(queries, keys))
 
 
 def test_momentum_contrast_two_ranks_equal_one_process_and_share_the_queue(two_ranks):
@@ -397,8 +401,7 @@ def _train_conv_net(net, inputs, targets):
 
 def _conv_net_rank():
     net, inputs, targets = _conv_net_and_data()
-    rank, world = distributed.rank(), distributed.world_size()
-    return _train_conv_net(net, inputs.tensor_split(world, dim=1)[rank], targets.tensor_split(world, dim=1)[rank])
+    return _train_conv_net(net, *this_ranks_steps(inputs, targets))
 
 
 def test_global_batchnorm_two_ranks_equal_one_process_batchnorm(two_ranks):
