@@ -1,9 +1,13 @@
 // CPU kernels of the momentum-queue contrast ops.
 //
 // Work is split into tasks of (block of q rows) x (range of queue tiles) run by
-// at::parallel_for. Each thread converts its operands to the accumulation type (fp32,
-// or float64 for float64 inputs) into small per-thread tile buffers: the fused loss
-// never allocates anything of size N x K. Logits are computed as (q / T) . key, so the
+// at::parallel_for. A task scores its rows against one queue tile at a time with a GEMM
+// (ATen's mm, i.e. the BLAS the build links) into a per-thread score buffer, as ATen's own
+// CPU flash attention tiles attention; the forward folds each tile into an online
+// log-sum-exp, the backward turns it into softmax weights and accumulates weights . tile
+// into grad_q with a second GEMM. Per-thread buffers are O(block * (D + tile) + tile * D):
+// the fused loss never allocates anything of size N x K. fp16/bf16 blocks and tiles are
+// converted to fp32 as they are loaded (fp32 accumulation), float64 stays float64, and the
 // temperature is folded into the q block once.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -14,19 +18,16 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 
 #include "checks.h"
 
 // Lets the compiler if-convert the clamp of exp_nonpositive and vectorise the exp loops
-// (the kernels never rely on floating-point exception flags). GCC does not inline
-// functions compiled without this flag (std::max, std::copy, ...) into the ones below,
-// so the hot loops use plain expressions and builtins only.
+// (the kernels never rely on floating-point exception flags).
 #pragma GCC optimize("no-trapping-math")
 
-// The extension is built for the baseline ISA; the hot loops are also compiled for
-// AVX-512 (with FMA) and AVX2 and the best clone is picked when the library loads.
+// The extension is built for the baseline ISA; the exp loops are also compiled for
+// AVX-512 and AVX2 and the best clone is picked when the library loads.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define ASTREA_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 // Helpers of the cloned loops: GCC would otherwise call them out of line.
@@ -39,13 +40,9 @@
 namespace astrea {
 namespace {
 
-constexpr int64_t kRowBlock = 128;  // q rows per task: each packed key tile serves them all
-constexpr int64_t kKeyTile = 128;   // queue rows per tile
-constexpr int64_t kMicroRows = 8;   // register block of the tile loops: rows ...
-constexpr int64_t kMicroCols = 32;  // ... times columns (16 AVX-512 accumulators)
+constexpr int64_t kRowBlock = 128;  // q rows per task: each key tile serves them all
+constexpr int64_t kKeyTile = 512;   // queue rows per tile: a 128 x 512 fp32 score tile stays in L2
 constexpr int64_t kLanes = 16;      // width of the row max / sum vectors
-
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // exp(x) for x <= 0 as a branch-free polynomial (Cephes expf, ~1 ulp) that the compiler
 // vectorises, unlike std::exp; float64 keeps the libm exp (it serves gradcheck, not speed).
@@ -66,63 +63,6 @@ ASTREA_INLINE float exp_nonpositive(float x) {
   return poly * scale;
 }
 ASTREA_INLINE double exp_nonpositive(double x) { return __builtin_exp(x); }
-
-// Key tiles are packed in panels of kMicroCols keys so that the register-blocked loops
-// read memory contiguously (a plain [depth, kKeyTile] layout strides 512 bytes per step,
-// which thrashes a few L1 sets):
-//   transposed panels: key c, feature d at (c / kMicroCols) * depth * kMicroCols + d * kMicroCols + c % kMicroCols
-//   row panels:        key c, feature d at (d / kMicroCols) * kKeyTile * kMicroCols + c * kMicroCols + d % kMicroCols
-
-// scores[r][c] = sum_d rows[r][d] * key[c][d] for r < rows_pad, c < cols_pad, where rows
-// is [rows_pad, depth], keys_t the transposed panels and scores [kRowBlock, kKeyTile].
-template <typename acc_t>
-ASTREA_SIMD_CLONES void score_tile(const acc_t* rows, const acc_t* keys_t, int64_t rows_pad,
-                                   int64_t cols_pad, int64_t depth, acc_t* scores) {
-  for (int64_t r0 = 0; r0 < rows_pad; r0 += kMicroRows) {
-    for (int64_t c0 = 0; c0 < cols_pad; c0 += kMicroCols) {
-      acc_t acc[kMicroRows][kMicroCols] = {};
-      for (int64_t d = 0; d < depth; ++d) {
-        const acc_t* key = keys_t + c0 * depth + d * kMicroCols;
-        for (int64_t r = 0; r < kMicroRows; ++r) {
-          const acc_t a = rows[(r0 + r) * depth + d];
-          for (int64_t c = 0; c < kMicroCols; ++c) acc[r][c] += a * key[c];
-        }
-      }
-      for (int64_t r = 0; r < kMicroRows; ++r) {
-        for (int64_t c = 0; c < kMicroCols; ++c) scores[(r0 + r) * kKeyTile + c0 + c] = acc[r][c];
-      }
-    }
-  }
-}
-
-// grad[r][d] += sum_c weights[r][c] * key[c][d] for r < rows_pad, d < depth_pad, where
-// weights is [kRowBlock, kKeyTile], keys the row panels and grad [rows_pad, depth_pad].
-template <typename acc_t>
-ASTREA_SIMD_CLONES void accumulate_tile(const acc_t* weights, const acc_t* keys, int64_t rows_pad,
-                                        int64_t cols, int64_t depth_pad, acc_t* grad) {
-  for (int64_t r0 = 0; r0 < rows_pad; r0 += kMicroRows) {
-    for (int64_t d0 = 0; d0 < depth_pad; d0 += kMicroCols) {
-      acc_t acc[kMicroRows][kMicroCols];
-      for (int64_t r = 0; r < kMicroRows; ++r) {
-        for (int64_t d = 0; d < kMicroCols; ++d) acc[r][d] = grad[(r0 + r) * depth_pad + d0 + d];
-      }
-      // Features outermost, rows innermost: each key vector is loaded once for all rows
-      // (with rows outside, GCC interchanges the loops and keeps acc in memory).
-      for (int64_t c = 0; c < cols; ++c) {
-        const acc_t* key = keys + d0 * kKeyTile + c * kMicroCols;
-        acc_t w[kMicroRows];
-        for (int64_t r = 0; r < kMicroRows; ++r) w[r] = weights[(r0 + r) * kKeyTile + c];
-        for (int64_t d = 0; d < kMicroCols; ++d) {
-          const acc_t feature = key[d];
-          for (int64_t r = 0; r < kMicroRows; ++r) acc[r][d] += w[r] * feature;
-        }
-      }
-      for (int64_t r = 0; r < kMicroRows; ++r) {
-        for (int64_t d = 0; d < kMicroCols; ++d) grad[(r0 + r) * depth_pad + d0 + d] = acc[r][d];
-      }
-    }
-  }
-}
 
 // Row max and sum over kLanes-wide vectors (GCC vector extensions: plain loops with
 // std::max do not vectorise without -ffast-math); float64 keeps scalar loops.
@@ -204,39 +144,34 @@ struct Task {
   int64_t num_rows() const { return row_end - row_begin; }
 };
 
-// A thread's tile buffers (O(block * D + tile * D), independent of N and K), carved out
-// of one scratch tensor per call, so that the allocator and its profiler see them.
-template <typename acc_t>
+// A thread's tile buffers, allocated once per thread and call (so that the allocator and
+// its profiler see them).
 struct Workspace {
-  int64_t depth_pad;
-  acc_t* rows;    // [kRowBlock, depth]: the task's q rows, times 1 / T
-  acc_t* keys_t;  // the key tile in transposed panels
-  acc_t* keys;    // the key tile in row panels (backward)
-  acc_t* scores;  // [kRowBlock, kKeyTile]
-  acc_t* grad;    // [kRowBlock, depth_pad]: the queue part of grad_q (backward)
+  at::Tensor rows;    // [kRowBlock, D]: the task's q rows times 1 / T, in the accumulation type
+  at::Tensor keys;    // [kKeyTile, D]: the key tile converted to the accumulation type
+  at::Tensor scores;  // kRowBlock * kKeyTile: one tile's scores, [rows, keys] row-major
 
-  static int64_t elements(int64_t depth) {
-    const int64_t depth_pad = round_up(depth, kMicroCols);
-    return (kRowBlock + kKeyTile) * depth + (kKeyTile + kRowBlock) * depth_pad + kRowBlock * kKeyTile;
-  }
+  Workspace(int64_t depth, const at::TensorOptions& options)
+      : rows(at::empty({kRowBlock, depth}, options)),
+        keys(at::empty({kKeyTile, depth}, options)),
+        scores(at::empty({kRowBlock * kKeyTile}, options)) {}
+};
 
-  Workspace(acc_t* base, int64_t depth) : depth_pad(round_up(depth, kMicroCols)) {
-    rows = base;
-    keys_t = rows + kRowBlock * depth;
-    keys = keys_t + kKeyTile * depth;
-    scores = keys + kKeyTile * depth_pad;
-    grad = scores + kRowBlock * kKeyTile;
-  }
+// Contiguous operands (a copy only for strided inputs: O(N*D + K*D)), detached so that the
+// GEMMs on their blocks never record autograd history.
+struct Operands {
+  at::Tensor q, k, queue;
+  Operands(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& queue_)
+      : q(q_.contiguous().detach()), k(k_.contiguous().detach()), queue(queue_.contiguous().detach()) {}
+  Partition partition() const { return Partition(q.size(0), queue.size(0), q.size(1)); }
+  at::ScalarType acc_type() const { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 };
 
 // Runs fn(task, workspace) for every task, in parallel; each thread reuses one workspace.
-template <typename acc_t, typename Fn>
+template <typename Fn>
 void for_each_task(const Partition& p, const at::TensorOptions& options, Fn&& fn) {
-  const int64_t per_thread = Workspace<acc_t>::elements(p.depth);
-  at::Tensor scratch = at::empty({at::get_num_threads() * per_thread}, options);
-  acc_t* base = scratch.data_ptr<acc_t>();
   at::parallel_for(0, p.row_blocks * p.splits, 1, [&](int64_t begin, int64_t end) {
-    Workspace<acc_t> ws(base + at::get_thread_num() * per_thread, p.depth);
+    Workspace ws(p.depth, options);
     for (int64_t index = begin; index < end; ++index) {
       Task t;
       t.block = index / p.splits;
@@ -250,58 +185,28 @@ void for_each_task(const Partition& p, const at::TensorOptions& options, Fn&& fn
   });
 }
 
-// rows[r][d] = q[row_begin + r][d] * scale, zero rows up to the micro-row multiple.
-template <typename scalar_t, typename acc_t>
-int64_t load_rows(const scalar_t* q, const Task& t, int64_t depth, acc_t scale, acc_t* rows) {
-  const int64_t rows_pad = round_up(t.num_rows(), kMicroRows);
-  for (int64_t r = 0; r < t.num_rows(); ++r) {
-    const scalar_t* src = q + (t.row_begin + r) * depth;
-    for (int64_t d = 0; d < depth; ++d) rows[r * depth + d] = static_cast<acc_t>(src[d]) * scale;
-  }
-  std::fill(rows + t.num_rows() * depth, rows + rows_pad * depth, acc_t(0));
-  return rows_pad;
+// Task t's q rows times 1 / T in the accumulation type: [t.num_rows(), D].
+at::Tensor load_rows(const Operands& ops, const Task& t, double inv_t, Workspace& ws) {
+  at::Tensor rows = ws.rows.narrow(0, 0, t.num_rows());
+  rows.copy_(ops.q.narrow(0, t.row_begin, t.num_rows()));
+  return rows.mul_(inv_t);
 }
 
-// Packs queue rows [key_begin, key_begin + count) into the transposed panels (padding
-// keys zero) and, with `row_major`, into the row panels (padding features stay zero).
-template <typename scalar_t, typename acc_t>
-int64_t load_keys(const scalar_t* queue, int64_t key_begin, int64_t count, int64_t depth,
-                  Workspace<acc_t>& ws, bool row_major) {
-  const int64_t cols_pad = round_up(count, kMicroCols);
-  acc_t* keys_t = ws.keys_t;
-  for (int64_t c = 0; c < cols_pad; ++c) {
-    acc_t* dst = keys_t + c / kMicroCols * depth * kMicroCols + c % kMicroCols;
-    if (c < count) {
-      const scalar_t* src = queue + (key_begin + c) * depth;
-      for (int64_t d = 0; d < depth; ++d) dst[d * kMicroCols] = static_cast<acc_t>(src[d]);
-    } else {
-      for (int64_t d = 0; d < depth; ++d) dst[d * kMicroCols] = acc_t(0);
-    }
-  }
-  if (row_major) {
-    for (int64_t c = 0; c < count; ++c) {
-      const scalar_t* src = queue + (key_begin + c) * depth;
-      for (int64_t d0 = 0; d0 < depth; d0 += kMicroCols) {
-        acc_t* dst = ws.keys + d0 * kKeyTile + c * kMicroCols;
-        const int64_t width = std::min(kMicroCols, depth - d0);
-        for (int64_t d = 0; d < width; ++d) dst[d] = static_cast<acc_t>(src[d0 + d]);
-      }
-    }
-  }
-  return cols_pad;
-}
-
-// Scores task t's rows against each of its queue tiles in turn: `visit(key_begin, count,
-// cols_pad)` runs with ws.scores holding rows . keys^T for keys [key_begin, key_begin + count).
-template <typename scalar_t, typename acc_t, typename Visit>
-void for_each_score_tile(const scalar_t* queue, const Task& t, const Partition& p, int64_t rows_pad,
-                         Workspace<acc_t>& ws, bool row_major, Visit&& visit) {
+// Scores task t's rows against each of its queue tiles in turn: `visit(key_begin, scores,
+// keys)` runs with scores = rows . keys^T ([rows, count], row-major, contiguous) and keys
+// the tile [count, D] in the accumulation type.
+template <typename Visit>
+void for_each_score_tile(const Operands& ops, const Task& t, const Partition& p, const at::Tensor& rows,
+                         Workspace& ws, Visit&& visit) {
+  const bool convert = ops.queue.scalar_type() != ws.keys.scalar_type();
   for (int64_t tile = t.tile_begin; tile < t.tile_end; ++tile) {
     const int64_t key_begin = tile * kKeyTile;
     const int64_t count = std::min(kKeyTile, p.keys - key_begin);
-    const int64_t cols_pad = load_keys(queue, key_begin, count, p.depth, ws, row_major);
-    score_tile(ws.rows, ws.keys_t, rows_pad, cols_pad, p.depth, ws.scores);
-    visit(key_begin, count, cols_pad);
+    at::Tensor keys = ops.queue.narrow(0, key_begin, count);
+    if (convert) keys = ws.keys.narrow(0, 0, count).copy_(keys);
+    at::Tensor scores = ws.scores.narrow(0, 0, t.num_rows() * count).view({t.num_rows(), count});
+    at::mm_out(scores, rows, keys.t());
+    visit(key_begin, scores, keys);
   }
 }
 
@@ -320,15 +225,6 @@ void positive_logits(const scalar_t* q, const scalar_t* k, int64_t n, int64_t de
   });
 }
 
-// Contiguous operands (a copy only for strided inputs: O(N*D + K*D)).
-struct Operands {
-  at::Tensor q, k, queue;
-  Operands(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& queue_)
-      : q(q_.contiguous()), k(k_.contiguous()), queue(queue_.contiguous()) {}
-  Partition partition() const { return Partition(q.size(0), queue.size(0), q.size(1)); }
-  at::ScalarType acc_type() const { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-};
-
 at::Tensor moco_logits_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                            const at::Tensor& queue_in, double temperature) {
   check_moco_args("moco_logits", q_in, k_in, queue_in, temperature);
@@ -337,18 +233,18 @@ at::Tensor moco_logits_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
   at::Tensor out = at::empty({p.rows, 1 + p.keys}, ops.q.options().dtype(ops.acc_type()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ops.q.scalar_type(), "moco_logits", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* q = ops.q.const_data_ptr<scalar_t>();
-    const scalar_t* queue = ops.queue.const_data_ptr<scalar_t>();
     acc_t* logits = out.data_ptr<acc_t>();
     const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature);
     const int64_t stride = 1 + p.keys;
-    positive_logits(q, ops.k.const_data_ptr<scalar_t>(), p.rows, p.depth, inv_t, logits, stride);
-    for_each_task<acc_t>(p, out.options(), [&](const Task& t, Workspace<acc_t>& ws) {
-      const int64_t rows_pad = load_rows(q, t, p.depth, inv_t, ws.rows);
-      for_each_score_tile(queue, t, p, rows_pad, ws, false, [&](int64_t key_begin, int64_t count, int64_t) {
+    positive_logits(ops.q.const_data_ptr<scalar_t>(), ops.k.const_data_ptr<scalar_t>(), p.rows, p.depth, inv_t,
+                    logits, stride);
+    for_each_task(p, out.options(), [&](const Task& t, Workspace& ws) {
+      const at::Tensor rows = load_rows(ops, t, inv_t, ws);
+      for_each_score_tile(ops, t, p, rows, ws, [&](int64_t key_begin, const at::Tensor& scores, const at::Tensor&) {
+        const int64_t count = scores.size(1);
+        const acc_t* src = scores.const_data_ptr<acc_t>();
         for (int64_t r = 0; r < t.num_rows(); ++r) {
-          const acc_t* src = ws.scores + r * kKeyTile;
-          std::copy(src, src + count, logits + (t.row_begin + r) * stride + 1 + key_begin);
+          std::copy(src + r * count, src + (r + 1) * count, logits + (t.row_begin + r) * stride + 1 + key_begin);
         }
       });
     });
@@ -368,28 +264,27 @@ std::tuple<at::Tensor, at::Tensor> moco_infonce_cpu(const at::Tensor& q_in,
   at::Tensor lse = at::empty({p.rows}, options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ops.q.scalar_type(), "moco_infonce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* q = ops.q.const_data_ptr<scalar_t>();
-    const scalar_t* queue = ops.queue.const_data_ptr<scalar_t>();
     const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature);
     // Running (max, sum) of each row over each split's queue range: [splits, N].
     const at::Tensor partials = at::empty({2, p.splits, p.rows}, options);
     acc_t* part_max = partials.data_ptr<acc_t>();
     acc_t* part_sum = part_max + p.splits * p.rows;
-    for_each_task<acc_t>(p, options, [&](const Task& t, Workspace<acc_t>& ws) {
-      const int64_t rows_pad = load_rows(q, t, p.depth, inv_t, ws.rows);
+    for_each_task(p, options, [&](const Task& t, Workspace& ws) {
+      const at::Tensor rows = load_rows(ops, t, inv_t, ws);
       acc_t* row_max = part_max + t.split * p.rows + t.row_begin;
       acc_t* row_sum = part_sum + t.split * p.rows + t.row_begin;
       std::fill(row_max, row_max + t.num_rows(), -std::numeric_limits<acc_t>::infinity());
       std::fill(row_sum, row_sum + t.num_rows(), acc_t(0));
-      for_each_score_tile(queue, t, p, rows_pad, ws, false, [&](int64_t, int64_t count, int64_t) {
-        for (int64_t r = 0; r < t.num_rows(); ++r) {
-          online_lse_update(ws.scores + r * kKeyTile, count, row_max[r], row_sum[r]);
-        }
+      for_each_score_tile(ops, t, p, rows, ws, [&](int64_t, const at::Tensor& scores, const at::Tensor&) {
+        const int64_t count = scores.size(1);
+        acc_t* tile = scores.data_ptr<acc_t>();
+        for (int64_t r = 0; r < t.num_rows(); ++r) online_lse_update(tile + r * count, count, row_max[r], row_sum[r]);
       });
     });
     acc_t* loss_data = loss.data_ptr<acc_t>();
     acc_t* lse_data = lse.data_ptr<acc_t>();
-    positive_logits(q, ops.k.const_data_ptr<scalar_t>(), p.rows, p.depth, inv_t, loss_data, 1);
+    positive_logits(ops.q.const_data_ptr<scalar_t>(), ops.k.const_data_ptr<scalar_t>(), p.rows, p.depth, inv_t,
+                    loss_data, 1);
     at::parallel_for(0, p.rows, 256, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const acc_t positive = loss_data[i];
@@ -430,33 +325,24 @@ std::tuple<at::Tensor, at::Tensor> moco_infonce_backward_cpu(const at::Tensor& g
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* q = ops.q.const_data_ptr<scalar_t>();
     const scalar_t* k = ops.k.const_data_ptr<scalar_t>();
-    const scalar_t* queue = ops.queue.const_data_ptr<scalar_t>();
     const acc_t* g = grad_loss.const_data_ptr<acc_t>();
     const acc_t* row_lse = lse.const_data_ptr<acc_t>();
     const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature);
-    const int64_t depth_pad = round_up(p.depth, kMicroCols);
-    // Queue part of grad_q per split: [splits, N, depth_pad].
-    const at::Tensor partials = at::empty({p.splits, p.rows, depth_pad}, grad_loss.options());
+    // Queue part of grad_q per split: [splits, N, D].
+    const at::Tensor partials = at::empty({p.splits, p.rows, p.depth}, grad_loss.options());
     acc_t* part_grad = partials.data_ptr<acc_t>();
-    for_each_task<acc_t>(p, grad_loss.options(), [&](const Task& t, Workspace<acc_t>& ws) {
-      const int64_t rows_pad = load_rows(q, t, p.depth, inv_t, ws.rows);
-      // Padding features of the row panels must read as zero; the sums start at zero.
-      std::fill(ws.keys, ws.keys + kKeyTile * depth_pad, acc_t(0));
-      std::fill(ws.grad, ws.grad + kRowBlock * depth_pad, acc_t(0));
-      for_each_score_tile(queue, t, p, rows_pad, ws, true, [&](int64_t, int64_t count, int64_t cols_pad) {
-        for (int64_t r = 0; r < rows_pad; ++r) {
-          acc_t* weights = ws.scores + r * kKeyTile;
-          if (r < t.num_rows()) {
-            const int64_t i = t.row_begin + r;
-            softmax_weights(weights, count, row_lse[i], g[i] * inv_t);
-            std::fill(weights + count, weights + cols_pad, acc_t(0));
-          } else {
-            std::fill(weights, weights + cols_pad, acc_t(0));
-          }
+    for_each_task(p, grad_loss.options(), [&](const Task& t, Workspace& ws) {
+      const at::Tensor rows = load_rows(ops, t, inv_t, ws);
+      at::Tensor grad = partials[t.split].narrow(0, t.row_begin, t.num_rows()).zero_();
+      for_each_score_tile(ops, t, p, rows, ws, [&](int64_t, const at::Tensor& scores, const at::Tensor& keys) {
+        const int64_t count = scores.size(1);
+        acc_t* weights = scores.data_ptr<acc_t>();
+        for (int64_t r = 0; r < t.num_rows(); ++r) {
+          const int64_t i = t.row_begin + r;
+          softmax_weights(weights + r * count, count, row_lse[i], g[i] * inv_t);
         }
-        accumulate_tile(ws.scores, ws.keys, rows_pad, count, depth_pad, ws.grad);
+        grad.addmm_(scores, keys);
       });
-      std::copy(ws.grad, ws.grad + t.num_rows() * depth_pad, part_grad + (t.split * p.rows + t.row_begin) * depth_pad);
     });
     scalar_t* gq = grad_q.data_ptr<scalar_t>();
     scalar_t* gk = grad_k.data_ptr<scalar_t>();
@@ -470,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor> moco_infonce_backward_cpu(const at::Tensor& g
         const acc_t pos_weight = coef * (std::exp(positive * inv_t - row_lse[i]) - acc_t(1));
         for (int64_t d = 0; d < p.depth; ++d) {
           acc_t total = pos_weight * static_cast<acc_t>(k[i * p.depth + d]);
-          for (int64_t s = 0; s < p.splits; ++s) total += part_grad[(s * p.rows + i) * depth_pad + d];
+          for (int64_t s = 0; s < p.splits; ++s) total += part_grad[(s * p.rows + i) * p.depth + d];
           gq[i * p.depth + d] = static_cast<scalar_t>(total);
           gk[i * p.depth + d] = static_cast<scalar_t>(pos_weight * static_cast<acc_t>(q[i * p.depth + d]));
         }
