@@ -26,7 +26,13 @@ from triton.compiler import ASTSource
 @dataclasses.dataclass(frozen=True)
 class AOTSpec:
     """One compile of a kernel: argument types (``"*fp32"``, ``"i32"``, ``"constexpr"``...),
-    constexpr values and launch options, labelled for test ids."""
+    constexpr values and launch options, labelled for test ids.
+
+    Compiles are specialised as Triton's JIT specialises a launch on contiguous torch
+    tensors, so that registers and layouts match what runs: every pointer is 16-byte
+    aligned, an integer argument given a value in ``constexprs`` (a unit stride) is
+    compiled as that constant, and the integers named in ``divisible_by_16`` are
+    multiples of 16."""
 
     label: str
     kernel: Any
@@ -34,6 +40,14 @@ class AOTSpec:
     constexprs: dict[str, Any]
     num_warps: int = 4
     num_stages: int = 3
+    divisible_by_16: tuple[str, ...] = ()
+
+    def source(self) -> ASTSource:
+        signature = {name: "constexpr" if name in self.constexprs else kind for name, kind in self.signature.items()}
+        arg_names = self.kernel.arg_names
+        attrs = {(arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in signature.items()
+                 if (isinstance(kind, str) and kind.startswith("*")) or name in self.divisible_by_16}
+        return ASTSource(self.kernel, signature=signature, constexprs=self.constexprs, attrs=attrs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +92,8 @@ def _field(text: str, name: str) -> int:
 
 
 def compile_spec(spec: AOTSpec, capability: int) -> Resources:
-    source = ASTSource(spec.kernel, signature=spec.signature, constexprs=spec.constexprs)
     compiled = triton.compile(
-        source,
+        spec.source(),
         target=GPUTarget("cuda", capability, 32),
         options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
     )

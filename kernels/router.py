@@ -269,10 +269,12 @@ def router_topk_backward(logits, indices, lse, grad_weights, grad_prob_sums, gra
 
 
 def _aot_spec(label: str, kernel, signature: dict[str, str], num_experts: int, k: int, **constexprs) -> AOTSpec:
+    """Contiguous logits (unit expert stride), as the JIT specialises them."""
     config = launch_config(num_experts, k, interpreter=False)
     blocks = {name: config[name] for name in ("BLOCK_N", "BLOCK_E", "BLOCK_K") if name in signature}
-    return AOTSpec(label=label, kernel=kernel, signature=signature, constexprs={**constexprs, **blocks},
-                   num_warps=config["num_warps"])
+    aligned = ("E", "stride_n") if num_experts % 16 == 0 else ()
+    return AOTSpec(label=label, kernel=kernel, signature=signature, constexprs={**constexprs, **blocks, "stride_e": 1},
+                   num_warps=config["num_warps"], divisible_by_16=aligned)
 
 
 AOT_SPECS = [
