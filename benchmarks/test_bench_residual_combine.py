@@ -1,9 +1,10 @@
-"""Stochastic residual, dense weighted combine and the fused combine + residual: astrea
-against eager PyTorch (a torch.bernoulli mask, an einsum over the stacked experts) and its
-torch.compile, forward and forward+backward. GPU sizes on a GPU (Astrea's four vision
+"""Stochastic residual, dense weighted combine and the fused combine + residual (dense and
+sparse layouts): astrea against eager PyTorch (a torch.bernoulli mask, an einsum over the
+stacked experts, the index_add_ combine of benchmarks/test_bench_dispatch_combine.py) and
+its torch.compile, forward and forward+backward. GPU sizes on a GPU (Astrea's four vision
 experts, B=64 images of T=1024 tokens = 65536 rows, D=2048, bf16: the performance target's
-size), small sizes on the CPU. The fused op is also timed against astrea's two ops in
-sequence (provider ``astrea-two-ops``)."""
+size; sparse: N=65536 tokens, k=8 of E=64 experts, D=2048, bf16), small sizes on the CPU.
+The fused op is also timed against astrea's two ops in sequence (provider ``astrea-two-ops``)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import pytest
 import torch
 
 from astrea import ops
+from benchmarks import test_bench_dispatch_combine as sparse
 from benchmarks.harness import DEVICE, ON_GPU, PROVIDERS, provider_fn, run
 
 if ON_GPU:
     CASES = [dict(batch=64, tokens=1024, dim=2048, experts=4, dtype=torch.bfloat16)]
+    SPARSE_CASES = [dict(tokens=65536, top_k=8, dim=2048, experts=64, dtype=torch.bfloat16)]
 else:
     CASES = [dict(batch=4, tokens=16, dim=256, experts=4, dtype=torch.float32)]
+    SPARSE_CASES = [dict(tokens=512, top_k=2, dim=256, experts=8, dtype=torch.float32)]
 MODES = ("forward", "forward_backward")
 KEEP_P = 0.8
 SEED = 1234
@@ -53,6 +57,19 @@ def astrea_combine_residual(stacked, weights, scale, residual):
 
 def astrea_two_ops(stacked, weights, scale, residual):
     return astrea_residual(astrea_combine(stacked, weights, scale), residual)
+
+
+def eager_sparse_combine_residual(y, weights, scale, residual, *dispatch):
+    return eager_residual(sparse.eager_combine(y, weights, scale, *dispatch), residual)
+
+
+def astrea_sparse_combine_residual(y, weights, scale, residual, *dispatch):
+    return ops.combine_residual(y, weights, residual, KEEP_P, seed=SEED, expert_scale=scale,
+                                dispatch=ops.Dispatch(*dispatch))
+
+
+def astrea_sparse_two_ops(y, weights, scale, residual, *dispatch):
+    return astrea_residual(sparse.astrea_combine(y, weights, scale, *dispatch), residual)
 
 
 def with_backward(forward):
@@ -135,3 +152,37 @@ def test_combine_residual(benchmark, provider, mode, case):
         _inputs(case, backward, stacked=True, residual=True), bytes_moved=moved,
         flops=(4 if backward else 2) * experts * elements,
         info=dict(op="combine_residual", mode=mode, provider=provider, p=KEEP_P, **case))
+
+
+@pytest.mark.parametrize("case", SPARSE_CASES, ids=sparse.case_id)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", (*PROVIDERS, "astrea-two-ops"))
+def test_combine_residual_sparse(benchmark, provider, mode, case):
+    tokens, top_k, dim, dtype, experts = case["tokens"], case["top_k"], case["dim"], case["dtype"], case["experts"]
+    backward = mode == "forward_backward"
+    if provider == "astrea-two-ops":
+        fn = astrea_sparse_two_ops
+    else:
+        fn = provider_fn(provider, astrea_sparse_combine_residual, eager_sparse_combine_residual)
+    if backward:
+        fn = sparse.with_backward(fn, 4)  # expert outputs, weights, scale, residual
+
+    def make_inputs():
+        y = torch.randn(tokens * top_k, dim, device=DEVICE, dtype=dtype, requires_grad=backward)
+        weights = torch.rand(tokens, top_k, device=DEVICE, requires_grad=backward)
+        scale = torch.rand(experts, device=DEVICE, requires_grad=backward)
+        residual = torch.randn(tokens, dim, device=DEVICE, dtype=dtype, requires_grad=backward)
+        grad = (torch.randn(tokens, dim, device=DEVICE, dtype=dtype),) if backward else ()
+        return (y, weights, scale, residual, *sparse.dispatch_tensors(case), *grad)
+
+    row_bytes = dim * torch.finfo(dtype).bits // 8
+    slots = tokens * top_k
+    # weighted_combine's traffic (see test_bench_dispatch_combine.py) plus the residual read
+    # and, backward, the residual gradient's write.
+    moved = (slots + 2 * tokens) * row_bytes + slots * 16
+    flops = 2 * slots * dim
+    if backward:
+        moved += (2 * tokens + 2 * slots) * row_bytes + slots * 8
+        flops += 3 * slots * dim
+    run(benchmark, fn, make_inputs, bytes_moved=moved, flops=flops,
+        info=dict(op="combine_residual_sparse", mode=mode, provider=provider, p=KEEP_P, **case))

@@ -11,6 +11,12 @@ so every row is written once), reduces ``g[t, j] = <grad_out[t], y[pos(t, j)]>``
 same pass over the features, and gives ``grad_w = s * g``. ``grad_s[e]`` sums ``w * g``
 over the rows of expert e: those values are written in expert order (row ``pos(t, j)``)
 and ``_segment_sum_kernel`` adds each expert's contiguous segment in a fixed order.
+
+``HAS_RESIDUAL`` fuses the stochastic residual into the forward: the combine is rounded to
+the output dtype, widened again and fed to the stochastic residual kernel's own helper
+(``_add_residual``), so the fused result is bit-identical to the two kernels in sequence.
+The combine kernel runs without fma contraction (like the residual kernel) so that the
+standalone and the fused combine execute the same multiplies and adds.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import triton
 import triton.language as tl
 
 from astrea.kernels.aot import AOTSpec
+from astrea.kernels.residual import _add_residual
 
 COMBINE_BLOCK_T = 8
 COMBINE_BLOCK_D = 256
@@ -44,8 +51,12 @@ def _slot_coefficient(weights_ptr, indices_ptr, scale_ptr, tokens, token_ok, j, 
 @triton.jit
 def _combine_kernel(y_ptr, weights_ptr, indices_ptr, inverse_positions_ptr, scale_ptr, out_ptr,
                     num_tokens, dim, top_k, num_experts, stride_yr, stride_yd, stride_wt, stride_wj,
+                    residual_ptr, stride_rr, stride_rd, seed, offset, keep_p, inv_p, rows_per_unit,
                     HAS_WEIGHTS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                    HAS_RESIDUAL: tl.constexpr, STOCHASTIC: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``out[t] = sum_j c[t, j] * y[pos(t, j)]``; with HAS_RESIDUAL, then ``out + m * residual / p``
+    where token t belongs to mask unit ``t // rows_per_unit``."""
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     token_ok = tokens < num_tokens
@@ -61,8 +72,14 @@ def _combine_kernel(y_ptr, weights_ptr, indices_ptr, inverse_positions_ptr, scal
             acc += coefficient[:, None] * y
         else:
             acc += tl.load(rows, mask=token_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-    out = out_ptr + tokens.to(tl.int64)[:, None] * dim + cols[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=token_ok[:, None] & col_ok[None, :])
+    tile_ok = token_ok[:, None] & col_ok[None, :]
+    out = acc.to(out_ptr.dtype.element_ty)
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptr + tokens.to(tl.int64)[:, None] * stride_rr + cols[None, :] * stride_rd,
+                           mask=tile_ok)
+        out = _add_residual(out.to(tl.float32), residual.to(tl.float32), tokens // rows_per_unit, seed, offset,
+                            keep_p, inv_p, STOCHASTIC).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + tokens.to(tl.int64)[:, None] * dim + cols[None, :], out, mask=tile_ok)
 
 
 @triton.jit
@@ -119,9 +136,16 @@ def _segment_sum_kernel(values_ptr, offsets_ptr, out_ptr, BLOCK: tl.constexpr):
 
 def combine_forward(y: torch.Tensor, inverse_positions: torch.Tensor, weights: torch.Tensor | None = None,
                     indices: torch.Tensor | None = None, expert_scale: torch.Tensor | None = None,
-                    num_experts: int = 0) -> torch.Tensor:
+                    num_experts: int = 0, *, residual: torch.Tensor | None = None, seed: int = 0, offset: int = 0,
+                    keep_p: float = 1.0, inv_p: float = 1.0, rows_per_unit: int = 1,
+                    stochastic: bool = False) -> torch.Tensor:
     """``out[t] = sum_j c[t, j] * y[inverse_positions[t, j]]`` with ``c = weights * expert_scale[indices]``,
-    or ``c = 1`` without weights (the backward of the permute)."""
+    or ``c = 1`` without weights (the backward of the permute).
+
+    With a ``[N, D]`` ``residual`` (any strides; weights required), the stochastic residual
+    follows in the same pass: ``out + m * residual * inv_p`` with token t in mask unit
+    ``t // rows_per_unit`` drawn from ``(seed, offset + unit)``, or ``out + residual`` when
+    not ``stochastic``."""
     inverse_positions = inverse_positions.contiguous()
     num_tokens, top_k = inverse_positions.shape
     dim = y.shape[1]
@@ -131,14 +155,19 @@ def combine_forward(y: torch.Tensor, inverse_positions: torch.Tensor, weights: t
     has_weights = weights is not None
     if has_weights:
         indices = indices.contiguous()
+    has_residual = residual is not None
     grid = (triton.cdiv(num_tokens, COMBINE_BLOCK_T), triton.cdiv(dim, COMBINE_BLOCK_D))
     _combine_kernel[grid](
         y, weights if has_weights else y, indices if has_weights else inverse_positions, inverse_positions,
         expert_scale if expert_scale is not None else y, out,
         num_tokens, dim, top_k, num_experts, y.stride(0), y.stride(1),
         weights.stride(0) if has_weights else 0, weights.stride(1) if has_weights else 0,
+        residual if has_residual else out, *(residual.stride() if has_residual else (0, 0)),
+        seed, offset, keep_p, inv_p, rows_per_unit,
         HAS_WEIGHTS=has_weights, HAS_SCALE=expert_scale is not None,
-        BLOCK_T=COMBINE_BLOCK_T, BLOCK_D=COMBINE_BLOCK_D)
+        HAS_RESIDUAL=has_residual, STOCHASTIC=stochastic,
+        BLOCK_T=COMBINE_BLOCK_T, BLOCK_D=COMBINE_BLOCK_D,
+        enable_fp_fusion=False)
     return out
 
 
@@ -175,16 +204,22 @@ def _aot_specs() -> list[AOTSpec]:
     specs = []
     for dtype in ("fp32", "bf16"):
         specs += [
-            AOTSpec(label=f"combine.forward_{dtype}{'' if weighted else '_unweighted'}", kernel=_combine_kernel,
+            AOTSpec(label=f"combine.forward_{dtype}{variant}", kernel=_combine_kernel,
                     signature={"y_ptr": f"*{dtype}", "weights_ptr": "*fp32", "indices_ptr": "*i32",
                                "inverse_positions_ptr": "*i32", "scale_ptr": "*fp32", "out_ptr": f"*{dtype}",
                                "num_tokens": "i32", "dim": "i32", "top_k": "i32", "num_experts": "i32",
                                "stride_yr": "i32", "stride_yd": "i32", "stride_wt": "i32", "stride_wj": "i32",
+                               "residual_ptr": f"*{dtype}", "stride_rr": "i64", "stride_rd": "i64",
+                               "seed": "i64", "offset": "i64", "keep_p": "fp32", "inv_p": "fp32",
+                               "rows_per_unit": "i32",
                                "HAS_WEIGHTS": "constexpr", "HAS_SCALE": "constexpr",
+                               "HAS_RESIDUAL": "constexpr", "STOCHASTIC": "constexpr",
                                "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"},
                     constexprs={"HAS_WEIGHTS": weighted, "HAS_SCALE": weighted,
+                                "HAS_RESIDUAL": fused, "STOCHASTIC": fused,
                                 "BLOCK_T": COMBINE_BLOCK_T, "BLOCK_D": COMBINE_BLOCK_D})
-            for weighted in (True, False)
+            for variant, weighted, fused in (("", True, False), ("_unweighted", False, False),
+                                             ("_residual", True, True))
         ]
         specs.append(AOTSpec(
             label=f"combine.backward_{dtype}", kernel=_combine_backward_kernel,

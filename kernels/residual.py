@@ -6,8 +6,9 @@ granularity) from ``tl.rand(seed, offset + unit)``; the unit index is global, so
 mask does not depend on the block sizes, the grid or how many rows follow it.
 :mod:`astrea.reference.residual` reproduces the draw bit for bit. The same kernel with
 no base (``HAS_BASE=False``) computes the backward ``d r = m * grad / p`` by regenerating
-the mask. The helpers are shared with the fused combine kernel in
-:mod:`astrea.kernels.dense_combine` so that the fused op is bit-identical to the two ops.
+the mask. The helpers are shared with the fused combine kernels in
+:mod:`astrea.kernels.dense_combine` and :mod:`astrea.kernels.combine` so that the fused ops
+are bit-identical to the two ops.
 """
 
 from __future__ import annotations

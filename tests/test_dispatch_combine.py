@@ -1,6 +1,6 @@
-"""MoE dispatch, permute and sparse weighted combine: kernels against the references,
-validation, opcheck, torch.compile, float64 gradcheck of the references, determinism, and
-SparseMoE against a per-token loop."""
+"""MoE dispatch, permute, sparse weighted combine and its fusion with the stochastic
+residual: kernels against the references, validation, opcheck, torch.compile, float64
+gradcheck of the references, determinism, and SparseMoE against a per-token loop."""
 
 from types import SimpleNamespace
 
@@ -212,6 +212,117 @@ def test_combine_backward_is_deterministic(kernels, device):
         assert torch.equal(a, b)
 
 
+# --- weighted_combine fused with the stochastic residual -------------------------------
+
+
+def fused_case(residual_shape, top_k, num_experts, with_scale=True):
+    """(expert_out, weights, scale or None, dispatch, strided residual) of a sparse combine_residual."""
+    num_tokens, dim = residual_shape[:-1].numel(), residual_shape[-1]
+    dispatch, y, weights, scale = combine_case(num_tokens, top_k, num_experts, dim)
+    return y, weights, scale if with_scale else None, dispatch, strided(torch.randn(residual_shape)).requires_grad_()
+
+
+def two_ops(y, weights, scale, dispatch, residual, p, **draw):
+    combined = ops.weighted_combine(y, weights, dispatch, expert_scale=scale)
+    return ops.stochastic_residual(combined.view_as(residual), residual, p, **draw)
+
+
+def fused(y, weights, scale, dispatch, residual, p, **draw):
+    return ops.combine_residual(y, weights, residual, p, expert_scale=scale, dispatch=dispatch, **draw)
+
+
+# (residual shape, k): N*k spans several 8-token blocks; D=4096 with few tokens.
+FUSED_SHAPES = [((5, 7, 1), 3), ((37, 33), 3), ((5, 7, 33), 2), ((2, 3, 4096), 2)]
+
+
+@pytest.mark.parametrize("residual_shape, top_k", FUSED_SHAPES)
+@pytest.mark.parametrize("granularity", ["token", "sample"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("with_scale", [True, False])
+def test_combine_residual_kernel_is_bit_identical_to_two_ops(kernels, residual_shape, top_k, granularity, training,
+                                                             with_scale):
+    case = fused_case(torch.Size(residual_shape), top_k, 5, with_scale)
+    draw = {"seed": 2**40 + 7, "offset": 13, "granularity": granularity, "training": training}
+    out = fused(*case, 0.5, **draw)
+    assert out.shape == residual_shape and out.is_contiguous()
+    assert torch.equal(out, two_ops(*case, 0.5, **draw))
+    y, weights, scale, dispatch, residual = case
+    expected = reference.sparse_combine_residual(y, weights, dispatch.indices, dispatch.inverse_positions, 5,
+                                                 residual, 0.5, expert_scale=scale, **draw)
+    assert_close(out, expected, what="against the reference")
+
+
+def test_combine_residual_kernel_at_p_one_is_combine_plus_residual(kernels):
+    case = fused_case(torch.Size((4, 5, 33)), 2, 3)
+    out = fused(*case, 1.0, seed=3)
+    assert torch.equal(out, two_ops(*case, 1.0, seed=3))
+    assert torch.equal(out, ops.weighted_combine(*case[:2], case[3], case[2]).view(4, 5, 33) + case[4])
+
+
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+@pytest.mark.parametrize("granularity", ["token", "sample"])
+def test_combine_residual_backward_equals_two_ops(impl, granularity, request):
+    if impl == "kernel":
+        request.getfixturevalue("kernels")
+    case = fused_case(torch.Size((3, 5, 33)), 3, 4)
+    leaves = [case[0], case[1], case[2], case[4]]  # expert_out, weights, scale, residual
+    grad = torch.randn(3, 5, 33)
+    draw = {"seed": 11, "offset": 2, "granularity": granularity}
+    got = torch.autograd.grad(fused(*case, 0.3, **draw), leaves, grad)
+    want = torch.autograd.grad(two_ops(*case, 0.3, **draw), leaves, grad)
+    for name, g, w in zip(("expert_out", "weights", "expert_scale", "residual"), got, want):
+        assert torch.equal(g, w), f"grad {name}"
+    # Only the residual asks for a gradient: the combine's backward is skipped.
+    (grad_residual,) = torch.autograd.grad(fused(*(t.detach() for t in case[:3]), *case[3:], 0.3, **draw),
+                                           case[4], grad)
+    assert torch.equal(grad_residual, want[3])
+
+
+def test_combine_residual_sparse_reference_path_low_precision():
+    y, weights, scale, dispatch, residual = fused_case(torch.Size((4, 6, 33)), 2, 3)
+    y, residual = y.detach().bfloat16(), residual.detach().bfloat16()
+    draw = {"seed": 5, "granularity": "sample"}
+    out = fused(y, weights, scale, dispatch, residual, 0.5, **draw)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, two_ops(y, weights, scale, dispatch, residual, 0.5, **draw))
+
+
+def test_combine_residual_sparse_validation():
+    y, weights, scale, dispatch, residual = fused_case(torch.Size((2, 3, 8)), 2, 3)
+
+    def call(**kwargs):
+        args = {"expert_out": y, "weights": weights, "residual": residual, "p": 0.5, "seed": 0, "dispatch": dispatch,
+                **kwargs}
+        return ops.combine_residual(args.pop("expert_out"), args.pop("weights"), args.pop("residual"),
+                                    args.pop("p"), **args)
+
+    shape_error = r"combine_residual: residual must be \[N, D\] = \(6, 8\) or \[B, ..., D\] whose rows flatten to N = 6"
+    with pytest.raises(ValueError, match=shape_error + r" with D = 8; got shape \(2, 3, 7\)"):
+        call(residual=torch.randn(2, 3, 7))
+    with pytest.raises(ValueError, match=shape_error + r".*got shape \(2, 4, 8\)"):
+        call(residual=torch.randn(2, 4, 8))
+    with pytest.raises(ValueError, match=shape_error + r".*got shape \(48,\)"):
+        call(residual=torch.randn(48))
+    with pytest.raises(TypeError, match=r"combine_residual: residual must have the dtype of expert_out \(torch.float32\); "
+                                        r"got torch.float16"):
+        call(residual=residual.detach().half())
+    with pytest.raises(TypeError, match="combine_residual: residual must have dtype float32, float16, bfloat16"):
+        call(residual=residual.detach().int())
+    with pytest.raises(ValueError, match=r"combine_residual: all tensors must be on one device; "
+                                         r"got expert_out on cpu, residual on meta"):
+        call(residual=torch.empty(2, 3, 8, device="meta"))
+    with pytest.raises(ValueError, match=r"combine_residual: weights must have the shape of dispatch.indices"):
+        call(weights=torch.rand(6, 3))
+    with pytest.raises(ValueError, match=r"combine_residual: expert_scale.shape\[0\] must equal the number of experts"):
+        call(expert_scale=torch.rand(4))
+    with pytest.raises(TypeError, match="combine_residual: dispatch must be the Dispatch returned by"):
+        call(dispatch=tuple(dispatch))
+    with pytest.raises(ValueError, match=r"combine_residual: p \(the keep probability\) must be in \(0, 1\]"):
+        call(p=0.0)
+    with pytest.raises(ValueError, match="combine_residual: granularity must be one of"):
+        call(granularity="batch")
+
+
 # --- references: float64 gradcheck and explicit backward ---------------------------------
 
 
@@ -225,6 +336,19 @@ def test_reference_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda x: reference.permute(x, sorted_token_ids), (x,))
     assert torch.autograd.gradcheck(
         lambda y, w, s: reference.weighted_combine(y, w, indices, inverse, 3, s), (y, weights, scale))
+
+
+def test_combine_residual_reference_gradcheck_float64():
+    indices = make_indices(6, 2, 3)
+    _, _, inverse = reference.moe_dispatch(indices, 3)
+    y = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(6, 2, dtype=torch.float64, requires_grad=True)
+    scale = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    residual = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda y, w, s, r: reference.sparse_combine_residual(y, w, indices, inverse, 3, r, 0.5, seed=1,
+                                                             granularity="sample", expert_scale=s),
+        (y, weights, scale, residual))
 
 
 def test_reference_backwards_match_autograd_of_reference_forwards():
@@ -267,6 +391,10 @@ def opcheck_cases(device):
          (grad, y.detach(), weights.detach(), indices, inverse, offsets, scale.detach())),
         (ops_.weighted_combine_backward.default,
          (grad, y.detach(), weights.detach(), indices, inverse, offsets, None)),
+        (ops_.sparse_combine_residual.default,
+         (y, weights, indices, inverse, offsets, scale, x.view(2, 5, 33), 0.5, 3, 1, "sample", True)),
+        (ops_.sparse_combine_residual.default,
+         (y, weights, indices, inverse, offsets, None, x, 0.5, 3, 1, "token", False)),
     ]
 
 
@@ -293,6 +421,24 @@ def test_torch_compile_fullgraph_on_cpu():
     assert_close(out, want)
     for g, w in zip(torch.autograd.grad(out.sum(), (x, weights, scale)),
                     torch.autograd.grad(want.sum(), (x, weights, scale))):
+        assert_close(g, w)
+
+
+def test_combine_residual_sparse_torch_compile_fullgraph_on_cpu():
+    y, weights, scale, dispatch, residual = fused_case(torch.Size((3, 4, 16)), 2, 4)
+
+    def layer(y, weights, scale, indices, residual):
+        dispatch = ops.moe_dispatch(indices, 4)
+        return ops.combine_residual(torch.tanh(y), weights, residual, 0.5, seed=7, offset=3, expert_scale=scale,
+                                    dispatch=dispatch)
+
+    args = (y, weights, scale, dispatch.indices, residual)
+    compiled = torch.compile(layer, fullgraph=True)
+    out = compiled(*args)
+    want = layer(*args)
+    assert_close(out, want)  # inductor's tanh may differ from eager's in the last bit
+    leaves = (y, weights, scale, residual)
+    for g, w in zip(torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(want.sum(), leaves)):
         assert_close(g, w)
 
 

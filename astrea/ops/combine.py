@@ -56,17 +56,27 @@ def _weighted_combine_backward_fake(grad_out, expert_out, weights, indices, inve
             expert_scale.new_empty(expert_scale.shape) if expert_scale is not None else weights.new_empty(0))
 
 
-def _setup_context(ctx, inputs, output):
-    expert_out, weights, indices, inverse_positions, expert_offsets, expert_scale = inputs
+def save_combine_inputs(ctx, expert_out, weights, indices, inverse_positions, expert_offsets, expert_scale) -> None:
+    """Saves what :func:`combine_gradients` needs (shared with the fused combine + residual op)."""
     ctx.has_scale = expert_scale is not None
     ctx.save_for_backward(expert_out, weights, indices, inverse_positions, expert_offsets, expert_scale)
 
 
-def _backward(ctx, grad_out):
+def combine_gradients(ctx, grad_out: torch.Tensor):
+    """(d expert_out, d weights, d expert_scale or None) of the combine saved by :func:`save_combine_inputs`."""
     expert_out, weights, indices, inverse_positions, expert_offsets, expert_scale = ctx.saved_tensors
     grad_y, grad_weights, grad_scale = torch.ops.astrea.weighted_combine_backward(
         grad_out, expert_out, weights, indices, inverse_positions, expert_offsets, expert_scale)
-    return grad_y, grad_weights, None, None, None, grad_scale if ctx.has_scale else None
+    return grad_y, grad_weights, grad_scale if ctx.has_scale else None
+
+
+def _setup_context(ctx, inputs, output):
+    save_combine_inputs(ctx, *inputs)
+
+
+def _backward(ctx, grad_out):
+    grad_y, grad_weights, grad_scale = combine_gradients(ctx, grad_out)
+    return grad_y, grad_weights, None, None, None, grad_scale
 
 
 _weighted_combine.register_autograd(_backward, setup_context=_setup_context)
@@ -89,7 +99,13 @@ def weighted_combine(expert_out: torch.Tensor, weights: torch.Tensor, dispatch: 
         Backward gives expert_out, weights and expert_scale gradients, deterministically:
         the expert_scale gradient sums each expert's rows in a fixed order, without atomics.
     """
-    op = "weighted_combine"
+    dispatch = check_combine_inputs("weighted_combine", expert_out, weights, dispatch, expert_scale)
+    return torch.ops.astrea.weighted_combine(expert_out, weights, dispatch.indices, dispatch.inverse_positions,
+                                             dispatch.expert_offsets, expert_scale)
+
+
+def check_combine_inputs(op: str, expert_out, weights, dispatch, expert_scale) -> Dispatch:
+    """Validates the arguments of the sparse combine (also those of the fused combine + residual)."""
     dispatch = check_dispatch(op, dispatch)
     check_tensor(op, "expert_out", expert_out, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor(op, "weights", weights, ndim=2, dtypes=FLOAT_DTYPES)
@@ -102,5 +118,4 @@ def weighted_combine(expert_out: torch.Tensor, weights: torch.Tensor, dispatch: 
         check_tensor(op, "expert_scale", expert_scale, ndim=1, dtypes=FLOAT_DTYPES)
         check_size(op, "expert_scale", expert_scale, 0, dispatch.num_experts, "the number of experts E of dispatch")
     check_same_device(op, expert_out=expert_out, weights=weights, indices=indices, expert_scale=expert_scale)
-    return torch.ops.astrea.weighted_combine(expert_out, weights, indices, dispatch.inverse_positions,
-                                             dispatch.expert_offsets, expert_scale)
+    return dispatch

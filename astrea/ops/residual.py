@@ -1,5 +1,5 @@
-"""Stochastic residual, alone and fused with the dense weighted combine (Triton kernels;
-reference on CPU).
+"""Stochastic residual, alone and fused with the weighted combine, dense or sparse (Triton
+kernels; reference on CPU).
 
 Training: ``y + m * r / p`` with ``m ~ Bernoulli(p)`` per mask unit, drawn inside the
 kernel from Philox keyed by ``(seed, offset + unit)`` and never stored; the backward
@@ -12,13 +12,16 @@ Eval, or ``p == 1``: exactly ``y + r``.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 
 from astrea import _backend
 from astrea._validation import FLOAT_DTYPES, check_choice, check_int, check_same_device, check_tensor
-from astrea.ops import dense_combine
+from astrea.ops import combine, dense_combine
+from astrea.ops.dispatch import Dispatch
+from astrea.reference import combine as combine_reference
 from astrea.reference import residual as reference
 
 GRANULARITIES = ("token", "sample")
@@ -79,21 +82,69 @@ def stochastic_residual(y: torch.Tensor, r: torch.Tensor, p: float, *, seed: int
 
 def combine_residual(expert_out, weights: torch.Tensor, residual: torch.Tensor, p: float, *, seed: int,
                      offset: int = 0, granularity: str = "token", training: bool = True,
-                     expert_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``stochastic_residual(dense_weighted_combine(expert_out, weights, expert_scale), residual, p, ...)``
-    in one kernel and one pass, bit-identical to the two ops in sequence.
+                     expert_scale: torch.Tensor | None = None, dispatch: Dispatch | None = None) -> torch.Tensor:
+    """A weighted combine followed by the stochastic residual, in one kernel and one pass,
+    bit-identical to the two ops in sequence.
 
-    The combine is the base and ``residual`` (Astrea's caption expert features) the branch kept
-    with probability ``p``. Arguments as in :func:`astrea.ops.dense_weighted_combine` and
-    :func:`stochastic_residual`; ``residual`` has the shape and dtype of one expert output.
+    The combine is the base and ``residual`` the branch kept with probability ``p``; ``p``,
+    ``seed``, ``offset``, ``granularity`` and ``training`` as in :func:`stochastic_residual`.
+
+    Dense layout (``dispatch=None``; Astrea's vision experts, the caption expert's features as
+    the residual): ``expert_out``, ``weights`` and ``expert_scale`` as in
+    :func:`astrea.ops.dense_weighted_combine`; ``residual`` has the shape and dtype of one
+    expert output. Equals ``stochastic_residual(dense_weighted_combine(expert_out, weights,
+    expert_scale), residual, p, ...)``.
+
+    Sparse layout (``dispatch`` from :func:`astrea.ops.moe_dispatch`): ``expert_out``
+    ``[N*k, D]`` in the dispatch's layout, ``weights`` ``[N, k]`` and ``expert_scale`` ``[E]``
+    as in :func:`astrea.ops.weighted_combine`; ``residual`` is ``[N, D]`` or ``[B, ..., D]``
+    whose rows flatten to N, in expert_out's dtype. The result has residual's shape and its
+    mask units (token rows, or samples along dim 0) are those :func:`stochastic_residual` uses
+    on that shape: it equals ``stochastic_residual(weighted_combine(expert_out, weights,
+    dispatch, expert_scale).view_as(residual), residual, p, ...)``. For a MoE layer with a
+    skip connection, as :class:`astrea.nn.SparseMoE` computes it plus a stochastic residual::
+
+        tokens = x.reshape(-1, x.shape[-1])
+        routing = router(tokens)
+        dispatch = astrea.ops.moe_dispatch(routing.indices, num_experts)
+        permuted = astrea.ops.permute(tokens, dispatch)
+        offsets = dispatch.expert_offsets.tolist()
+        expert_out = torch.cat([expert(permuted[a:b]) for expert, a, b in zip(experts, offsets, offsets[1:])])
+        out = astrea.ops.combine_residual(expert_out, routing.weights, x, 0.8, seed=seed, offset=offset,
+                                          dispatch=dispatch)  # [B, T, D], x's shape
+
+    Backward: the residual gets ``m * grad / p`` (mask regenerated), the combine's inputs the
+    gradients of the combine alone; deterministic, no atomics.
     """
     op = "combine_residual"
+    if dispatch is not None:
+        return _sparse_combine_residual(expert_out, weights, residual, p, seed, offset, granularity, training,
+                                        expert_scale, dispatch)
     experts = dense_combine.expert_list(op, expert_out)
     coef = dense_combine.coefficients(op, experts, weights, expert_scale)
     _check_pair(op, "residual", residual, "an expert output", experts[0])
     check_same_device(op, expert_out=experts[0], residual=residual)
     p = _check_draw(op, p, seed, offset, granularity, training)
     return torch.ops.astrea.combine_residual(experts, coef, residual, p, seed, offset, granularity, training)
+
+
+def _sparse_combine_residual(expert_out, weights, residual, p, seed, offset, granularity, training, expert_scale,
+                             dispatch) -> torch.Tensor:
+    """:func:`combine_residual` in the sparse layout: validation, then the registered op."""
+    op = "combine_residual"
+    dispatch = combine.check_combine_inputs(op, expert_out, weights, dispatch, expert_scale)
+    check_tensor(op, "residual", residual, dtypes=FLOAT_DTYPES)
+    num_tokens, dim = weights.shape[0], expert_out.shape[1]
+    if residual.dim() < 2 or residual.shape[-1] != dim or math.prod(residual.shape[:-1]) != num_tokens:
+        raise ValueError(f"{op}: residual must be [N, D] = ({num_tokens}, {dim}) or [B, ..., D] whose rows "
+                         f"flatten to N = {num_tokens} with D = {dim}; got shape {tuple(residual.shape)}")
+    if residual.dtype != expert_out.dtype:
+        raise TypeError(f"{op}: residual must have the dtype of expert_out ({expert_out.dtype}); got {residual.dtype}")
+    check_same_device(op, expert_out=expert_out, residual=residual)
+    p = _check_draw(op, p, seed, offset, granularity, training)
+    return torch.ops.astrea.sparse_combine_residual(expert_out, weights, dispatch.indices, dispatch.inverse_positions,
+                                                    dispatch.expert_offsets, expert_scale, residual, p, seed, offset,
+                                                    granularity, training)
 
 
 def stochastic_residual_forward(base: torch.Tensor | None, branch: torch.Tensor, p: float, seed: int, offset: int,
@@ -117,6 +168,27 @@ def stochastic_residual_forward(base: torch.Tensor | None, branch: torch.Tensor,
                                branch.reshape(-1, dim), seed=seed, offset=offset, keep_p=draw["keep_p"],
                                inv_p=draw["inv_p"], rows_per_unit=rows_per_unit, stochastic=draw["stochastic"])
     return out
+
+
+def sparse_combine_residual_forward(expert_out: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                                    inverse_positions: torch.Tensor, expert_offsets: torch.Tensor,
+                                    expert_scale: torch.Tensor | None, residual: torch.Tensor, p: float, seed: int,
+                                    offset: int, granularity: str, training: bool) -> torch.Tensor:
+    """Launcher of the sparse combine with the stochastic residual fused; the output has residual's shape."""
+    num_experts = expert_offsets.shape[0] - 1
+    if _backend.choose("combine_residual", residual.device) == "reference":
+        return combine_reference.sparse_combine_residual(
+            expert_out, weights, indices, inverse_positions, num_experts, residual, p, seed=seed, offset=offset,
+            granularity=granularity, training=training, expert_scale=expert_scale)
+    from astrea.kernels.combine import combine_forward
+
+    draw = dense_combine.residual_draw(p, seed, offset, granularity, training)
+    _, rows_per_unit = reference.mask_units(residual.shape, granularity)
+    out = combine_forward(expert_out, inverse_positions, weights, indices, expert_scale, num_experts,
+                          residual=residual.reshape(-1, residual.shape[-1]), seed=seed, offset=offset,
+                          keep_p=draw["keep_p"], inv_p=draw["inv_p"], rows_per_unit=rows_per_unit,
+                          stochastic=draw["stochastic"])
+    return out.view(residual.shape)
 
 
 # ---- registration ---------------------------------------------------------------------------
@@ -153,13 +225,16 @@ def _residual_setup_context(ctx, inputs, output):
     _save_draw(ctx, *draw)
 
 
-def _residual_backward(ctx, grad):
+def _branch_grad(ctx, grad: torch.Tensor) -> torch.Tensor:
+    """``m * grad / p`` with the mask regenerated from the saved draw; ``grad`` itself in eval or at p = 1."""
     p, seed, offset, granularity, training = ctx.draw
-    grad_r = None
-    if ctx.needs_input_grad[1]:
-        stochastic = training and p < 1.0
-        grad_r = torch.ops.astrea.stochastic_residual_backward(grad, p, seed, offset, granularity, training) \
-            if stochastic else grad
+    if training and p < 1.0:
+        return torch.ops.astrea.stochastic_residual_backward(grad, p, seed, offset, granularity, training)
+    return grad
+
+
+def _residual_backward(ctx, grad):
+    grad_r = _branch_grad(ctx, grad) if ctx.needs_input_grad[1] else None
     return grad, grad_r, None, None, None, None, None
 
 
@@ -190,3 +265,36 @@ def _combine_residual_backward(ctx, grad):
 
 
 _combine_residual_op.register_autograd(_combine_residual_backward, setup_context=_combine_residual_setup_context)
+
+
+@torch.library.custom_op("astrea::sparse_combine_residual", mutates_args=())
+def _sparse_combine_residual_op(expert_out: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                                inverse_positions: torch.Tensor, expert_offsets: torch.Tensor,
+                                expert_scale: torch.Tensor | None, residual: torch.Tensor, p: float, seed: int,
+                                offset: int, granularity: str, training: bool) -> torch.Tensor:
+    return sparse_combine_residual_forward(expert_out, weights, indices, inverse_positions, expert_offsets,
+                                           expert_scale, residual, p, seed, offset, granularity, training)
+
+
+@_sparse_combine_residual_op.register_fake
+def _(expert_out, weights, indices, inverse_positions, expert_offsets, expert_scale, residual, p, seed, offset,
+      granularity, training):
+    return expert_out.new_empty(residual.shape)
+
+
+def _sparse_combine_residual_setup_context(ctx, inputs, output):
+    *combine_inputs, _, p, seed, offset, granularity, training = inputs
+    combine.save_combine_inputs(ctx, *combine_inputs)
+    _save_draw(ctx, p, seed, offset, granularity, training)
+
+
+def _sparse_combine_residual_backward(ctx, grad):
+    grad_y = grad_weights = grad_scale = None
+    if any(ctx.needs_input_grad[i] for i in (0, 1, 5)):  # expert_out, weights, expert_scale
+        grad_y, grad_weights, grad_scale = combine.combine_gradients(ctx, grad.reshape(-1, grad.shape[-1]))
+    grad_residual = _branch_grad(ctx, grad) if ctx.needs_input_grad[6] else None
+    return grad_y, grad_weights, None, None, None, grad_scale, grad_residual, None, None, None, None, None
+
+
+_sparse_combine_residual_op.register_autograd(_sparse_combine_residual_backward,
+                                              setup_context=_sparse_combine_residual_setup_context)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from astrea._validation import accumulation_dtype
+from astrea.reference.residual import stochastic_residual
 
 
 def _coefficients(weights, indices, expert_scale, num_experts, dtype):
@@ -50,3 +51,14 @@ def weighted_combine_backward(grad_out: torch.Tensor, expert_out: torch.Tensor, 
     grad_scale = torch.zeros(num_experts, dtype=dtype, device=expert_scale.device)
     grad_scale.index_add_(0, expert[valid], (weights.to(dtype) * dots)[valid])
     return grad_y.to(expert_out.dtype), grad_weights.to(weights.dtype), grad_scale.to(expert_scale.dtype)
+
+
+def sparse_combine_residual(expert_out: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                            inverse_positions: torch.Tensor, num_experts: int, residual: torch.Tensor, p: float, *,
+                            seed: int, offset: int = 0, granularity: str = "token", training: bool = True,
+                            expert_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`weighted_combine` viewed as ``residual`` (``[B, ..., D]`` whose rows flatten to N),
+    then the stochastic residual with ``residual`` as the dropped branch."""
+    combined = weighted_combine(expert_out, weights, indices, inverse_positions, num_experts, expert_scale)
+    return stochastic_residual(combined.view(residual.shape), residual, p, seed=seed, offset=offset,
+                               granularity=granularity, training=training)
