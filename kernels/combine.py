@@ -200,6 +200,10 @@ def combine_backward(grad_out: torch.Tensor, y: torch.Tensor, weights: torch.Ten
     return grad_y, grad_weights, grad_scale
 
 
+# Contiguous operands, as the JIT specialises them: unit feature and slot strides.
+_UNIT_STRIDES = {"stride_yd": 1, "stride_wj": 1}
+
+
 def _aot_specs() -> list[AOTSpec]:
     specs = []
     for dtype in ("fp32", "bf16"):
@@ -217,7 +221,9 @@ def _aot_specs() -> list[AOTSpec]:
                                "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"},
                     constexprs={"HAS_WEIGHTS": weighted, "HAS_SCALE": weighted,
                                 "HAS_RESIDUAL": fused, "STOCHASTIC": fused,
-                                "BLOCK_T": COMBINE_BLOCK_T, "BLOCK_D": COMBINE_BLOCK_D})
+                                "BLOCK_T": COMBINE_BLOCK_T, "BLOCK_D": COMBINE_BLOCK_D, **_UNIT_STRIDES,
+                                "stride_rd": 1},
+                    divisible_by_16=("dim", "stride_yr", "stride_rr"))
             for variant, weighted, fused in (("", True, False), ("_unweighted", False, False),
                                              ("_residual", True, True))
         ]
@@ -230,7 +236,9 @@ def _aot_specs() -> list[AOTSpec]:
                        "stride_gt": "i32", "stride_gd": "i32", "stride_yr": "i32", "stride_yd": "i32",
                        "stride_wt": "i32", "stride_wj": "i32", "HAS_SCALE": "constexpr",
                        "BLOCK_T": "constexpr", "BLOCK_D": "constexpr", "BLOCK_K": "constexpr"},
-            constexprs={"HAS_SCALE": True, "BLOCK_T": BACKWARD_BLOCK_T, "BLOCK_D": BACKWARD_BLOCK_D, "BLOCK_K": 8}))
+            constexprs={"HAS_SCALE": True, "BLOCK_T": BACKWARD_BLOCK_T, "BLOCK_D": BACKWARD_BLOCK_D, "BLOCK_K": 8,
+                        **_UNIT_STRIDES, "stride_gd": 1},
+            divisible_by_16=("dim", "stride_gt", "stride_yr")))
     specs.append(AOTSpec(
         label="combine.segment_sum", kernel=_segment_sum_kernel,
         signature={"values_ptr": "*fp32", "offsets_ptr": "*i64", "out_ptr": "*fp32", "BLOCK": "constexpr"},

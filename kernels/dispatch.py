@@ -198,7 +198,8 @@ def _aot_specs() -> list[AOTSpec]:
                 signature={"x_ptr": f"*{dtype}", "inverse_positions_ptr": "*i32", "out_ptr": f"*{dtype}",
                            "num_tokens": "i32", "dim": "i32", "top_k": "i32", "stride_xt": "i32", "stride_xd": "i32",
                            "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"},
-                constexprs={"BLOCK_T": PERMUTE_BLOCK_T, "BLOCK_D": PERMUTE_BLOCK_D})
+                constexprs={"BLOCK_T": PERMUTE_BLOCK_T, "BLOCK_D": PERMUTE_BLOCK_D, "stride_xd": 1},
+                divisible_by_16=("dim", "stride_xt"))
         for dtype in ("fp32", "bf16")
     ]
     return specs

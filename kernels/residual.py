@@ -112,8 +112,11 @@ def _aot_spec(dtype: str, has_base: bool, stochastic: bool, block_rows: int, blo
         label=f"residual.{kind}_{dtype}_{block_rows}x{block_d}",
         kernel=_stochastic_residual_kernel,
         signature=signature,
-        constexprs={"HAS_BASE": has_base, "STOCHASTIC": stochastic, "BLOCK_ROWS": block_rows, "BLOCK_D": block_d},
+        # Contiguous operands, as the JIT specialises them.
+        constexprs={"HAS_BASE": has_base, "STOCHASTIC": stochastic, "BLOCK_ROWS": block_rows, "BLOCK_D": block_d,
+                    "stride_base_col": 1, "stride_branch_col": 1},
         num_warps=num_warps_for(block_rows * block_d),
+        divisible_by_16=("dim", "stride_out_row", "stride_base_row", "stride_branch_row"),
     )
 
 
