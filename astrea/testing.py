@@ -12,9 +12,10 @@ def peak_cpu_memory_bytes(fn: Callable[[], Any]) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage != 0), key=lambda e: e.time_range.start)
+    # Self usage: an op's cpu_memory_usage includes its children's allocations.
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage != 0), key=lambda e: e.time_range.start)
     running = peak = 0
     for event in events:
-        running += event.cpu_memory_usage
+        running += event.self_cpu_memory_usage
         peak = max(peak, running)
     return peak
