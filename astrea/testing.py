@@ -6,16 +6,19 @@ from typing import Any, Callable
 
 
 def peak_cpu_memory_bytes(fn: Callable[[], Any]) -> int:
-    """Peak of the CPU memory torch allocates while ``fn`` runs, net of what it frees
-    (from ``torch.profiler``'s allocation events, replayed in time order)."""
+    """Peak of the CPU memory torch allocates while ``fn`` runs, net of what it frees: the
+    profiler's raw allocation and free records, replayed in time order. (Its per-op
+    ``cpu_memory_usage`` cannot be replayed: an op's figure includes its children's and
+    nets the frees inside it at the op's start.)"""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # Self usage: an op's cpu_memory_usage includes its children's allocations.
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage != 0), key=lambda e: e.time_range.start)
+    records = sorted((event.start_ns(), event.nbytes()) for event in prof.profiler.kineto_results.events()
+                     if event.name() == "[memory]" and event.device_type() == DeviceType.CPU)
     running = peak = 0
-    for event in events:
-        running += event.self_cpu_memory_usage
+    for _, nbytes in records:
+        running += nbytes
         peak = max(peak, running)
     return peak

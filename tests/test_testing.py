@@ -27,3 +27,10 @@ def test_peak_nets_out_what_is_freed():
 
     assert peak_cpu_memory_bytes(two_buffers_one_at_a_time) == 3 * MIB
     assert peak_cpu_memory_bytes(two_buffers_together) == 5 * MIB
+
+
+def test_peak_replays_frees_made_inside_an_op_at_their_time():
+    # The temporaries of an op are freed inside it; the peak is while they are alive.
+    x = torch.randn(256, 1024)  # 1 MiB
+    peak = peak_cpu_memory_bytes(lambda: torch.nn.functional.cross_entropy(x, torch.zeros(256, dtype=torch.long)))
+    assert peak >= MIB  # log_softmax's [256, 1024] output is alive before the reduction frees it
