@@ -1,14 +1,13 @@
 // CPU kernels of the momentum-queue contrast ops.
 //
-// Work is split into tasks of (block of q rows) x (range of queue tiles) run by
-// at::parallel_for. A task scores its rows against one queue tile at a time with a GEMM
-// (ATen's mm, i.e. the BLAS the build links) into a per-thread score buffer, as ATen's own
-// CPU flash attention tiles attention; the forward folds each tile into an online
-// log-sum-exp, the backward turns it into softmax weights and accumulates weights . tile
-// into grad_q with a second GEMM. Per-thread buffers are O(block * (D + tile) + tile * D):
-// the fused loss never allocates anything of size N x K. fp16/bf16 blocks and tiles are
-// converted to fp32 as they are loaded (fp32 accumulation), float64 stays float64, and the
-// temperature is folded into the q block once.
+// The queue is streamed in chunks of keys. Each chunk is scored against all N rows of q
+// with one GEMM (ATen's mm: the BLAS the build links, threaded by the BLAS itself) into a
+// score buffer of at most kScoreBudget elements; at::parallel_for then folds each row's
+// chunk into its online log-sum-exp or, in backward, turns it into softmax weights that a
+// second GEMM accumulates into grad_q. The buffer is O(kScoreBudget + chunk * D), never N x K.
+// GEMMs are not called inside at::parallel_for: a BLAS called from worker threads runs its
+// own threads on top of them. fp16/bf16 operands are converted to fp32 (q once, the queue a
+// chunk at a time), float64 stays float64, and the temperature is folded into q once.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -18,7 +17,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 
 #include "checks.h"
 
@@ -40,9 +38,10 @@
 namespace astrea {
 namespace {
 
-constexpr int64_t kRowBlock = 128;  // q rows per task: each key tile serves them all
-constexpr int64_t kKeyTile = 512;   // queue rows per tile: a 128 x 512 fp32 score tile stays in L2
-constexpr int64_t kLanes = 16;      // width of the row max / sum vectors
+constexpr int64_t kScoreBudget = int64_t(1) << 20;  // score-buffer elements: 4 MiB in fp32
+constexpr int64_t kMinChunk = 64;                    // keys per chunk, at least
+constexpr int64_t kRowGrain = 16;                    // rows per at::parallel_for grain
+constexpr int64_t kLanes = 16;                       // width of the row max / sum vectors
 
 // exp(x) for x <= 0 as a branch-free polynomial (Cephes expf, ~1 ulp) that the compiler
 // vectorises, unlike std::exp; float64 keeps the libm exp (it serves gradcheck, not speed).
@@ -123,89 +122,44 @@ ASTREA_SIMD_CLONES void softmax_weights(acc_t* scores, int64_t n, acc_t lse, acc
   for (int64_t c = 0; c < n; ++c) scores[c] = coef * exp_nonpositive(scores[c] - lse);
 }
 
-// How the N x K work is cut: blocks of q rows, each crossed with `splits` ranges of
-// queue tiles; splitting the queue keeps every thread busy when N is small.
-struct Partition {
-  int64_t rows, keys, depth, row_blocks, tiles, splits, tiles_per_split;
+// Contiguous operands (a copy only for strided inputs: O(N*D + K*D)), detached so that the
+// GEMMs never record autograd history, and q / T in the accumulation type.
+struct Operands {
+  at::Tensor q, k, queue, scaled_q;
+  int64_t rows, keys, depth;
 
-  Partition(int64_t n, int64_t k, int64_t d) : rows(n), keys(k), depth(d) {
-    row_blocks = (n + kRowBlock - 1) / kRowBlock;
-    tiles = (k + kKeyTile - 1) / kKeyTile;
-    const int64_t wanted_tasks = 4 * at::get_num_threads();
-    splits = std::clamp<int64_t>((wanted_tasks + row_blocks - 1) / row_blocks, 1, tiles);
-    tiles_per_split = (tiles + splits - 1) / splits;
-    splits = (tiles + tiles_per_split - 1) / tiles_per_split;
+  Operands(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& queue_, double temperature)
+      : q(q_.contiguous().detach()), k(k_.contiguous().detach()), queue(queue_.contiguous().detach()),
+        rows(q.size(0)), keys(queue.size(0)), depth(q.size(1)) {
+    const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    scaled_q = q.to(acc_type, /*non_blocking=*/false, /*copy=*/true);
+    scaled_q.mul_(inv_temperature(temperature, acc_type));
+  }
+
+  at::TensorOptions acc_options() const { return scaled_q.options(); }
+
+  // 1 / T rounded as the kernels' accumulation type computes it.
+  static double inv_temperature(double temperature, at::ScalarType acc_type) {
+    return acc_type == at::kDouble ? 1.0 / temperature : double(1.0f / static_cast<float>(temperature));
   }
 };
 
-// One task's view: rows [row_begin, row_end) against queue tiles [tile_begin, tile_end).
-struct Task {
-  int64_t block, split, row_begin, row_end, tile_begin, tile_end;
-  int64_t num_rows() const { return row_end - row_begin; }
-};
-
-// A thread's tile buffers, allocated once per thread and call (so that the allocator and
-// its profiler see them).
-struct Workspace {
-  at::Tensor rows;    // [kRowBlock, D]: the task's q rows times 1 / T, in the accumulation type
-  at::Tensor keys;    // [kKeyTile, D]: the key tile converted to the accumulation type
-  at::Tensor scores;  // kRowBlock * kKeyTile: one tile's scores, [rows, keys] row-major
-
-  Workspace(int64_t depth, const at::TensorOptions& options)
-      : rows(at::empty({kRowBlock, depth}, options)),
-        keys(at::empty({kKeyTile, depth}, options)),
-        scores(at::empty({kRowBlock * kKeyTile}, options)) {}
-};
-
-// Contiguous operands (a copy only for strided inputs: O(N*D + K*D)), detached so that the
-// GEMMs on their blocks never record autograd history.
-struct Operands {
-  at::Tensor q, k, queue;
-  Operands(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& queue_)
-      : q(q_.contiguous().detach()), k(k_.contiguous().detach()), queue(queue_.contiguous().detach()) {}
-  Partition partition() const { return Partition(q.size(0), queue.size(0), q.size(1)); }
-  at::ScalarType acc_type() const { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-};
-
-// Runs fn(task, workspace) for every task, in parallel; each thread reuses one workspace.
-template <typename Fn>
-void for_each_task(const Partition& p, const at::TensorOptions& options, Fn&& fn) {
-  at::parallel_for(0, p.row_blocks * p.splits, 1, [&](int64_t begin, int64_t end) {
-    Workspace ws(p.depth, options);
-    for (int64_t index = begin; index < end; ++index) {
-      Task t;
-      t.block = index / p.splits;
-      t.split = index % p.splits;
-      t.row_begin = t.block * kRowBlock;
-      t.row_end = std::min(p.rows, t.row_begin + kRowBlock);
-      t.tile_begin = t.split * p.tiles_per_split;
-      t.tile_end = std::min(p.tiles, t.tile_begin + p.tiles_per_split);
-      fn(t, ws);
-    }
-  });
-}
-
-// Task t's q rows times 1 / T in the accumulation type: [t.num_rows(), D].
-at::Tensor load_rows(const Operands& ops, const Task& t, double inv_t, Workspace& ws) {
-  at::Tensor rows = ws.rows.narrow(0, 0, t.num_rows());
-  rows.copy_(ops.q.narrow(0, t.row_begin, t.num_rows()));
-  return rows.mul_(inv_t);
-}
-
-// Scores task t's rows against each of its queue tiles in turn: `visit(key_begin, scores,
-// keys)` runs with scores = rows . keys^T ([rows, count], row-major, contiguous) and keys
-// the tile [count, D] in the accumulation type.
+// Streams the queue in chunks: `visit(key_begin, scores, keys)` runs with scores = (q / T) .
+// keys^T ([N, count], row-major, contiguous) and keys the chunk [count, D] in the
+// accumulation type.
 template <typename Visit>
-void for_each_score_tile(const Operands& ops, const Task& t, const Partition& p, const at::Tensor& rows,
-                         Workspace& ws, Visit&& visit) {
-  const bool convert = ops.queue.scalar_type() != ws.keys.scalar_type();
-  for (int64_t tile = t.tile_begin; tile < t.tile_end; ++tile) {
-    const int64_t key_begin = tile * kKeyTile;
-    const int64_t count = std::min(kKeyTile, p.keys - key_begin);
+void for_each_score_chunk(const Operands& ops, Visit&& visit) {
+  const int64_t chunk = std::min(ops.keys, std::max(kMinChunk, kScoreBudget / ops.rows));
+  const auto options = ops.acc_options();
+  const at::Tensor scores_buffer = at::empty({ops.rows * chunk}, options);
+  const bool convert = ops.queue.scalar_type() != options.dtype();
+  const at::Tensor keys_buffer = convert ? at::empty({chunk, ops.depth}, options) : at::Tensor();
+  for (int64_t key_begin = 0; key_begin < ops.keys; key_begin += chunk) {
+    const int64_t count = std::min(chunk, ops.keys - key_begin);
     at::Tensor keys = ops.queue.narrow(0, key_begin, count);
-    if (convert) keys = ws.keys.narrow(0, 0, count).copy_(keys);
-    at::Tensor scores = ws.scores.narrow(0, 0, t.num_rows() * count).view({t.num_rows(), count});
-    at::mm_out(scores, rows, keys.t());
+    if (convert) keys = keys_buffer.narrow(0, 0, count).copy_(keys);
+    at::Tensor scores = scores_buffer.narrow(0, 0, ops.rows * count).view({ops.rows, count});
+    at::mm_out(scores, ops.scaled_q, keys.t());
     visit(key_begin, scores, keys);
   }
 }
@@ -228,75 +182,51 @@ void positive_logits(const scalar_t* q, const scalar_t* k, int64_t n, int64_t de
 at::Tensor moco_logits_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                            const at::Tensor& queue_in, double temperature) {
   check_moco_args("moco_logits", q_in, k_in, queue_in, temperature);
-  const Operands ops(q_in, k_in, queue_in);
-  const Partition p = ops.partition();
-  at::Tensor out = at::empty({p.rows, 1 + p.keys}, ops.q.options().dtype(ops.acc_type()));
+  const Operands ops(q_in, k_in, queue_in, temperature);
+  at::Tensor out = at::empty({ops.rows, 1 + ops.keys}, ops.acc_options());
+  // The output is N x K anyway: the queue columns are one GEMM written in place.
+  const at::Tensor keys = ops.queue.to(out.scalar_type());  // a copy for fp16/bf16 only: O(K * D)
+  at::Tensor queue_columns = out.narrow(1, 1, ops.keys);
+  at::mm_out(queue_columns, ops.scaled_q, keys.t());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ops.q.scalar_type(), "moco_logits", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    acc_t* logits = out.data_ptr<acc_t>();
     const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature);
-    const int64_t stride = 1 + p.keys;
-    positive_logits(ops.q.const_data_ptr<scalar_t>(), ops.k.const_data_ptr<scalar_t>(), p.rows, p.depth, inv_t,
-                    logits, stride);
-    for_each_task(p, out.options(), [&](const Task& t, Workspace& ws) {
-      const at::Tensor rows = load_rows(ops, t, inv_t, ws);
-      for_each_score_tile(ops, t, p, rows, ws, [&](int64_t key_begin, const at::Tensor& scores, const at::Tensor&) {
-        const int64_t count = scores.size(1);
-        const acc_t* src = scores.const_data_ptr<acc_t>();
-        for (int64_t r = 0; r < t.num_rows(); ++r) {
-          std::copy(src + r * count, src + (r + 1) * count, logits + (t.row_begin + r) * stride + 1 + key_begin);
-        }
-      });
-    });
+    positive_logits(ops.q.const_data_ptr<scalar_t>(), ops.k.const_data_ptr<scalar_t>(), ops.rows, ops.depth, inv_t,
+                    out.data_ptr<acc_t>(), 1 + ops.keys);
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> moco_infonce_cpu(const at::Tensor& q_in,
-                                                            const at::Tensor& k_in,
-                                                            const at::Tensor& queue_in,
-                                                            double temperature) {
+std::tuple<at::Tensor, at::Tensor> moco_infonce_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                    const at::Tensor& queue_in, double temperature) {
   check_moco_args("moco_infonce", q_in, k_in, queue_in, temperature);
-  const Operands ops(q_in, k_in, queue_in);
-  const Partition p = ops.partition();
-  const auto options = ops.q.options().dtype(ops.acc_type());
-  at::Tensor loss = at::empty({p.rows}, options);
-  at::Tensor lse = at::empty({p.rows}, options);
+  const Operands ops(q_in, k_in, queue_in, temperature);
+  const auto options = ops.acc_options();
+  at::Tensor loss = at::empty({ops.rows}, options);
+  at::Tensor lse = at::empty({ops.rows}, options);
+  const at::Tensor running_sum = at::empty({ops.rows}, options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ops.q.scalar_type(), "moco_infonce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature);
-    // Running (max, sum) of each row over each split's queue range: [splits, N].
-    const at::Tensor partials = at::empty({2, p.splits, p.rows}, options);
-    acc_t* part_max = partials.data_ptr<acc_t>();
-    acc_t* part_sum = part_max + p.splits * p.rows;
-    for_each_task(p, options, [&](const Task& t, Workspace& ws) {
-      const at::Tensor rows = load_rows(ops, t, inv_t, ws);
-      acc_t* row_max = part_max + t.split * p.rows + t.row_begin;
-      acc_t* row_sum = part_sum + t.split * p.rows + t.row_begin;
-      std::fill(row_max, row_max + t.num_rows(), -std::numeric_limits<acc_t>::infinity());
-      std::fill(row_sum, row_sum + t.num_rows(), acc_t(0));
-      for_each_score_tile(ops, t, p, rows, ws, [&](int64_t, const at::Tensor& scores, const at::Tensor&) {
-        const int64_t count = scores.size(1);
-        acc_t* tile = scores.data_ptr<acc_t>();
-        for (int64_t r = 0; r < t.num_rows(); ++r) online_lse_update(tile + r * count, count, row_max[r], row_sum[r]);
+    acc_t* positive = loss.data_ptr<acc_t>();
+    acc_t* row_max = lse.data_ptr<acc_t>();
+    acc_t* row_sum = running_sum.data_ptr<acc_t>();
+    positive_logits(ops.q.const_data_ptr<scalar_t>(), ops.k.const_data_ptr<scalar_t>(), ops.rows, ops.depth, inv_t,
+                    positive, 1);
+    // Each row's running (max, sum of exp(x - max)) starts from its positive logit.
+    std::copy(positive, positive + ops.rows, row_max);
+    std::fill(row_sum, row_sum + ops.rows, acc_t(1));
+    for_each_score_chunk(ops, [&](int64_t, const at::Tensor& scores, const at::Tensor&) {
+      const int64_t count = scores.size(1);
+      acc_t* chunk = scores.data_ptr<acc_t>();
+      at::parallel_for(0, ops.rows, kRowGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) online_lse_update(chunk + i * count, count, row_max[i], row_sum[i]);
       });
     });
-    acc_t* loss_data = loss.data_ptr<acc_t>();
-    acc_t* lse_data = lse.data_ptr<acc_t>();
-    positive_logits(ops.q.const_data_ptr<scalar_t>(), ops.k.const_data_ptr<scalar_t>(), p.rows, p.depth, inv_t,
-                    loss_data, 1);
-    at::parallel_for(0, p.rows, 256, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, ops.rows, 256, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const acc_t positive = loss_data[i];
-        acc_t max = positive;
-        for (int64_t s = 0; s < p.splits; ++s) max = std::max(max, part_max[s * p.rows + i]);
-        acc_t sum = std::exp(positive - max);
-        for (int64_t s = 0; s < p.splits; ++s) {
-          const acc_t part = part_sum[s * p.rows + i];
-          if (part > 0) sum += part * std::exp(part_max[s * p.rows + i] - max);
-        }
-        lse_data[i] = max + std::log(sum);
-        loss_data[i] = lse_data[i] - positive;
+        row_max[i] += std::log(row_sum[i]);  // the row's lse
+        positive[i] = row_max[i] - positive[i];  // the row's loss
       }
     });
   });
@@ -315,10 +245,11 @@ std::tuple<at::Tensor, at::Tensor> moco_infonce_backward_cpu(const at::Tensor& g
   check_moco_args("moco_infonce_backward", q_in, k_in, queue_in, temperature);
   check_moco_row_vector("grad_loss", grad_loss_in, q_in);
   check_moco_row_vector("lse", lse_in, q_in);
-  const Operands ops(q_in, k_in, queue_in);
-  const Partition p = ops.partition();
+  const Operands ops(q_in, k_in, queue_in, temperature);
   const at::Tensor grad_loss = grad_loss_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
+  // The queue part of grad_q: sum over the chunks of softmax weights . keys.
+  at::Tensor queue_grad = at::zeros({ops.rows, ops.depth}, ops.acc_options());
   at::Tensor grad_q = at::empty_like(ops.q);
   at::Tensor grad_k = at::empty_like(ops.k);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ops.q.scalar_type(), "moco_infonce_backward", [&] {
@@ -328,37 +259,29 @@ std::tuple<at::Tensor, at::Tensor> moco_infonce_backward_cpu(const at::Tensor& g
     const acc_t* g = grad_loss.const_data_ptr<acc_t>();
     const acc_t* row_lse = lse.const_data_ptr<acc_t>();
     const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature);
-    // Queue part of grad_q per split: [splits, N, D].
-    const at::Tensor partials = at::empty({p.splits, p.rows, p.depth}, grad_loss.options());
-    acc_t* part_grad = partials.data_ptr<acc_t>();
-    for_each_task(p, grad_loss.options(), [&](const Task& t, Workspace& ws) {
-      const at::Tensor rows = load_rows(ops, t, inv_t, ws);
-      at::Tensor grad = partials[t.split].narrow(0, t.row_begin, t.num_rows()).zero_();
-      for_each_score_tile(ops, t, p, rows, ws, [&](int64_t, const at::Tensor& scores, const at::Tensor& keys) {
-        const int64_t count = scores.size(1);
-        acc_t* weights = scores.data_ptr<acc_t>();
-        for (int64_t r = 0; r < t.num_rows(); ++r) {
-          const int64_t i = t.row_begin + r;
-          softmax_weights(weights + r * count, count, row_lse[i], g[i] * inv_t);
-        }
-        grad.addmm_(scores, keys);
+    const int64_t depth = ops.depth;
+    for_each_score_chunk(ops, [&](int64_t, const at::Tensor& scores, const at::Tensor& keys) {
+      const int64_t count = scores.size(1);
+      acc_t* weights = scores.data_ptr<acc_t>();
+      at::parallel_for(0, ops.rows, kRowGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) softmax_weights(weights + i * count, count, row_lse[i], g[i] * inv_t);
       });
+      queue_grad.addmm_(scores, keys);
     });
+    const acc_t* queue_part = queue_grad.const_data_ptr<acc_t>();
     scalar_t* gq = grad_q.data_ptr<scalar_t>();
     scalar_t* gk = grad_k.data_ptr<scalar_t>();
-    at::parallel_for(0, p.rows, 64, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, ops.rows, 64, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         acc_t positive = 0;
-        for (int64_t d = 0; d < p.depth; ++d) {
-          positive += static_cast<acc_t>(q[i * p.depth + d]) * static_cast<acc_t>(k[i * p.depth + d]);
+        for (int64_t d = 0; d < depth; ++d) {
+          positive += static_cast<acc_t>(q[i * depth + d]) * static_cast<acc_t>(k[i * depth + d]);
         }
-        const acc_t coef = g[i] * inv_t;
-        const acc_t pos_weight = coef * (std::exp(positive * inv_t - row_lse[i]) - acc_t(1));
-        for (int64_t d = 0; d < p.depth; ++d) {
-          acc_t total = pos_weight * static_cast<acc_t>(k[i * p.depth + d]);
-          for (int64_t s = 0; s < p.splits; ++s) total += part_grad[(s * p.rows + i) * p.depth + d];
-          gq[i * p.depth + d] = static_cast<scalar_t>(total);
-          gk[i * p.depth + d] = static_cast<scalar_t>(pos_weight * static_cast<acc_t>(q[i * p.depth + d]));
+        const acc_t pos_weight = g[i] * inv_t * (std::exp(positive * inv_t - row_lse[i]) - acc_t(1));
+        for (int64_t d = 0; d < depth; ++d) {
+          const int64_t at = i * depth + d;
+          gq[at] = static_cast<scalar_t>(queue_part[at] + pos_weight * static_cast<acc_t>(k[at]));
+          gk[at] = static_cast<scalar_t>(pos_weight * static_cast<acc_t>(q[at]));
         }
       }
     });
