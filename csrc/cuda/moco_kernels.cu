@@ -2,19 +2,24 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <mma.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
+#include <utility>
+
+#include "cuda/moco_tiles.h"
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "the MoCo tensor-core kernels need sm_80 or newer (bf16 wmma)"
+#endif
 
 namespace astrea::cuda {
 namespace {
 
-constexpr int kThreads = 256;      // 16 x 16 threads compute a score tile
-constexpr int kWarpsPerBlock = kThreads / 32;
-constexpr int kTileKeys = 64;      // queue rows per score tile
-constexpr int kTileDepth = 32;     // features per shared-memory stage
-constexpr int kForwardRows = 64;   // q rows per block: logits and loss
-constexpr int kBackwardRows = 32;  // q rows per block: gradient (its accumulator is rows x dim)
+namespace wmma = nvcuda::wmma;
+
 constexpr unsigned kFullMask = 0xffffffffu;
 
 __device__ __forceinline__ float to_float(float v) { return v; }
@@ -30,61 +35,275 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 
-__device__ __forceinline__ int64_t min_index(int64_t a, int64_t b) { return a < b ? a : b; }
+__host__ __device__ __forceinline__ int64_t min_index(int64_t a, int64_t b) { return a < b ? a : b; }
 
-template <int Rows>
-struct TileStorage {
-  float rows[Rows][kTileDepth + 1];  // +1: the column reads of the inner loop hit distinct banks
-  float keys[kTileKeys][kTileDepth + 1];
-  float scores[Rows][kTileKeys];
-};
+// --- score tiles ---------------------------------------------------------------------
+//
+// A tile type computes one kRows x kKeys tile of scores in shared memory and, in backward,
+// accumulates the tile's probabilities times the queue rows into the gradient. The kernels
+// further down are written once against this interface:
+//   Storage                    shared-memory layout (dynamic shared memory, 128-B aligned)
+//   kRows, kKeys, kScorePitch  tile shape; Storage::scores is float[kRows][kScorePitch]
+//   score(q, row0, n, queue, key0, num_keys, dim, inv_t, s)
+//       s.scores[r][c] = (q[row0 + r] . queue[key0 + c]) * inv_t with fp32 accumulation, 0 for
+//       rows >= n or keys >= num_keys. Starts by overwriting the staging buffers, has a
+//       __syncthreads before it writes s.scores (so callers may read the previous tile's
+//       scores until they call it) and ends synchronised.
+//   grad_pitch(dim)            floats per row of the fp32 gradient accumulator
+//   accumulate(s, queue, key0, count, num_keys, dim, grad, pitch)
+//       grad[r][d] += sum_c s.scores[r][c] * queue[key0 + c][d] for the probabilities the
+//       kernel left in s.scores (0 for keys >= count). Ends synchronised.
 
-// scores[r][c] = (q[row0 + r] . queue[key0 + c]) * inv_t, 0 past the last row or key.
-// Each of the 16 x 16 threads accumulates (Rows / 16) x 4 scores in registers while
-// stages of kTileDepth features go through shared memory. Ends synchronised.
+// FMA tiles: fp32 products accumulated in fp32 registers. Serves fp32 inputs, whose
+// products must stay fp32 (tensor cores would round them to TF32).
 template <typename T, int Rows>
-__device__ void score_tile(const T* __restrict__ q, int64_t row0, int64_t n, const T* __restrict__ queue,
-                           int64_t key0, int64_t num_keys, int64_t dim, float inv_t, TileStorage<Rows>& s) {
-  constexpr int kRowsPerThread = Rows / 16;
-  constexpr int kKeysPerThread = kTileKeys / 16;
-  const int tx = threadIdx.x % 16;
-  const int ty = threadIdx.x / 16;
-  float acc[kRowsPerThread][kKeysPerThread] = {};
-  for (int64_t d0 = 0; d0 < dim; d0 += kTileDepth) {
-    for (int e = threadIdx.x; e < Rows * kTileDepth; e += kThreads) {
-      const int64_t row = row0 + e / kTileDepth;
-      const int64_t col = d0 + e % kTileDepth;
-      s.rows[e / kTileDepth][e % kTileDepth] = (row < n && col < dim) ? to_float(q[row * dim + col]) : 0.f;
+struct FmaTile {
+  static constexpr int kRows = Rows;
+  static constexpr int kKeys = 64;
+  static constexpr int kDepth = 32;  // features per shared-memory stage
+  static constexpr int kScorePitch = kKeys + 4;  // row reductions: rows 4 banks apart
+  static_assert(kThreads == 256 && Rows % 16 == 0, "16 x 16 threads compute a score tile");
+
+  struct Storage {
+    float rows[Rows][kDepth + 1];  // +1: the column reads of the inner loop hit distinct banks
+    float keys[kKeys][kDepth + 1];
+    float scores[Rows][kScorePitch];
+  };
+
+  __host__ __device__ static int64_t grad_pitch(int64_t dim) { return dim; }
+
+  // Each of the 16 x 16 threads accumulates (Rows / 16) x 4 scores in registers while
+  // stages of kDepth features go through shared memory.
+  __device__ static void score(const T* __restrict__ q, int64_t row0, int64_t n, const T* __restrict__ queue,
+                               int64_t key0, int64_t num_keys, int64_t dim, float inv_t, Storage& s) {
+    constexpr int kRowsPerThread = Rows / 16;
+    constexpr int kKeysPerThread = kKeys / 16;
+    const int tx = threadIdx.x % 16;
+    const int ty = threadIdx.x / 16;
+    float acc[kRowsPerThread][kKeysPerThread] = {};
+    for (int64_t d0 = 0; d0 < dim; d0 += kDepth) {
+      for (int e = threadIdx.x; e < Rows * kDepth; e += kThreads) {
+        const int64_t row = row0 + e / kDepth;
+        const int64_t col = d0 + e % kDepth;
+        s.rows[e / kDepth][e % kDepth] = (row < n && col < dim) ? to_float(q[row * dim + col]) : 0.f;
+      }
+      for (int e = threadIdx.x; e < kKeys * kDepth; e += kThreads) {
+        const int64_t key = key0 + e / kDepth;
+        const int64_t col = d0 + e % kDepth;
+        s.keys[e / kDepth][e % kDepth] = (key < num_keys && col < dim) ? to_float(queue[key * dim + col]) : 0.f;
+      }
+      __syncthreads();
+#pragma unroll 8
+      for (int d = 0; d < kDepth; ++d) {
+        float a[kRowsPerThread];
+        float b[kKeysPerThread];
+#pragma unroll
+        for (int i = 0; i < kRowsPerThread; ++i) a[i] = s.rows[ty + 16 * i][d];
+#pragma unroll
+        for (int j = 0; j < kKeysPerThread; ++j) b[j] = s.keys[tx + 16 * j][d];
+#pragma unroll
+        for (int i = 0; i < kRowsPerThread; ++i) {
+#pragma unroll
+          for (int j = 0; j < kKeysPerThread; ++j) acc[i][j] += a[i] * b[j];
+        }
+      }
+      __syncthreads();
     }
-    for (int e = threadIdx.x; e < kTileKeys * kTileDepth; e += kThreads) {
-      const int64_t key = key0 + e / kTileDepth;
-      const int64_t col = d0 + e % kTileDepth;
-      s.keys[e / kTileDepth][e % kTileDepth] =
-          (key < num_keys && col < dim) ? to_float(queue[key * dim + col]) : 0.f;
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i) {
+#pragma unroll
+      for (int j = 0; j < kKeysPerThread; ++j) s.scores[ty + 16 * i][tx + 16 * j] = acc[i][j] * inv_t;
     }
     __syncthreads();
-#pragma unroll 8
-    for (int d = 0; d < kTileDepth; ++d) {
-      float a[kRowsPerThread];
-      float b[kKeysPerThread];
+  }
+
+  // Consecutive threads take consecutive features: the queue reads are coalesced.
+  __device__ static void accumulate(Storage& s, const T* __restrict__ queue, int64_t key0, int64_t count,
+                                    int64_t /*num_keys*/, int64_t dim, float* grad, int64_t pitch) {
+    for (int64_t e = threadIdx.x; e < Rows * dim; e += kThreads) {
+      const int64_t r = e / dim;
+      const int64_t d = e % dim;
+      float acc = grad[r * pitch + d];
+      for (int64_t c = 0; c < count; ++c) acc += s.scores[r][c] * to_float(queue[(key0 + c) * dim + d]);
+      grad[r * pitch + d] = acc;
+    }
+    __syncthreads();
+  }
+};
+
+// Tensor-core tiles for fp16 / bf16 inputs: wmma 16 x 16 x 16 fragments with fp32
+// accumulators, on the shared-memory layout of moco_tiles.h.
+template <typename T, typename Layout>
+struct TensorCoreTile : Layout {
+  using Layout::kDepth;
+  using Layout::kGradFrags;
+  using Layout::kKeys;
+  using Layout::kProbPitch;
+  using Layout::kRows;
+  using Layout::kScorePitch;
+  using Layout::kStagePitch;
+  using Layout::kVector;
+
+  using RowsFragment = wmma::fragment<wmma::matrix_a, kFragment, kFragment, kFragment, T, wmma::row_major>;
+  using KeysTransposedFragment = wmma::fragment<wmma::matrix_b, kFragment, kFragment, kFragment, T, wmma::col_major>;
+  using KeysFragment = wmma::fragment<wmma::matrix_b, kFragment, kFragment, kFragment, T, wmma::row_major>;
+  using Accumulator = wmma::fragment<wmma::accumulator, kFragment, kFragment, kFragment, float>;
+
+  struct Storage {
+    union {
+      alignas(32) T rows[kRows][kStagePitch];
+      alignas(32) T probs[kRows][kProbPitch];
+    };
+    alignas(32) T keys[kKeys][kStagePitch];
+    alignas(32) float scores[kRows][kScorePitch];
+  };
+
+  // dst[r][c] = src[first + r][d0 + c] for r < Count, c < kDepth; 0 past row `limit` or
+  // feature `dim`, so that padded rows and features add nothing to the products.
+  template <int Count>
+  __device__ static void load_stage(const T* __restrict__ src, int64_t first, int64_t limit, int64_t d0,
+                                    int64_t dim, T (*dst)[kStagePitch]) {
+    // 16-byte loads when every row starts 16-byte aligned; a vector then lies wholly
+    // inside or wholly past the row (d0 and the vector offset are multiples of kVector).
+    const bool vector = dim % kVector == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
+    for (int g = threadIdx.x; g < Count * Layout::kStageGroups; g += kThreads) {
+      const int r = Layout::stage_row(g);
+      const int c = Layout::stage_col(g);
+      const int64_t row = first + r;
+      const int64_t col = d0 + c;
+      T* out = &dst[r][c];
+      if (vector) {
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (row < limit && col < dim) v = *reinterpret_cast<const uint4*>(src + row * dim + col);
+        *reinterpret_cast<uint4*>(out) = v;
+      } else {
 #pragma unroll
-      for (int i = 0; i < kRowsPerThread; ++i) a[i] = s.rows[ty + 16 * i][d];
+        for (int i = 0; i < kVector; ++i) {
+          out[i] = (row < limit && col + i < dim) ? src[row * dim + col + i] : from_float<T>(0.f);
+        }
+      }
+    }
+  }
+
+  __device__ static void score(const T* __restrict__ q, int64_t row0, int64_t n, const T* __restrict__ queue,
+                               int64_t key0, int64_t num_keys, int64_t dim, float inv_t, Storage& s) {
+    const int warp = threadIdx.x / 32;
+    Accumulator acc[Layout::kFragRows][Layout::kFragCols];
 #pragma unroll
-      for (int j = 0; j < kKeysPerThread; ++j) b[j] = s.keys[tx + 16 * j][d];
+    for (int i = 0; i < Layout::kFragRows; ++i) {
 #pragma unroll
-      for (int i = 0; i < kRowsPerThread; ++i) {
+      for (int j = 0; j < Layout::kFragCols; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+    }
+    for (int64_t d0 = 0; d0 < dim; d0 += kDepth) {
+      load_stage<kRows>(q, row0, n, d0, dim, s.rows);
+      load_stage<kKeys>(queue, key0, num_keys, d0, dim, s.keys);
+      __syncthreads();
 #pragma unroll
-        for (int j = 0; j < kKeysPerThread; ++j) acc[i][j] += a[i] * b[j];
+      for (int k = 0; k < kDepth; k += kFragment) {
+        if (d0 + k >= dim) break;  // the rest of the stage is zero padding
+        KeysTransposedFragment keys[Layout::kFragCols];
+#pragma unroll
+        for (int j = 0; j < Layout::kFragCols; ++j) {
+          wmma::load_matrix_sync(keys[j], &s.keys[Layout::score_key(warp, j)][k], kStagePitch);
+        }
+#pragma unroll
+        for (int i = 0; i < Layout::kFragRows; ++i) {
+          RowsFragment rows;
+          wmma::load_matrix_sync(rows, &s.rows[Layout::score_row(warp, i)][k], kStagePitch);
+#pragma unroll
+          for (int j = 0; j < Layout::kFragCols; ++j) wmma::mma_sync(acc[i][j], rows, keys[j], acc[i][j]);
+        }
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < Layout::kFragRows; ++i) {
+#pragma unroll
+      for (int j = 0; j < Layout::kFragCols; ++j) {
+        // An elementwise scale is independent of the (unspecified) fragment layout.
+#pragma unroll
+        for (int e = 0; e < acc[i][j].num_elements; ++e) acc[i][j].x[e] *= inv_t;
+        wmma::store_matrix_sync(&s.scores[Layout::score_row(warp, i)][Layout::score_key(warp, j)], acc[i][j],
+                                kScorePitch, wmma::mem_row_major);
       }
     }
     __syncthreads();
   }
+
+  // The probabilities are rounded to T for the second product (relative error <= 2^-9 in
+  // bf16, 2^-12 in fp16, below 6e-5 fp16 is subnormal); the products and their sums are
+  // fp32. They lie in [0, 1]: the row's gradient coefficient is applied afterwards in fp32.
+  __device__ static void accumulate(Storage& s, const T* __restrict__ queue, int64_t key0, int64_t count,
+                                    int64_t num_keys, int64_t dim, float* grad, int64_t pitch) {
+    for (int e = threadIdx.x; e < kRows * kKeys; e += kThreads) {
+      s.probs[e / kKeys][e % kKeys] = from_float<T>(s.scores[e / kKeys][e % kKeys]);
+    }
+    const int warp = threadIdx.x / 32;
+    for (int64_t d0 = 0; d0 < dim; d0 += kDepth) {
+      load_stage<kKeys>(queue, key0, num_keys, d0, dim, s.keys);
+      __syncthreads();  // also publishes probs (first stage)
+      for (int f = warp; f < kGradFrags; f += kWarps) {
+        const int64_t col = d0 + Layout::grad_col(f);
+        if (col >= dim) continue;  // a fragment wholly in the padding
+        float* out = grad + Layout::grad_row(f) * pitch + col;
+        Accumulator acc;
+        wmma::load_matrix_sync(acc, out, static_cast<unsigned>(pitch), wmma::mem_row_major);
 #pragma unroll
-  for (int i = 0; i < kRowsPerThread; ++i) {
-#pragma unroll
-    for (int j = 0; j < kKeysPerThread; ++j) s.scores[ty + 16 * i][tx + 16 * j] = acc[i][j] * inv_t;
+        for (int c = 0; c < kKeys; c += kFragment) {
+          if (c >= count) break;  // probabilities past the last key are zero
+          RowsFragment probs;
+          KeysFragment keys;
+          wmma::load_matrix_sync(probs, &s.probs[Layout::grad_row(f)][c], kProbPitch);
+          wmma::load_matrix_sync(keys, &s.keys[c][Layout::grad_col(f)], kStagePitch);
+          wmma::mma_sync(acc, probs, keys, acc);
+        }
+        wmma::store_matrix_sync(out, acc, static_cast<unsigned>(pitch), wmma::mem_row_major);
+      }
+      __syncthreads();
+    }
   }
-  __syncthreads();
+};
+
+// The tiles of each element type: fp32 keeps FMA tiles (no silent TF32), fp16 and bf16
+// use tensor cores.
+struct FmaFamily {
+  template <typename T>
+  using Forward = FmaTile<T, 64>;
+  template <typename T>
+  using Backward = FmaTile<T, 32>;  // short: its accumulator is rows x D fp32 in shared memory
+};
+struct TensorCoreFamily {
+  template <typename T>
+  using Forward = TensorCoreTile<T, ForwardTensorCoreLayout>;
+  template <typename T>
+  using Backward = TensorCoreTile<T, BackwardTensorCoreLayout>;
+};
+
+// Calls fn(element, family) with a value of the element type and the tile family that
+// serves it, so that fn can be a generic lambda.
+template <typename Fn>
+cudaError_t dispatch(ElementType type, Fn&& fn) {
+  switch (type) {
+    case ElementType::kFloat32:
+      return fn(float{}, FmaFamily{});
+    case ElementType::kFloat16:
+      return fn(__half{}, TensorCoreFamily{});
+    case ElementType::kBFloat16:
+      return fn(__nv_bfloat16{}, TensorCoreFamily{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Every tile kernel keeps its Storage at the start of dynamic shared memory (the
+// tensor-core tiles pass the 48 KiB static limit), the gradient accumulator after it.
+template <typename Storage>
+__host__ __device__ constexpr size_t storage_bytes() {
+  return (sizeof(Storage) + 127) / 128 * 128;
+}
+
+__device__ __forceinline__ unsigned char* dynamic_shared_memory() {
+  extern __shared__ __align__(128) unsigned char shared_memory[];
+  return shared_memory;
 }
 
 // Dot product of two dim-vectors by one warp; every lane gets the result.
@@ -96,23 +315,26 @@ __device__ float warp_dot(const T* __restrict__ a, const T* __restrict__ b, int6
   return sum;
 }
 
-template <typename T>
+// One block per (block of q rows, queue tile), block index = row block * tiles + tile.
+template <typename Tile, typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     logits_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ queue, int64_t n,
-                  int64_t num_keys, int64_t dim, float inv_t, float* __restrict__ logits) {
-  __shared__ TileStorage<kForwardRows> s;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kForwardRows;
-  const int64_t key0 = static_cast<int64_t>(blockIdx.x) * kTileKeys;
+                  int64_t num_keys, int64_t dim, float inv_t, int64_t tiles, float* __restrict__ logits) {
+  auto& s = *reinterpret_cast<typename Tile::Storage*>(dynamic_shared_memory());
+  const int64_t block = blockIdx.x;
+  const int64_t tile = block % tiles;
+  const int64_t row0 = block / tiles * Tile::kRows;
+  const int64_t key0 = tile * Tile::kKeys;
   const int64_t stride = num_keys + 1;
-  score_tile<T, kForwardRows>(q, row0, n, queue, key0, num_keys, dim, inv_t, s);
-  for (int e = threadIdx.x; e < kForwardRows * kTileKeys; e += kThreads) {
-    const int64_t row = row0 + e / kTileKeys;
-    const int64_t key = key0 + e % kTileKeys;
-    if (row < n && key < num_keys) logits[row * stride + 1 + key] = s.scores[e / kTileKeys][e % kTileKeys];
+  Tile::score(q, row0, n, queue, key0, num_keys, dim, inv_t, s);
+  for (int e = threadIdx.x; e < Tile::kRows * Tile::kKeys; e += kThreads) {
+    const int64_t row = row0 + e / Tile::kKeys;
+    const int64_t key = key0 + e % Tile::kKeys;
+    if (row < n && key < num_keys) logits[row * stride + 1 + key] = s.scores[e / Tile::kKeys][e % Tile::kKeys];
   }
   // The blocks of the first key tile also write the positive column, one warp per row.
-  if (blockIdx.x == 0) {
-    for (int r = threadIdx.x / 32; r < kForwardRows; r += kWarpsPerBlock) {
+  if (tile == 0) {
+    for (int r = threadIdx.x / 32; r < Tile::kRows; r += kWarps) {
       const int64_t row = row0 + r;
       if (row >= n) break;
       const float dot = warp_dot(q + row * dim, k + row * dim, dim);
@@ -123,18 +345,20 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 // How the n x num_keys work is cut: blocks of q rows crossed with `splits` ranges of
 // queue tiles, so that small batches still fill the GPU; every split is non-empty.
+// Block index = row block * splits + split.
 struct Plan {
   int64_t row_blocks, tiles, splits, tiles_per_split;
+  int64_t blocks() const { return row_blocks * splits; }
 };
 
-Plan make_plan(int64_t n, int64_t num_keys, int rows_per_block) {
+Plan make_plan(int64_t n, int64_t num_keys, int rows_per_block, int keys_per_tile) {
   int device = 0;
   int sms = 1;  // if the query fails the plan is merely less parallel
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   Plan p;
   p.row_blocks = (n + rows_per_block - 1) / rows_per_block;
-  p.tiles = (num_keys + kTileKeys - 1) / kTileKeys;
+  p.tiles = (num_keys + keys_per_tile - 1) / keys_per_tile;
   const int64_t wanted_blocks = 2 * static_cast<int64_t>(sms);
   p.splits = std::clamp<int64_t>((wanted_blocks + p.row_blocks - 1) / p.row_blocks, 1, p.tiles);
   p.tiles_per_split = (p.tiles + p.splits - 1) / p.splits;
@@ -142,42 +366,53 @@ Plan make_plan(int64_t n, int64_t num_keys, int rows_per_block) {
   return p;
 }
 
-// Running (max, sum of exp) of each row over one split's queue tiles: 4 threads per
-// row, each scanning 16 keys of the tile, combined by shuffles.
-template <typename T>
+template <typename Tile>
+Plan make_plan(int64_t n, int64_t num_keys) {
+  return make_plan(n, num_keys, Tile::kRows, Tile::kKeys);
+}
+
+// Running (max, sum of exp) of each row over one split's queue tiles: kThreads / kRows
+// consecutive threads per row, each scanning every (kThreads / kRows)-th key of the tile
+// (interleaved: with the padded score pitch, a warp's reads spread over the banks),
+// combined by shuffles.
+template <typename Tile, typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     lse_partial_kernel(const T* __restrict__ q, const T* __restrict__ queue, int64_t n, int64_t num_keys,
                        int64_t dim, float inv_t, Plan plan, float* __restrict__ part_max,
                        float* __restrict__ part_sum) {
-  constexpr int kThreadsPerRow = kThreads / kForwardRows;
-  constexpr int kKeysPerThread = kTileKeys / kThreadsPerRow;
-  static_assert(kThreadsPerRow == 4, "the shuffles below combine 4 lanes");
-  __shared__ TileStorage<kForwardRows> s;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kForwardRows;
-  const int64_t split = blockIdx.x;
+  constexpr int kThreadsPerRow = kThreads / Tile::kRows;
+  static_assert(kThreads % Tile::kRows == 0 && kThreadsPerRow <= 32 &&
+                    (kThreadsPerRow & (kThreadsPerRow - 1)) == 0,
+                "a row's threads form a power-of-two group inside one warp");
+  auto& s = *reinterpret_cast<typename Tile::Storage*>(dynamic_shared_memory());
+  const int64_t block = blockIdx.x;
+  const int64_t split = block % plan.splits;
+  const int64_t row0 = block / plan.splits * Tile::kRows;
   const int r = threadIdx.x / kThreadsPerRow;
-  const int first_key = threadIdx.x % kThreadsPerRow * kKeysPerThread;
+  const int lane = threadIdx.x % kThreadsPerRow;
   float run_max = -INFINITY;
   float run_sum = 0.f;
   const int64_t tile_end = min_index(plan.tiles, (split + 1) * plan.tiles_per_split);
   for (int64_t tile = split * plan.tiles_per_split; tile < tile_end; ++tile) {
-    const int64_t key0 = tile * kTileKeys;
-    const int64_t count = min_index(kTileKeys, num_keys - key0);
-    score_tile<T, kForwardRows>(q, row0, n, queue, key0, num_keys, dim, inv_t, s);
+    const int64_t key0 = tile * Tile::kKeys;
+    const int count = static_cast<int>(min_index(Tile::kKeys, num_keys - key0));
+    Tile::score(q, row0, n, queue, key0, num_keys, dim, inv_t, s);
     float tile_max = -INFINITY;
-    for (int c = first_key; c < first_key + kKeysPerThread && c < count; ++c) tile_max = fmaxf(tile_max, s.scores[r][c]);
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, 1));
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, 2));
+    for (int c = lane; c < count; c += kThreadsPerRow) tile_max = fmaxf(tile_max, s.scores[r][c]);
+    for (int offset = 1; offset < kThreadsPerRow; offset *= 2) {
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, offset));
+    }
     const float new_max = fmaxf(run_max, tile_max);
     float tile_sum = 0.f;
-    for (int c = first_key; c < first_key + kKeysPerThread && c < count; ++c) tile_sum += __expf(s.scores[r][c] - new_max);
-    tile_sum += __shfl_xor_sync(kFullMask, tile_sum, 1);
-    tile_sum += __shfl_xor_sync(kFullMask, tile_sum, 2);
+    for (int c = lane; c < count; c += kThreadsPerRow) tile_sum += __expf(s.scores[r][c] - new_max);
+    for (int offset = 1; offset < kThreadsPerRow; offset *= 2) {
+      tile_sum += __shfl_xor_sync(kFullMask, tile_sum, offset);
+    }
     run_sum = run_sum * __expf(run_max - new_max) + tile_sum;
     run_max = new_max;
   }
   const int64_t row = row0 + r;
-  if (first_key == 0 && row < n) {
+  if (lane == 0 && row < n) {
     part_max[split * n + row] = run_max;
     part_sum[split * n + row] = run_sum;
   }
@@ -189,7 +424,7 @@ __global__ void lse_finalize_kernel(const T* __restrict__ q, const T* __restrict
                                     float inv_t, int64_t splits, const float* __restrict__ part_max,
                                     const float* __restrict__ part_sum, float* __restrict__ loss,
                                     float* __restrict__ lse) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (row >= n) return;
   const float positive = warp_dot(q + row * dim, k + row * dim, dim) * inv_t;
   if (threadIdx.x % 32 != 0) return;
@@ -201,23 +436,35 @@ __global__ void lse_finalize_kernel(const T* __restrict__ q, const T* __restrict
   loss[row] = lse[row] - positive;
 }
 
-// One split's queue part of grad_q: sum_j coef_i * p_ij * queue_j over the split's
-// tiles, accumulated in shared memory (rows x dim fp32, dynamic) and written to part_grad.
-template <typename T>
+// Dynamic shared memory of grad_partial_kernel: the tile storage, the gradient
+// accumulator (kRows x grad_pitch(dim) fp32, 128-B aligned like the storage), then each
+// row's lse and gradient coefficient.
+template <typename Tile>
+size_t grad_partial_bytes(int64_t dim) {
+  return storage_bytes<typename Tile::Storage>() +
+         sizeof(float) * Tile::kRows * (static_cast<size_t>(Tile::grad_pitch(dim)) + 2);
+}
+
+// One split's queue part of grad_q: coef_i * sum_j p_ij * queue_j over the split's tiles,
+// with coef_i = grad_loss_i / T; the sum is accumulated in shared memory and written to
+// part_grad.
+template <typename Tile, typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     grad_partial_kernel(const float* __restrict__ grad_loss, const T* __restrict__ q,
                         const T* __restrict__ queue, const float* __restrict__ lse, int64_t n,
                         int64_t num_keys, int64_t dim, float inv_t, Plan plan,
                         float* __restrict__ part_grad) {
-  __shared__ TileStorage<kBackwardRows> s;
-  __shared__ float row_lse[kBackwardRows];
-  __shared__ float row_coef[kBackwardRows];
-  extern __shared__ float grad_acc[];
-  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kBackwardRows;
-  const int64_t split = blockIdx.x;
-  const int64_t acc_size = kBackwardRows * dim;
-  for (int64_t e = threadIdx.x; e < acc_size; e += kThreads) grad_acc[e] = 0.f;
-  if (threadIdx.x < kBackwardRows) {
+  using Storage = typename Tile::Storage;
+  const int64_t pitch = Tile::grad_pitch(dim);
+  auto& s = *reinterpret_cast<Storage*>(dynamic_shared_memory());
+  float* grad_acc = reinterpret_cast<float*>(dynamic_shared_memory() + storage_bytes<Storage>());
+  float* row_lse = grad_acc + Tile::kRows * pitch;
+  float* row_coef = row_lse + Tile::kRows;
+  const int64_t block = blockIdx.x;
+  const int64_t split = block % plan.splits;
+  const int64_t row0 = block / plan.splits * Tile::kRows;
+  for (int64_t e = threadIdx.x; e < Tile::kRows * pitch; e += kThreads) grad_acc[e] = 0.f;
+  if (threadIdx.x < Tile::kRows) {
     const int64_t row = row0 + threadIdx.x;
     row_lse[threadIdx.x] = row < n ? lse[row] : 0.f;
     row_coef[threadIdx.x] = row < n ? grad_loss[row] * inv_t : 0.f;
@@ -225,28 +472,21 @@ __global__ void __launch_bounds__(kThreads, 2)
   __syncthreads();
   const int64_t tile_end = min_index(plan.tiles, (split + 1) * plan.tiles_per_split);
   for (int64_t tile = split * plan.tiles_per_split; tile < tile_end; ++tile) {
-    const int64_t key0 = tile * kTileKeys;
-    const int64_t count = min_index(kTileKeys, num_keys - key0);
-    score_tile<T, kBackwardRows>(q, row0, n, queue, key0, num_keys, dim, inv_t, s);
-    for (int e = threadIdx.x; e < kBackwardRows * kTileKeys; e += kThreads) {
-      const int r = e / kTileKeys;
-      const int c = e % kTileKeys;
-      s.scores[r][c] = c < count ? row_coef[r] * __expf(s.scores[r][c] - row_lse[r]) : 0.f;
+    const int64_t key0 = tile * Tile::kKeys;
+    const int64_t count = min_index(Tile::kKeys, num_keys - key0);
+    Tile::score(q, row0, n, queue, key0, num_keys, dim, inv_t, s);
+    for (int e = threadIdx.x; e < Tile::kRows * Tile::kKeys; e += kThreads) {
+      const int r = e / Tile::kKeys;
+      const int c = e % Tile::kKeys;
+      s.scores[r][c] = c < count ? __expf(s.scores[r][c] - row_lse[r]) : 0.f;
     }
     __syncthreads();
-    // Consecutive threads take consecutive features: the queue reads are coalesced.
-    for (int64_t e = threadIdx.x; e < acc_size; e += kThreads) {
-      const int64_t r = e / dim;
-      const int64_t d = e % dim;
-      float acc = grad_acc[e];
-      for (int64_t c = 0; c < count; ++c) acc += s.scores[r][c] * to_float(queue[(key0 + c) * dim + d]);
-      grad_acc[e] = acc;
-    }
-    __syncthreads();
+    Tile::accumulate(s, queue, key0, count, num_keys, dim, grad_acc, pitch);
   }
-  for (int64_t e = threadIdx.x; e < acc_size; e += kThreads) {
-    const int64_t row = row0 + e / dim;
-    if (row < n) part_grad[(split * n + row) * dim + e % dim] = grad_acc[e];
+  for (int64_t e = threadIdx.x; e < Tile::kRows * dim; e += kThreads) {
+    const int64_t r = e / dim;
+    const int64_t row = row0 + r;
+    if (row < n) part_grad[(split * n + row) * dim + e % dim] = row_coef[r] * grad_acc[r * pitch + e % dim];
   }
 }
 
@@ -257,7 +497,7 @@ __global__ void grad_finalize_kernel(const float* __restrict__ grad_loss, const 
                                      int64_t dim, float inv_t, int64_t splits,
                                      const float* __restrict__ part_grad, T* __restrict__ grad_q,
                                      T* __restrict__ grad_k) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (row >= n) return;
   const float positive = warp_dot(q + row * dim, k + row * dim, dim) * inv_t;
   const float pos_weight = grad_loss[row] * inv_t * (__expf(positive - lse[row]) - 1.f);
@@ -269,57 +509,72 @@ __global__ void grad_finalize_kernel(const float* __restrict__ grad_loss, const 
   }
 }
 
-// Calls fn with a value of the element type, so that fn can be a generic lambda.
-template <typename Fn>
-cudaError_t dispatch(ElementType type, Fn&& fn) {
-  switch (type) {
-    case ElementType::kFloat32:
-      return fn(float{});
-    case ElementType::kFloat16:
-      return fn(__half{});
-    case ElementType::kBFloat16:
-      return fn(__nv_bfloat16{});
+// Launches a tile kernel with `bytes` of dynamic shared memory on `blocks` blocks, raising
+// the kernel's limit past the default 48 KiB. cudaErrorInvalidValue when this GPU has less
+// shared memory per block (static + dynamic) or the grid is too large.
+template <typename... Params, typename... Args>
+cudaError_t launch_tiles(void (*kernel)(Params...), int64_t blocks, size_t bytes, cudaStream_t stream,
+                         Args&&... args) {
+  int device = 0;
+  int max_bytes = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  cudaFuncAttributes attributes;
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attributes, kernel);
+  if (err != cudaSuccess) return err;
+  if (attributes.sharedSizeBytes + bytes > static_cast<size_t>(max_bytes) || blocks > INT_MAX) {
+    return cudaErrorInvalidValue;
   }
-  return cudaErrorInvalidValue;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err != cudaSuccess) return err;
+  kernel<<<static_cast<unsigned>(blocks), kThreads, bytes, stream>>>(std::forward<Args>(args)...);
+  return cudaGetLastError();
 }
 
-unsigned warp_row_blocks(int64_t n) { return static_cast<unsigned>((n + kWarpsPerBlock - 1) / kWarpsPerBlock); }
+unsigned warp_row_blocks(int64_t n) { return static_cast<unsigned>((n + kWarps - 1) / kWarps); }
 
 }  // namespace
 
 cudaError_t moco_logits(ElementType type, const void* q, const void* k, const void* queue, int64_t n,
                         int64_t num_keys, int64_t dim, float inv_temperature, float* logits,
                         cudaStream_t stream) {
-  return dispatch(type, [&](auto tag) {
-    using T = decltype(tag);
-    const dim3 grid(static_cast<unsigned>((num_keys + kTileKeys - 1) / kTileKeys),
-                    static_cast<unsigned>((n + kForwardRows - 1) / kForwardRows));
-    logits_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(q), static_cast<const T*>(k),
-                                                     static_cast<const T*>(queue), n, num_keys, dim,
-                                                     inv_temperature, logits);
-    return cudaGetLastError();
+  return dispatch(type, [&](auto element, auto family) {
+    using T = decltype(element);
+    using Tile = typename decltype(family)::template Forward<T>;
+    const int64_t tiles = (num_keys + Tile::kKeys - 1) / Tile::kKeys;
+    const int64_t blocks = (n + Tile::kRows - 1) / Tile::kRows * tiles;
+    return launch_tiles(logits_kernel<Tile, T>, blocks, storage_bytes<typename Tile::Storage>(), stream,
+                        static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(queue), n,
+                        num_keys, dim, inv_temperature, tiles, logits);
   });
 }
 
-int64_t moco_infonce_workspace_size(int64_t n, int64_t num_keys, int64_t dim) {
-  const Plan forward = make_plan(n, num_keys, kForwardRows);
-  const Plan backward = make_plan(n, num_keys, kBackwardRows);
-  return std::max(2 * forward.splits * n, backward.splits * n * dim);
+int64_t moco_infonce_workspace_size(ElementType type, int64_t n, int64_t num_keys, int64_t dim) {
+  int64_t size = 0;
+  dispatch(type, [&](auto element, auto family) {
+    using T = decltype(element);
+    using Family = decltype(family);
+    const Plan forward = make_plan<typename Family::template Forward<T>>(n, num_keys);
+    const Plan backward = make_plan<typename Family::template Backward<T>>(n, num_keys);
+    size = std::max(2 * forward.splits * n, backward.splits * n * dim);
+    return cudaSuccess;
+  });
+  return size;
 }
 
 cudaError_t moco_infonce_forward(ElementType type, const void* q, const void* k, const void* queue,
                                  int64_t n, int64_t num_keys, int64_t dim, float inv_temperature,
                                  float* loss, float* lse, float* workspace, cudaStream_t stream) {
-  return dispatch(type, [&](auto tag) {
-    using T = decltype(tag);
-    const Plan plan = make_plan(n, num_keys, kForwardRows);
+  return dispatch(type, [&](auto element, auto family) {
+    using T = decltype(element);
+    using Tile = typename decltype(family)::template Forward<T>;
+    const Plan plan = make_plan<Tile>(n, num_keys);
     float* part_max = workspace;
     float* part_sum = workspace + plan.splits * n;
-    const dim3 grid(static_cast<unsigned>(plan.splits), static_cast<unsigned>(plan.row_blocks));
-    lse_partial_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(q), static_cast<const T*>(queue),
-                                                          n, num_keys, dim, inv_temperature, plan, part_max,
-                                                          part_sum);
-    cudaError_t err = cudaGetLastError();
+    cudaError_t err = launch_tiles(lse_partial_kernel<Tile, T>, plan.blocks(),
+                                   storage_bytes<typename Tile::Storage>(), stream, static_cast<const T*>(q),
+                                   static_cast<const T*>(queue), n, num_keys, dim, inv_temperature, plan,
+                                   part_max, part_sum);
     if (err != cudaSuccess) return err;
     lse_finalize_kernel<T><<<warp_row_blocks(n), kThreads, 0, stream>>>(
         static_cast<const T*>(q), static_cast<const T*>(k), n, dim, inv_temperature, plan.splits, part_max,
@@ -332,26 +587,14 @@ cudaError_t moco_infonce_backward(ElementType type, const float* grad_loss, cons
                                   const void* k, const void* queue, const float* lse, int64_t n,
                                   int64_t num_keys, int64_t dim, float inv_temperature,
                                   void* grad_q, void* grad_k, float* workspace, cudaStream_t stream) {
-  return dispatch(type, [&](auto tag) {
-    using T = decltype(tag);
-    const Plan plan = make_plan(n, num_keys, kBackwardRows);
-    const size_t accumulator_bytes = sizeof(float) * kBackwardRows * static_cast<size_t>(dim);
-    int device = 0;
-    int max_bytes = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    cudaFuncAttributes attributes;
-    cudaError_t err = cudaFuncGetAttributes(&attributes, grad_partial_kernel<T>);
-    if (err != cudaSuccess) return err;
-    if (attributes.sharedSizeBytes + accumulator_bytes > static_cast<size_t>(max_bytes)) return cudaErrorInvalidValue;
-    err = cudaFuncSetAttribute(grad_partial_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(accumulator_bytes));
-    if (err != cudaSuccess) return err;
-    const dim3 grid(static_cast<unsigned>(plan.splits), static_cast<unsigned>(plan.row_blocks));
-    grad_partial_kernel<T><<<grid, kThreads, accumulator_bytes, stream>>>(
-        grad_loss, static_cast<const T*>(q), static_cast<const T*>(queue), lse, n, num_keys, dim,
-        inv_temperature, plan, workspace);
-    err = cudaGetLastError();
+  return dispatch(type, [&](auto element, auto family) {
+    using T = decltype(element);
+    using Tile = typename decltype(family)::template Backward<T>;
+    const Plan plan = make_plan<Tile>(n, num_keys);
+    cudaError_t err = launch_tiles(grad_partial_kernel<Tile, T>, plan.blocks(), grad_partial_bytes<Tile>(dim),
+                                   stream, grad_loss,
+                                   static_cast<const T*>(q), static_cast<const T*>(queue), lse, n, num_keys,
+                                   dim, inv_temperature, plan, workspace);
     if (err != cudaSuccess) return err;
     grad_finalize_kernel<T><<<warp_row_blocks(n), kThreads, 0, stream>>>(
         grad_loss, static_cast<const T*>(q), static_cast<const T*>(k), lse, n, dim, inv_temperature, plan.splits,
