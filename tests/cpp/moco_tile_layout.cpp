@@ -1,5 +1,5 @@
 // Host check of the tensor-core tile geometry in csrc/cuda/moco_tiles.h (run by
-// tests/test_moco_tile_layout.py). The tiles cannot run without a GPU, so this checks what
+// tests/test_moco_cuda_on_host.py). The tiles cannot run without a GPU, so this checks what
 // can be checked on the host with the kernels' own index functions:
 //   - the warps' fragments cover every score / gradient fragment exactly once,
 //   - the staging threads write every staged element exactly once,
