@@ -20,10 +20,10 @@ pytestmark = pytest.mark.skipif(not _extension.available(), reason="astrea._C is
 TEMPERATURE = 0.07
 # (N, K, D): odd sizes, N below and above one row block, K not a multiple of a tile,
 # a queue smaller than the batch, N = K = 1. For the CUDA tensor-core tiles (fp16/bf16;
-# 128 rows x 64 keys forward, 32 x 64 backward, stages of 64 features): D below one 16-wide
+# 128 rows x 128 keys forward, 32 x 64 backward, stages of 64 features): D below one 16-wide
 # fragment (19), between fragments (33), D % 8 == 0 with a partial second stage (72: 16-byte
 # loads), D % 8 != 0 over two stages (100: element loads), several row blocks with a last
-# one of 1 row (257), a last key tile of 1 key (129) or of 1 fragment (513).
+# one of 1 row (257), a last key tile of 1 key after one or four full ones (129, 513).
 SHAPES = [(5, 37, 19), (70, 300, 128), (3, 1000, 64), (130, 7, 33), (257, 129, 72), (40, 513, 100), (1, 1, 16)]
 # The references run in float64 on the inputs already rounded to the dtype, so these bound
 # the kernels' own error: fp32 sums of exact products (tensor cores included) times 1/T = 14.

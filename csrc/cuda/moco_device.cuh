@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #ifndef ASTREA_CUDA_EMULATION
 #include <cuda_bf16.h>
@@ -139,8 +140,9 @@ struct FmaTile {
 };
 
 // Tensor-core tiles for fp16 / bf16 inputs: wmma 16 x 16 x 16 fragments with fp32
-// accumulators, on the shared-memory layout of moco_tiles.h.
-template <typename T, typename Layout>
+// accumulators, on the shared-memory layout of moco_tiles.h. kWithGradient: the backward
+// tile, which also accumulates the gradient (and keeps the probabilities for it).
+template <typename T, typename Layout, bool kWithGradient>
 struct TensorCoreTile : Layout {
   using Layout::kDepth;
   using Layout::kGradFrags;
@@ -156,11 +158,16 @@ struct TensorCoreTile : Layout {
   using KeysFragment = wmma::fragment<wmma::matrix_b, kFragment, kFragment, kFragment, T, wmma::row_major>;
   using Accumulator = wmma::fragment<wmma::accumulator, kFragment, kFragment, kFragment, float>;
 
+  struct StagedRows {
+    alignas(32) T rows[kRows][kStagePitch];
+  };
+  // With a gradient, the probabilities replace the staged rows once a tile's scores are done.
+  union StagedRowsOrProbabilities {
+    alignas(32) T rows[kRows][kStagePitch];
+    alignas(32) T probs[kRows][kProbPitch];
+  };
   struct Storage {
-    union {
-      alignas(32) T rows[kRows][kStagePitch];
-      alignas(32) T probs[kRows][kProbPitch];
-    };
+    std::conditional_t<kWithGradient, StagedRowsOrProbabilities, StagedRows> stage;
     alignas(32) T keys[kKeys][kStagePitch];
     alignas(32) float scores[kRows][kScorePitch];
   };
@@ -202,7 +209,7 @@ struct TensorCoreTile : Layout {
       for (int j = 0; j < Layout::kFragCols; ++j) wmma::fill_fragment(acc[i][j], 0.f);
     }
     for (int64_t d0 = 0; d0 < dim; d0 += kDepth) {
-      load_stage<kRows>(q, row0, n, d0, dim, s.rows);
+      load_stage<kRows>(q, row0, n, d0, dim, s.stage.rows);
       load_stage<kKeys>(queue, key0, num_keys, d0, dim, s.keys);
       __syncthreads();
 #pragma unroll
@@ -216,7 +223,7 @@ struct TensorCoreTile : Layout {
 #pragma unroll
         for (int i = 0; i < Layout::kFragRows; ++i) {
           RowsFragment rows;
-          wmma::load_matrix_sync(rows, &s.rows[Layout::score_row(warp, i)][k], kStagePitch);
+          wmma::load_matrix_sync(rows, &s.stage.rows[Layout::score_row(warp, i)][k], kStagePitch);
 #pragma unroll
           for (int j = 0; j < Layout::kFragCols; ++j) wmma::mma_sync(acc[i][j], rows, keys[j], acc[i][j]);
         }
@@ -243,7 +250,7 @@ struct TensorCoreTile : Layout {
   __device__ static void accumulate(Storage& s, const T* __restrict__ queue, int64_t key0, int64_t count,
                                     int64_t num_keys, int64_t dim, float* grad, int64_t pitch) {
     for (int e = threadIdx.x; e < kRows * kKeys; e += kThreads) {
-      s.probs[e / kKeys][e % kKeys] = from_float<T>(s.scores[e / kKeys][e % kKeys]);
+      s.stage.probs[e / kKeys][e % kKeys] = from_float<T>(s.scores[e / kKeys][e % kKeys]);
     }
     const int warp = threadIdx.x / 32;
     for (int64_t d0 = 0; d0 < dim; d0 += kDepth) {
@@ -260,7 +267,7 @@ struct TensorCoreTile : Layout {
           if (c >= count) break;  // probabilities past the last key are zero
           RowsFragment probs;
           KeysFragment keys;
-          wmma::load_matrix_sync(probs, &s.probs[Layout::grad_row(f)][c], kProbPitch);
+          wmma::load_matrix_sync(probs, &s.stage.probs[Layout::grad_row(f)][c], kProbPitch);
           wmma::load_matrix_sync(keys, &s.keys[c][Layout::grad_col(f)], kStagePitch);
           wmma::mma_sync(acc, probs, keys, acc);
         }
@@ -281,9 +288,9 @@ struct FmaFamily {
 };
 struct TensorCoreFamily {
   template <typename T>
-  using Forward = TensorCoreTile<T, ForwardTensorCoreLayout>;
+  using Forward = TensorCoreTile<T, ForwardTensorCoreLayout, false>;
   template <typename T>
-  using Backward = TensorCoreTile<T, BackwardTensorCoreLayout>;
+  using Backward = TensorCoreTile<T, BackwardTensorCoreLayout, true>;
 };
 
 // Every tile kernel keeps its Storage at the start of dynamic shared memory (the

@@ -89,9 +89,12 @@ struct TensorCoreLayout {
   ASTREA_HOST_DEVICE static constexpr int stage_col(int g) { return g % kStageGroups * kVector; }
 };
 
-// The tiles the kernels use: the forward tile is tall for q reuse; the backward tile is
-// short because its gradient accumulator (Rows x D fp32) lives in shared memory too.
-using ForwardTensorCoreLayout = TensorCoreLayout<128, 64>;
+// The tiles the kernels use. Forward: 128 x 128, each warp 32 rows x 64 keys (2 x 4
+// fragments: 6 fragment loads per 8 mma), 104 KiB of shared memory: 2 blocks per SM on an
+// H100 (1 on an A100). Backward: 32 x 64, short because its gradient accumulator (32 x D
+// fp32) lives in shared memory too; D up to about 1,590 fits an H100, 1,080 an A100.
+// Untuned: measure on the GPU before changing them (they are the only tile constants).
+using ForwardTensorCoreLayout = TensorCoreLayout<128, 128>;
 using BackwardTensorCoreLayout = TensorCoreLayout<32, 64>;
 
 }  // namespace astrea::cuda

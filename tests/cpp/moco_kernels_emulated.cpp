@@ -175,13 +175,24 @@ void run_case(long n, long num_keys, long dim, int sms, size_t offset, std::mt19
 
 }  // namespace
 
+// Shared memory per block of each tile kernel (the Storage layout is the device's).
+template <typename T>
+void print_shared_memory(long dim) {
+  using Family = typename Dtype<T>::Family;
+  std::printf("%s shared memory per block: forward %zu B, backward %zu B at D = %ld\n", Dtype<T>::kName,
+              storage_bytes<typename Family::template Forward<T>::Storage>(),
+              grad_partial_bytes<typename Family::template Backward<T>>(dim), dim);
+}
+
 int main() {
   std::mt19937 rng(0);
-  // Tensor-core tiles: 128 x 64 forward, 32 x 64 backward, stages of 64 features.
+  print_shared_memory<__nv_bfloat16>(256);
+  print_shared_memory<float>(256);
+  // Tensor-core tiles: 128 x 128 forward, 32 x 64 backward, stages of 64 features.
   // Several row blocks and splits, a partial last key tile, D = 40 (16-byte loads, a
   // partial fragment); D = 100 (element loads, two stages); 16-byte-capable D with
   // misaligned operands; N = K = 1.
-  run_case<__nv_bfloat16>(130, 150, 40, 3, 0, rng);
+  run_case<__nv_bfloat16>(130, 300, 40, 3, 0, rng);
   run_case<__nv_bfloat16>(33, 70, 100, 1, 0, rng);
   run_case<__nv_bfloat16>(20, 65, 24, 2, 1, rng);
   run_case<__nv_bfloat16>(1, 1, 16, 1, 0, rng);
