@@ -1,6 +1,5 @@
 // Host check of the tensor-core tile geometry in csrc/cuda/moco_tiles.h (run by
-// tests/test_moco_cuda_on_host.py). The tiles cannot run without a GPU, so this checks what
-// can be checked on the host with the kernels' own index functions:
+// tests/test_moco_cuda_on_host.py), with the index functions the kernels use:
 //   - the warps' fragments cover every score / gradient fragment exactly once,
 //   - the staging threads write every staged element exactly once,
 //   - every fragment pointer is 32-byte aligned and every ldm a multiple of 16 bytes,
