@@ -21,10 +21,22 @@ ROOT = Path(__file__).resolve().parents[1]
 CPP = ROOT / "tests" / "cpp"
 
 
-def _build_and_run(source: str, tmp_path: Path) -> str:
+def _compiler(tmp_path: Path) -> str:
+    """A host C++ compiler with C++20's <barrier> (GCC >= 11, Clang >= 11), else skip."""
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         pytest.skip("no host C++ compiler on PATH")
+    probe = tmp_path / "probe.cpp"
+    probe.write_text("#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); }\n")
+    result = subprocess.run([compiler, "-std=c++20", "-pthread", str(probe), "-o", str(tmp_path / "probe")],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"{compiler} lacks C++20 <barrier>: {result.stderr[-300:]}")
+    return compiler
+
+
+def _build_and_run(source: str, tmp_path: Path) -> str:
+    compiler = _compiler(tmp_path)
     binary = tmp_path / Path(source).stem
     build = subprocess.run([compiler, "-std=c++20", "-O1", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-Werror",
                             "-I", str(ROOT / "csrc"), "-I", str(CPP), str(CPP / source), "-o", str(binary)],
