@@ -13,7 +13,8 @@
 //                        probabilities (in [0, 1]) are rounded to the input type for the
 //                        second product, probabilities . queue, whose sums stay fp32.
 // Positive logits q_i . k_i and the O(n * dim) epilogues use fp32 on the CUDA cores for
-// every type. Tile geometry: moco_tiles.h.
+// every type. Tile geometry: moco_tiles.h; tiles and kernels: moco_device.cuh (this file's
+// functions, in moco_kernels.cu, only plan and launch them).
 #pragma once
 
 #include <cstddef>
