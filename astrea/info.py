@@ -12,6 +12,7 @@ import torch
 import astrea
 from astrea import _backend, _extension
 from astrea.nn.attention import attention_backend
+from astrea.ops.moco import CUDA_TILE_MATH
 
 
 def _version(dist: str) -> str:
@@ -51,6 +52,9 @@ def collect() -> list[tuple[str, str]]:
         rows.append(("_C built against torch", build.get("torch_version", "unknown")))
         rows.append(("_C CUDA kernels", "built, arch " + str(build.get("cuda_arch_list"))
                      if build.get("with_cuda") else f"not built ({build.get('cuda_reason', 'unknown')})"))
+        if build.get("with_cuda"):
+            rows.append(("moco CUDA tiles", "; ".join(f"{str(dtype).removeprefix('torch.')}: {math}"
+                                                      for dtype, math in CUDA_TILE_MATH.items())))
     else:
         rows.append(("astrea._C", f"not loaded: {err}; {_extension.BUILD_HINT}"))
     rows.append(("flash-attn", _importable("flash_attn")))

@@ -19,10 +19,18 @@ pytestmark = pytest.mark.skipif(not _extension.available(), reason="astrea._C is
 
 TEMPERATURE = 0.07
 # (N, K, D): odd sizes, N below and above one row block, K not a multiple of a tile,
-# a queue smaller than the batch.
-SHAPES = [(5, 37, 19), (70, 300, 128), (3, 1000, 64), (130, 7, 33)]
-# Logits are q.key / T with T = 0.07: 1/T scales the input rounding error.
+# a queue smaller than the batch, N = K = 1. For the CUDA tensor-core tiles (fp16/bf16;
+# 128 rows x 128 keys forward, 32 x 64 backward, stages of 64 features): D below one 16-wide
+# fragment (19), between fragments (33), D % 8 == 0 with a partial second stage (72: 16-byte
+# loads), D % 8 != 0 over two stages (100: element loads), several row blocks with a last
+# one of 1 row (257), a last key tile of 1 key after one or four full ones (129, 513).
+SHAPES = [(5, 37, 19), (70, 300, 128), (3, 1000, 64), (130, 7, 33), (257, 129, 72), (40, 513, 100), (1, 1, 16)]
+# The references run in float64 on the inputs already rounded to the dtype, so these bound
+# the kernels' own error: fp32 sums of exact products (tensor cores included) times 1/T = 14.
+# A tile computed from the wrong rows, keys or features is off by O(1).
 TOLERANCES = {torch.float32: (2e-5, 1e-5), torch.float16: (2e-4, 1e-3), torch.bfloat16: (2e-4, 1e-3)}
+# Gradients are rounded to the input dtype (bf16: 2^-9 relative) and, on the CUDA tensor-core
+# path, use softmax probabilities rounded to it: a few ulps of the dtype.
 GRAD_TOLERANCES = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-3, 1e-2), torch.bfloat16: (2e-2, 2e-2)}
 
 
@@ -76,6 +84,61 @@ def test_infonce_forward_backward(kernels, device, shape, dtype):
     atol, rtol = GRAD_TOLERANCES[dtype]
     assert_close(q.grad, grad_q.to(dtype), atol=atol, rtol=rtol, what="grad q")
     assert_close(key.grad, grad_k.to(dtype), atol=atol, rtol=rtol, what="grad k")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matching_key_in_every_tile_position(kernels, device, dtype):
+    """Row i's queue holds a copy of q_i at key 7i + 3 (mod K), so that one key carries most
+    of the row's softmax mass; the copies fall in every key tile, fragment and column,
+    including the last, partial tile. A probability or queue row taken from the wrong place
+    in backward then moves the gradient by O(1) instead of O(1/K)."""
+    n, num_keys, dim = 150, 301, 40
+    q, key, queue = make_inputs(n, num_keys, dim, dtype, device)
+    queue[(7 * torch.arange(n, device=device) + 3) % num_keys] = q
+    q.requires_grad_()
+    key.requires_grad_()
+    temperature = 0.1
+    loss = ops.moco_infonce(q, key, queue, temperature, reduction="none")
+    weight = torch.rand_like(loss)
+    loss.backward(weight)
+    q64 = q.detach().double().requires_grad_()
+    k64 = key.detach().double().requires_grad_()
+    expected = reference.moco_infonce(q64, k64, queue.double(), temperature, reduction="none")
+    (expected * weight.double()).sum().backward()
+    atol, rtol = TOLERANCES[dtype]
+    assert_close(loss, expected.float(), atol=atol, rtol=rtol, what="loss")
+    atol, rtol = GRAD_TOLERANCES[dtype]
+    assert_close(q.grad, q64.grad.to(dtype), atol=atol, rtol=rtol, what="grad q")
+    assert_close(key.grad, k64.grad.to(dtype), atol=atol, rtol=rtol, what="grad k")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_inputs_not_16_byte_aligned(kernels, device, dtype):
+    """D % 8 == 0 but every operand starts one element into its storage: the CUDA tiles must
+    fall back from 16-byte loads to element loads."""
+    n, num_keys, dim = 9, 70, 24
+
+    def shifted(x):
+        storage = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+        view = storage[1:].view(x.shape)
+        view.copy_(x)
+        return view
+
+    q, key, queue = (shifted(x) for x in make_inputs(n, num_keys, dim, dtype, device))
+    assert q.is_contiguous() and q.data_ptr() % 16 != 0
+    q64 = q.detach().double().requires_grad_()
+    expected_logits = reference.moco_logits(q64, key.double(), queue.double(), TEMPERATURE)
+    expected_loss = reference.moco_infonce(q64, key.double(), queue.double(), TEMPERATURE, reduction="none")
+    expected_loss.sum().backward()
+    atol, rtol = TOLERANCES[dtype]
+    assert_close(ops.moco_logits(q, key, queue, TEMPERATURE), expected_logits.float(), atol=atol, rtol=rtol,
+                 what="logits")
+    q.requires_grad_()
+    loss = ops.moco_infonce(q, key, queue, TEMPERATURE, reduction="none")
+    loss.sum().backward()
+    assert_close(loss, expected_loss.float(), atol=atol, rtol=rtol, what="loss")
+    atol, rtol = GRAD_TOLERANCES[dtype]
+    assert_close(q.grad, q64.grad.to(dtype), atol=atol, rtol=rtol, what="grad q")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -4,6 +4,14 @@ Logits of a query ``q_i`` are ``[q_i . k_i, q_i . queue_0, ..., q_i . queue_{K-1
 the positive key first, then the queue of negatives (MoCo, He et al. 2020). The queue
 is a buffer: no op returns a gradient for it. Inputs share one dtype (fp32, fp16 or
 bf16; float64 on CPU, for gradcheck); logits and losses are fp32 (float64 for float64).
+
+On CUDA the dtype picks the arithmetic of the q . queue tiles (:data:`CUDA_TILE_MATH`):
+fp32 inputs use fp32 FMA on the CUDA cores, so fp32 results never silently become TF32;
+fp16 and bf16 inputs use tensor cores (wmma 16x16x16, fp32 accumulation, sm_80+), where
+the products of the inputs are exact. In the fused loss's backward the softmax
+probabilities are rounded to the input dtype before they multiply the queue on the tensor
+cores (relative error <= 2^-9 for bf16, 2^-12 for fp16); sums stay fp32. The CPU kernel
+computes in fp32 (float64 for float64) throughout.
 """
 
 from __future__ import annotations
@@ -28,6 +36,12 @@ _backend.declare_op("moco_logits", kernel="extension", cpu_kernel=True)
 _backend.declare_op("queue_enqueue_", kernel="extension", cpu_kernel=True)
 
 REDUCTIONS = ("mean", "sum", "none")
+# How the CUDA kernels compute the q . queue tiles, by input dtype (csrc/cuda/moco_kernels.cuh).
+CUDA_TILE_MATH = {
+    torch.float32: "fp32 FMA (no TF32)",
+    torch.float16: "tensor cores (wmma, fp32 accumulation)",
+    torch.bfloat16: "tensor cores (wmma, fp32 accumulation)",
+}
 # float64 runs on the CPU kernel only; it exists so that gradcheck can test that kernel.
 MOCO_DTYPES = FLOAT_DTYPES + (torch.float64,)
 

@@ -12,6 +12,8 @@
 namespace astrea {
 namespace {
 
+// The element type also picks the kernels' arithmetic (moco_kernels.cuh): float32 runs
+// fp32 FMA tiles (never TF32), float16 and bfloat16 run tensor-core tiles.
 cuda::ElementType element_type(const char* op, const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat:
@@ -43,8 +45,8 @@ at::Tensor moco_logits_cuda(const at::Tensor& q, const at::Tensor& k, const at::
   return logits;
 }
 
-at::Tensor workspace_for(const at::Tensor& q, const at::Tensor& queue) {
-  return at::empty({cuda::moco_infonce_workspace_size(q.size(0), queue.size(0), q.size(1))},
+at::Tensor workspace_for(cuda::ElementType type, const at::Tensor& q, const at::Tensor& queue) {
+  return at::empty({cuda::moco_infonce_workspace_size(type, q.size(0), queue.size(0), q.size(1))},
                    q.options().dtype(at::kFloat));
 }
 
@@ -56,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor> moco_infonce_cuda(const at::Tensor& q, const 
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(), queuec = queue.contiguous();
   at::Tensor loss = at::empty({q.size(0)}, q.options().dtype(at::kFloat));
   at::Tensor lse = at::empty_like(loss);
-  at::Tensor workspace = workspace_for(q, queue);
+  at::Tensor workspace = workspace_for(type, q, queue);
   check_launch("moco_infonce",
                cuda::moco_infonce_forward(type, qc.const_data_ptr(), kc.const_data_ptr(), queuec.const_data_ptr(),
                                           q.size(0), queue.size(0), q.size(1), static_cast<float>(1.0 / temperature),
@@ -77,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor> moco_infonce_backward_cuda(const at::Tensor& 
   const at::Tensor gc = grad_loss.contiguous(), lsec = lse.contiguous();
   at::Tensor grad_q = at::empty(q.sizes(), q.options());
   at::Tensor grad_k = at::empty(k.sizes(), k.options());
-  at::Tensor workspace = workspace_for(q, queue);
+  at::Tensor workspace = workspace_for(type, q, queue);
   const cudaError_t err = cuda::moco_infonce_backward(
       type, gc.const_data_ptr<float>(), qc.const_data_ptr(), kc.const_data_ptr(), queuec.const_data_ptr(),
       lsec.const_data_ptr<float>(), q.size(0), queue.size(0), q.size(1), static_cast<float>(1.0 / temperature),

@@ -2,8 +2,19 @@
 // so that they compile with plain nvcc on machines without a CUDA build of torch.
 //
 // q and k are [n, dim], queue is [num_keys, dim], all contiguous and of one element
-// type; logits are (q / T) . key with fp32 accumulation. Tiles of q rows x queue rows
+// type; logits are (q . key) / T with fp32 accumulation. Tiles of q rows x queue rows
 // are computed through shared memory; the fused loss keeps only per-row statistics.
+//
+// The element type picks how a tile of q . queue^T is computed (nothing else differs):
+//   kFloat32             FMA tiles: fp32 products and sums on the CUDA cores. Tensor cores
+//                        would round the inputs to TF32, which fp32 callers do not expect.
+//   kFloat16, kBFloat16  tensor-core tiles (nvcuda::wmma 16x16x16, fp32 accumulators; sm_80+).
+//                        The inputs are exact in the products; in backward the softmax
+//                        probabilities (in [0, 1]) are rounded to the input type for the
+//                        second product, probabilities . queue, whose sums stay fp32.
+// Positive logits q_i . k_i and the O(n * dim) epilogues use fp32 on the CUDA cores for
+// every type. Tile geometry: moco_tiles.h; tiles and kernels: moco_device.cuh (this file's
+// functions, in moco_kernels.cu, only plan and launch them).
 #pragma once
 
 #include <cstddef>
@@ -22,7 +33,7 @@ cudaError_t moco_logits(ElementType type, const void* q, const void* k, const vo
 
 // Number of fp32 values of the workspace that moco_infonce_forward and
 // moco_infonce_backward need for these sizes (O(n * dim), never O(n * num_keys)).
-int64_t moco_infonce_workspace_size(int64_t n, int64_t num_keys, int64_t dim);
+int64_t moco_infonce_workspace_size(ElementType type, int64_t n, int64_t num_keys, int64_t dim);
 
 // loss [n] and lse [n] fp32: lse_i = logsumexp of row i's logits, loss_i = lse_i - positive_i.
 cudaError_t moco_infonce_forward(ElementType type, const void* q, const void* k, const void* queue,
