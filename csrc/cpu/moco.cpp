@@ -2,9 +2,9 @@
 //
 // The queue is streamed in chunks of keys. Each chunk is scored against all N rows of q
 // with one GEMM (ATen's mm: the BLAS the build links, threaded by the BLAS itself) into a
-// score buffer of at most kScoreBudget elements; at::parallel_for then folds each row's
-// chunk into its online log-sum-exp or, in backward, turns it into softmax weights that a
-// second GEMM accumulates into grad_q. The buffer is O(kScoreBudget + chunk * D), never N x K.
+// score buffer of at most kScoreBudget elements and 1 / kQueueFraction of the N x K scores;
+// at::parallel_for then folds each row's chunk into its online log-sum-exp or, in
+// backward, turns it into softmax weights that a second GEMM accumulates into grad_q.
 // GEMMs are not called inside at::parallel_for: a BLAS called from worker threads runs its
 // own threads on top of them. fp16/bf16 operands are converted to fp32 (q once, the queue a
 // chunk at a time), float64 stays float64, and the temperature is folded into q once.
@@ -39,7 +39,8 @@ namespace astrea {
 namespace {
 
 constexpr int64_t kScoreBudget = int64_t(1) << 20;  // score-buffer elements: 4 MiB in fp32
-constexpr int64_t kMinChunk = 64;                    // keys per chunk, at least
+constexpr int64_t kQueueFraction = 32;               // ... and at most this fraction of the queue
+constexpr int64_t kMinChunk = 128;                   // keys per chunk, at least (GEMM efficiency)
 constexpr int64_t kRowGrain = 16;                    // rows per at::parallel_for grain
 constexpr int64_t kLanes = 16;                       // width of the row max / sum vectors
 
@@ -149,7 +150,8 @@ struct Operands {
 // accumulation type.
 template <typename Visit>
 void for_each_score_chunk(const Operands& ops, Visit&& visit) {
-  const int64_t chunk = std::min(ops.keys, std::max(kMinChunk, kScoreBudget / ops.rows));
+  const int64_t wanted = std::min(kScoreBudget / ops.rows, ops.keys / kQueueFraction);
+  const int64_t chunk = std::min(ops.keys, std::max(kMinChunk, wanted));
   const auto options = ops.acc_options();
   const at::Tensor scores_buffer = at::empty({ops.rows * chunk}, options);
   const bool convert = ops.queue.scalar_type() != options.dtype();
