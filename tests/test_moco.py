@@ -4,6 +4,9 @@ is present) against the plain MoCo reference, and the MomentumContrast module.""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -426,3 +429,13 @@ def test_two_rank_gloo_step_enqueues_both_ranks_keys_in_rank_order():
         queue, ptr = results[rank]
         assert ptr == 6
         assert_close(queue, expected, atol=1e-6, rtol=0, what=f"rank {rank} queue")
+
+
+def test_sanitizer_driver_runs_every_extension_op():
+    """scripts/cuda_sanitizer_check.py (run under compute-sanitizer by scripts/gpu_check.sh),
+    on the CPU kernels: its calls and checks stay valid."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "cuda_sanitizer_check.py"
+    result = subprocess.run([sys.executable, str(script), "--device", "cpu"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert result.stdout.count(": ok") == 9, result.stdout
