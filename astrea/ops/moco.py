@@ -11,7 +11,8 @@ fp16 and bf16 inputs use tensor cores (wmma 16x16x16, fp32 accumulation, sm_80+)
 the products of the inputs are exact. In the fused loss's backward the softmax
 probabilities are rounded to the input dtype before they multiply the queue on the tensor
 cores (relative error <= 2^-9 for bf16, 2^-12 for fp16); sums stay fp32. The CPU kernel
-computes in fp32 (float64 for float64) throughout.
+computes in fp32 (float64 for float64) throughout: it streams the queue in chunks, each
+scored by one GEMM of the BLAS torch links (csrc/cpu/moco.cpp).
 """
 
 from __future__ import annotations
