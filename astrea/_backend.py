@@ -87,13 +87,19 @@ class OpSpec:
     kernel: Literal["triton", "extension"]
     # Ops with a C++ CPU kernel in _C run it on CPU tensors under `auto`.
     cpu_kernel: bool = False
+    # For a Triton op with a C++ CPU kernel: the _C op (``astrea::<name>``) that has it.
+    # Without a _C that registers it, CPU tensors get the reference.
+    cpu_extension_op: str | None = None
 
 
 OPS: dict[str, OpSpec] = {}
 
 
-def declare_op(name: str, kernel: Literal["triton", "extension"], cpu_kernel: bool = False) -> OpSpec:
-    spec = OpSpec(name, kernel, cpu_kernel)
+def declare_op(name: str, kernel: Literal["triton", "extension"], cpu_kernel: bool = False,
+               cpu_extension_op: str | None = None) -> OpSpec:
+    if cpu_extension_op is not None and kernel != "triton":
+        raise ValueError(f"declare_op({name!r}): cpu_extension_op is for Triton ops; extension ops use cpu_kernel")
+    spec = OpSpec(name, kernel, cpu_kernel or cpu_extension_op is not None, cpu_extension_op)
     OPS[name] = spec
     return spec
 
@@ -117,6 +123,11 @@ def choose(op: str, device: torch.device) -> Impl:
     # A Triton op.
     on_cpu = device.type == "cpu"
     if mode == "auto" and on_cpu:
+        if spec.cpu_extension_op is not None:
+            from astrea import _extension
+
+            if _extension.has_kernel(spec.cpu_extension_op, "CPU"):
+                return "extension"
         return "reference"
     reason = triton_import_error()
     if reason is not None:

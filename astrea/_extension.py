@@ -29,8 +29,14 @@ def available() -> bool:
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether ``_C`` registered a kernel for ``astrea::op`` under ``dispatch_key`` (CPU, CUDA)."""
-    return available() and torch._C._dispatch_has_kernel_for_dispatch_key(f"astrea::{op}", dispatch_key)
+    """Whether ``_C`` registered a kernel for ``astrea::op`` under ``dispatch_key`` (CPU, CUDA);
+    False too when no library defines the op (a ``_C`` built before it existed)."""
+    if not available():
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"astrea::{op}", dispatch_key)
+    except RuntimeError:  # the operator does not exist
+        return False
 
 
 def require(op: str, device: torch.device) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import astrea
-from astrea import _backend
+from astrea import _backend, _extension
 
 
 def test_default_is_auto(monkeypatch):
@@ -58,6 +58,26 @@ def test_triton_op_on_cpu(triton_op, monkeypatch):
         assert _backend.choose(triton_op, torch.device("cuda")) == "reference"
 
 
+@pytest.mark.parametrize("cpu_op, expected", [("moco_logits", "extension"), ("_no_such_op", "reference")])
+def test_triton_op_with_a_cpu_kernel_in_the_extension(cpu_op, expected):
+    """A Triton op whose CPU kernel lives in _C runs it on CPU tensors under auto when _C
+    registers it (moco_logits stands in for such a kernel), the reference otherwise."""
+    if expected == "extension" and not _extension.available():
+        pytest.skip(f"astrea._C did not load: {_extension.load_error()}")
+    spec = _backend.declare_op("_test_triton_op_with_cpu_kernel", kernel="triton", cpu_extension_op=cpu_op)
+    try:
+        assert _backend.choose(spec.name, torch.device("cpu")) == expected
+        with astrea.backend("reference"):
+            assert _backend.choose(spec.name, torch.device("cpu")) == "reference"
+    finally:
+        del _backend.OPS[spec.name]
+
+
+def test_cpu_extension_op_is_for_triton_ops():
+    with pytest.raises(ValueError, match="cpu_extension_op is for Triton ops"):
+        _backend.declare_op("_bad", kernel="extension", cpu_extension_op="moco_logits")
+
+
 def test_triton_op_on_cuda_runs_triton(triton_op):
     assert _backend.choose(triton_op, torch.device("cuda")) == "triton"
 
@@ -72,7 +92,7 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError(f"blocked {name}")
 sys.meta_path.insert(0, Block())
 import torch, astrea
-from astrea import _backend
+from astrea import _backend, _extension
 assert "triton" not in sys.modules
 try:
     astrea.ops.queue_enqueue_(torch.zeros(4, 2), torch.zeros(1, dtype=torch.long), torch.ones(1, 2))
