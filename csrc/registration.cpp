@@ -29,4 +29,15 @@ TORCH_LIBRARY(astrea, m) {
   // the saved lse; the queue is a buffer and gets no gradient.
   m.def("moco_infonce_backward(Tensor grad_loss, Tensor q, Tensor k, Tensor queue, Tensor lse, "
         "float temperature) -> (Tensor grad_q, Tensor grad_k)");
+  // Fused MoE router on CPU tensors (the Python op astrea::router_topk runs it under the
+  // auto backend): top-k of softmax or sigmoid scores with an optional selection bias;
+  // weights [N, k], indices [N, k] int32, counts [E] int32, prob_sums [E], lse [N], all
+  // floating outputs fp32 (float64 for float64 logits).
+  m.def("router_topk_cpu(Tensor logits, int k, str scoring, bool renormalize, Tensor? bias) "
+        "-> (Tensor weights, Tensor indices, Tensor counts, Tensor prob_sums, Tensor lse)");
+  // grad_logits (logits' dtype, contiguous) of sum(grad_weights * weights) +
+  // sum(grad_prob_sums * prob_sums) + sum(grad_lse * lse), by the closed form of
+  // kernels/router.py.
+  m.def("router_topk_backward_cpu(Tensor logits, Tensor indices, Tensor lse, Tensor grad_weights, "
+        "Tensor grad_prob_sums, Tensor grad_lse, str scoring, bool renormalize) -> Tensor");
 }

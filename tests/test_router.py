@@ -1,11 +1,14 @@
 """Tests of the fused router (astrea.ops.router_topk, its losses and TopKRouter): the Triton
-kernels (under the interpreter on CPU) and the CPU reference path against the reference."""
+kernels (under the interpreter on CPU), the C++ CPU kernel of astrea._C and the reference
+path against the reference."""
+
+import contextlib
 
 import pytest
 import torch
 
 import astrea
-from astrea import reference
+from astrea import _backend, reference
 from astrea.nn import RouterResult, TopKRouter
 from astrea.ops import RouterOutput, load_balancing_loss, router_topk, router_z_loss
 from tests.utils import assert_close, strided
@@ -25,6 +28,24 @@ CASES = [
 ]
 CASE_IDS = [f"N{n}-E{e}-k{k}-{s}-{'renorm' if r else 'raw'}" for n, e, k, s, r in CASES]
 GRAD_MODES = [(s, r) for s in ("softmax", "sigmoid") for r in (True, False)]
+# What runs the op on CPU tensors: the reference, the Triton kernels under the interpreter,
+# and the C++ kernel of astrea._C (which the auto backend picks for CPU tensors).
+IMPLEMENTATIONS = ["reference", "triton", "cpu_kernel"]
+
+
+@contextlib.contextmanager
+def running(implementation: str):
+    with astrea.backend("auto" if implementation == "cpu_kernel" else implementation):
+        if implementation == "cpu_kernel":
+            assert _backend.choose("router_topk", torch.device("cpu")) == "extension", "astrea._C has no CPU router"
+        yield
+
+
+@pytest.fixture(params=["triton", "cpu_kernel"])
+def kernel(request):
+    """Runs the test on each kernel: Triton and the C++ CPU kernel."""
+    with running(request.param):
+        yield request.param
 
 
 def _compare(actual, expected, what: str, atol: float = 1e-5, rtol: float = 1e-5) -> None:
@@ -55,36 +76,36 @@ def _surrogate(out, grad_weights, grad_prob_sums, grad_lse):
 
 
 @pytest.mark.parametrize("n, e, k, scoring, renormalize", CASES, ids=CASE_IDS)
-def test_kernel_forward_matches_reference(kernels, n, e, k, scoring, renormalize):
+def test_kernel_forward_matches_reference(kernel, n, e, k, scoring, renormalize):
     logits = torch.randn(n, e) * 3
     out = router_topk(logits, k, scoring=scoring, renormalize=renormalize)
     assert isinstance(out, RouterOutput)
-    _compare(out, reference.router_topk(logits, k, scoring, renormalize), "kernel")
+    _compare(out, reference.router_topk(logits, k, scoring, renormalize), kernel)
     assert int(out.counts.sum()) == n * k
     if renormalize and n:
         assert_close(out.weights.sum(1), torch.ones(n), what="renormalised row sums")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", IMPLEMENTATIONS)
 def test_low_precision_logits_are_scored_in_fp32(backend, dtype):
     logits = (torch.randn(17, 60) * 3).to(dtype)
-    with astrea.backend(backend):
+    with running(backend):
         out = router_topk(logits, 6, scoring="softmax")
     _compare(out, reference.router_topk(logits.float(), 6), f"{backend} {dtype}")
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", IMPLEMENTATIONS)
 def test_strided_logits(backend):
     logits = torch.randn(17, 60)
     expected = reference.router_topk(logits, 6, "sigmoid", True)
-    with astrea.backend(backend):
+    with running(backend):
         _compare(router_topk(strided(logits), 6, scoring="sigmoid"), expected, f"{backend} every other column")
         column_major = logits.t().contiguous().t()
         _compare(router_topk(column_major, 6, scoring="sigmoid"), expected, f"{backend} column-major")
 
 
-def test_empty_batch(kernels):
+def test_empty_batch(kernel):
     logits = torch.randn(0, 7, requires_grad=True)
     out = router_topk(logits, 2)
     assert out.weights.shape == (0, 2) and out.indices.shape == (0, 2) and out.lse.shape == (0,)
@@ -94,7 +115,7 @@ def test_empty_batch(kernels):
     assert logits.grad.shape == (0, 7)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", IMPLEMENTATIONS)
 def test_ties_go_to_the_lower_expert_index(backend):
     logits = torch.tensor([
         [0.0, 0.0, 0.0, 0.0, 0.0],  # all equal: the first k
@@ -105,7 +126,7 @@ def test_ties_go_to_the_lower_expert_index(backend):
         [-0.0, 0.0, -0.0, 1.0, -1.0],  # -0.0 equals +0.0
     ])
     expected = torch.tensor([[0, 1, 2], [1, 2, 4], [0, 2, 4], [1, 3, 0], [1, 4, 0], [3, 0, 1]], dtype=torch.int32)
-    with astrea.backend(backend):
+    with running(backend):
         for scoring in ("softmax", "sigmoid"):
             assert torch.equal(router_topk(logits, 3, scoring=scoring).indices, expected), scoring
         # With a bias the keys are score + bias: equal biases keep the ties.
@@ -114,12 +135,12 @@ def test_ties_go_to_the_lower_expert_index(backend):
 
 
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", IMPLEMENTATIONS)
 def test_bias_changes_selection_not_weights(backend, scoring):
     logits = torch.randn(17, 60)
     # Levels far apart so rounding of score + bias cannot reorder experts across levels.
     bias = torch.randint(0, 4, (60,)).float() * 2
-    with astrea.backend(backend):
+    with running(backend):
         out = router_topk(logits, 6, scoring=scoring, renormalize=False, bias=bias)
     x = logits.float()
     scores = torch.softmax(x, 1) if scoring == "softmax" else torch.sigmoid(x)
@@ -130,14 +151,14 @@ def test_bias_changes_selection_not_weights(backend, scoring):
     # A bias towards expert 5 large enough routes every token there first.
     pull = torch.zeros(60)
     pull[5] = 10.0
-    with astrea.backend(backend):
+    with running(backend):
         pulled = router_topk(logits, 2, scoring=scoring, renormalize=False, bias=pull)
     assert (pulled.indices[:, 0] == 5).all()
     assert_close(pulled.weights[:, 0], scores[:, 5], what="pulled weight")
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", IMPLEMENTATIONS)
 def test_non_finite_rows_give_nan_weights_and_valid_indices(backend):
     nan, inf = float("nan"), float("inf")
     logits = torch.randn(6, 7)
@@ -147,7 +168,7 @@ def test_non_finite_rows_give_nan_weights_and_valid_indices(backend):
     logits[4, 2:] = -inf  # finite entries remain: an ordinary row
     logits[5, 6] = nan
     for scoring in ("softmax", "sigmoid"):
-        with astrea.backend(backend):
+        with running(backend):
             out = router_topk(logits, 3, scoring=scoring)
         bad = torch.tensor([False, True, True, True, False, True])
         assert out.lse[bad].isnan().all() and out.lse[~bad].isfinite().all()
@@ -179,6 +200,20 @@ def test_forward_is_deterministic_across_program_counts(kernels, monkeypatch):
         assert_close(a.float(), b.float(), what=f"looped {name}")
 
 
+def test_cpu_kernel_is_deterministic_across_thread_counts():
+    logits, bias = torch.randn(1000, 60), torch.randn(60)  # several blocks of rows
+    threads = torch.get_num_threads()
+    with running("cpu_kernel"):
+        first = router_topk(logits, 6, bias=bias)
+        torch.set_num_threads(1)
+        try:
+            serial = router_topk(logits, 6, bias=bias)
+        finally:
+            torch.set_num_threads(threads)
+    for name, a, b in zip(RouterOutput._fields, first, serial):
+        assert torch.equal(a, b), name
+
+
 # ---- backward -----------------------------------------------------------------------------------
 
 
@@ -188,7 +223,7 @@ BACKWARD_CASES = [(n, e, k, s, r) for n, e, k in [(17, 7, 2), (17, 60, 60)] for 
 
 
 @pytest.mark.parametrize("n, e, k, scoring, renormalize", BACKWARD_CASES)
-def test_kernel_backward_matches_reference_autograd(kernels, n, e, k, scoring, renormalize):
+def test_kernel_backward_matches_reference_autograd(kernel, n, e, k, scoring, renormalize):
     logits = (torch.randn(n, e) * 2).requires_grad_()
     grads = _loss_weights(n, e, k)
     _surrogate(router_topk(logits, k, scoring=scoring, renormalize=renormalize), *grads).backward()
@@ -198,11 +233,11 @@ def test_kernel_backward_matches_reference_autograd(kernels, n, e, k, scoring, r
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", IMPLEMENTATIONS)
 def test_low_precision_backward(backend, dtype):
     logits = (torch.randn(17, 60) * 2).to(dtype).requires_grad_()
     grads = _loss_weights(17, 60, 6)
-    with astrea.backend(backend):
+    with running(backend):
         _surrogate(router_topk(logits, 6), *grads).backward()
     expected_logits = logits.detach().float().requires_grad_()
     _surrogate(reference.router_topk(expected_logits, 6), *grads).backward()
@@ -210,13 +245,13 @@ def test_low_precision_backward(backend, dtype):
     assert_close(logits.grad, expected_logits.grad, dtype, what=f"{backend} {dtype} grad_logits")
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", IMPLEMENTATIONS)
 def test_backward_with_strided_logits_and_bias(backend):
     base = torch.randn(17, 60)
     logits = strided(base).requires_grad_()
     bias = torch.randint(0, 4, (60,)).float() * 2
     grads = _loss_weights(17, 60, 6)
-    with astrea.backend(backend):
+    with running(backend):
         _surrogate(router_topk(logits, 6, scoring="sigmoid", bias=bias), *grads).backward()
     expected_logits = base.clone().requires_grad_()
     _surrogate(reference.router_topk(expected_logits, 6, "sigmoid", True, bias), *grads).backward()
@@ -235,6 +270,22 @@ def test_reference_gradcheck_float64(scoring, renormalize):
 
 
 @pytest.mark.parametrize("scoring, renormalize", GRAD_MODES)
+def test_cpu_kernel_gradcheck_float64(scoring, renormalize):
+    """The C++ kernel's forward and closed-form backward in float64, through the custom op
+    (router_topk itself takes fp32/fp16/bf16)."""
+    logits = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(7)
+
+    def differentiable_outputs(x):
+        weights, _, _, prob_sums, lse = torch.ops.astrea.router_topk(x, 3, scoring, renormalize, bias)
+        return weights, prob_sums, lse
+
+    with running("cpu_kernel"):
+        assert differentiable_outputs(logits)[0].dtype == torch.float64
+        assert torch.autograd.gradcheck(differentiable_outputs, (logits,))
+
+
+@pytest.mark.parametrize("scoring, renormalize", GRAD_MODES)
 def test_reference_closed_form_backward_matches_autograd(scoring, renormalize):
     """The derivation written in the kernel, checked in float64 against autograd."""
     logits = torch.randn(9, 11, dtype=torch.float64, requires_grad=True)
@@ -249,10 +300,10 @@ def test_reference_closed_form_backward_matches_autograd(scoring, renormalize):
 # ---- losses -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", IMPLEMENTATIONS)
 def test_losses_match_their_formulas_and_are_differentiable(backend):
     logits = torch.randn(17, 7, requires_grad=True)
-    with astrea.backend(backend):
+    with running(backend):
         out = router_topk(logits, 2)
         aux, z = load_balancing_loss(out), router_z_loss(out)
     probs = torch.softmax(logits, 1)
@@ -280,10 +331,10 @@ def test_balancing_loss_is_one_when_balanced_and_takes_global_token_count():
 # ---- registration -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", IMPLEMENTATIONS)
 def test_opcheck(backend):
     logits = torch.randn(17, 7, requires_grad=True)
-    with astrea.backend(backend):
+    with running(backend):
         for args in [(logits, 2, "softmax", True, None), (logits, 3, "sigmoid", False, torch.randn(7))]:
             torch.library.opcheck(torch.ops.astrea.router_topk.default, args)
         out = router_topk(logits.detach(), 2)
@@ -332,6 +383,32 @@ def test_bad_inputs_raise_naming_the_argument(kwargs, error, match):
         router_topk(args.pop("logits"), args.pop("k"), **args)
 
 
+def test_cpu_kernel_checks_direct_calls():
+    """torch.ops.astrea.router_topk_cpu / _backward_cpu skip the Python checks: theirs name the argument."""
+    logits = torch.randn(4, 7)
+    forward = torch.ops.astrea.router_topk_cpu
+    with pytest.raises(ValueError, match=r"router_topk: k must be in \[1, 7\], got 8"):
+        forward(logits, 8, "softmax", True, None)
+    with pytest.raises(ValueError, match="router_topk: scoring must be 'softmax' or 'sigmoid', got 'relu'"):
+        forward(logits, 2, "relu", True, None)
+    with pytest.raises(ValueError, match=r"router_topk: bias must be \[7\], got \[6\]"):
+        forward(logits, 2, "softmax", True, torch.zeros(6))
+    with pytest.raises(TypeError, match="router_topk: logits must be floating"):
+        forward(logits.long(), 2, "softmax", True, None)
+    out = forward(logits, 2, "softmax", True, None)
+    grads = (torch.zeros(4, 2), torch.zeros(7), torch.zeros(4))
+    backward = torch.ops.astrea.router_topk_backward_cpu
+    bad_indices = out[1].clone()
+    bad_indices[3, 1] = 7
+    with pytest.raises(ValueError, match=r"router_topk_backward: indices\[3, 1\] = 7 is outside \[0, 7\)"):
+        backward(logits, bad_indices, out[4], *grads, "softmax", True)
+    with pytest.raises(TypeError, match="router_topk_backward: grad_weights must be Double"):
+        backward(logits.double(), out[1], out[4].double(), grads[0], *(g.double() for g in grads[1:]), "softmax",
+                 True)
+    with pytest.raises(ValueError, match=r"router_topk_backward: grad_lse must have shape \[4\], got \[3\]"):
+        backward(logits, out[1], out[4], *grads[:2], torch.zeros(3), "softmax", True)
+
+
 # ---- module -------------------------------------------------------------------------------------
 
 
@@ -364,11 +441,11 @@ def test_top_k_router_module():
         TopKRouter(16, 7, 8)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", IMPLEMENTATIONS)
 def test_top_k_router_under_bf16_autocast(backend):
     router = TopKRouter(16, 60, 6)
     x = torch.randn(17, 16)
-    with astrea.backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+    with running(backend), torch.autocast("cpu", dtype=torch.bfloat16):
         result = router(x)
     assert result.logits.dtype == torch.bfloat16 and result.weights.dtype == torch.float32
     _compare((result.weights, result.indices, result.counts, result.prob_sums, torch.logsumexp(

@@ -6,6 +6,11 @@ both scorings, so the NaN reaches the loss instead of being hidden. Its indices 
 still valid expert ids, chosen deterministically: NaN keys rank below every number and
 equal keys go to the lower expert index. Its scores enter ``prob_sums`` as computed
 (NaN for softmax). -Inf logits in a row with a finite logit are ordinary: probability 0.
+
+Implementations: the Triton kernels (kernels/router.py) on CUDA; on CPU tensors the C++
+kernel of ``astrea._C`` (csrc/cpu/router.cpp), else the reference. The custom ops also take
+float64 logits on CPU (outputs float64 then), so that gradcheck can test the C++ kernel;
+:func:`router_topk` itself takes fp32/fp16/bf16.
 """
 
 from typing import NamedTuple, Optional, Union
@@ -15,7 +20,7 @@ import torch
 from astrea import _backend, reference
 from astrea._validation import FLOAT_DTYPES, check_choice, check_int, check_same_device, check_size, check_tensor
 
-_backend.declare_op("router_topk", kernel="triton")
+_backend.declare_op("router_topk", kernel="triton", cpu_extension_op="router_topk_cpu")
 
 SCORINGS = ("softmax", "sigmoid")
 
@@ -34,23 +39,31 @@ class RouterOutput(NamedTuple):
 def _router_topk_op(
     logits: torch.Tensor, k: int, scoring: str, renormalize: bool, bias: Optional[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _backend.choose("router_topk", logits.device) == "triton":
+    implementation = _backend.choose("router_topk", logits.device)
+    if implementation == "triton":
         from astrea.kernels.router import router_topk_forward
 
         return router_topk_forward(logits, k, scoring, renormalize, bias, interpreter=logits.device.type == "cpu")
-    weights, indices, counts, prob_sums, lse = reference.router_topk(logits, k, scoring, renormalize, bias)
-    return weights, indices, counts, prob_sums.float(), lse.float()
+    if implementation == "extension":
+        return torch.ops.astrea.router_topk_cpu(logits, k, scoring, renormalize, bias)
+    return tuple(reference.router_topk(logits, k, scoring, renormalize, bias))
+
+
+def _value_dtype(logits: torch.Tensor) -> torch.dtype:
+    """The dtype of the floating outputs: fp32, float64 for float64 logits (CPU only)."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 @_router_topk_op.register_fake
 def _router_topk_fake(logits, k, scoring, renormalize, bias):
     n, e = logits.shape
+    values = _value_dtype(logits)
     return (
-        logits.new_empty((n, k), dtype=torch.float32),
+        logits.new_empty((n, k), dtype=values),
         logits.new_empty((n, k), dtype=torch.int32),
         logits.new_empty((e,), dtype=torch.int32),
-        logits.new_empty((e,), dtype=torch.float32),
-        logits.new_empty((n,), dtype=torch.float32),
+        logits.new_empty((e,), dtype=values),
+        logits.new_empty((n,), dtype=values),
     )
 
 
@@ -59,11 +72,15 @@ def _router_topk_backward_op(
     logits: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor, grad_weights: torch.Tensor,
     grad_prob_sums: torch.Tensor, grad_lse: torch.Tensor, scoring: str, renormalize: bool,
 ) -> torch.Tensor:
-    if _backend.choose("router_topk", logits.device) == "triton":
+    implementation = _backend.choose("router_topk", logits.device)
+    if implementation == "triton":
         from astrea.kernels.router import router_topk_backward
 
         return router_topk_backward(logits, indices, lse, grad_weights, grad_prob_sums, grad_lse, scoring,
                                     renormalize, interpreter=logits.device.type == "cpu")
+    if implementation == "extension":
+        return torch.ops.astrea.router_topk_backward_cpu(logits, indices, lse, grad_weights, grad_prob_sums,
+                                                         grad_lse, scoring, renormalize)
     return reference.router_topk_backward(logits, indices, lse, grad_weights, grad_prob_sums, grad_lse,
                                           scoring, renormalize).contiguous()
 
@@ -84,12 +101,14 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_weights, _grad_indices, _grad_counts, grad_prob_sums, grad_lse):
     logits, indices, lse = ctx.saved_tensors
 
-    def fp32(grad, shape):  # an output not used in the loss may bring no gradient
-        return logits.new_zeros(shape, dtype=torch.float32) if grad is None else grad.float().contiguous()
+    def values(grad, shape):  # an output not used in the loss may bring no gradient
+        if grad is None:
+            return logits.new_zeros(shape, dtype=lse.dtype)
+        return grad.to(lse.dtype).contiguous()
 
     grad_logits = _router_topk_backward_op(
-        logits, indices, lse, fp32(grad_weights, indices.shape), fp32(grad_prob_sums, logits.shape[1:]),
-        fp32(grad_lse, lse.shape), ctx.scoring, ctx.renormalize,
+        logits, indices, lse, values(grad_weights, indices.shape), values(grad_prob_sums, logits.shape[1:]),
+        values(grad_lse, lse.shape), ctx.scoring, ctx.renormalize,
     )
     return grad_logits, None, None, None, None
 
