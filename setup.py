@@ -67,7 +67,8 @@ def _extensions():
 
     sources = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc").glob("*.cpp"))]
     sources += [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "cpu").glob("*.cpp"))]
-    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is a header template that runs serially without it.
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp"]
     # Limited API: one wheel for every CPython >= 3.10 (_C has no Python functions).
     define_macros = [("Py_LIMITED_API", "0x030A0000")]
     if build_cuda:
@@ -102,6 +103,7 @@ def _extensions():
             include_dirs=[str(ROOT / "csrc")],
             define_macros=define_macros,
             extra_compile_args=extra,
+            extra_link_args=["-fopenmp"],
             # _C is loaded for its TORCH_LIBRARY registrations; it exposes no Python API.
             py_limited_api=True,
         )

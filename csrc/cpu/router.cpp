@@ -1,10 +1,11 @@
 // CPU kernels of the fused MoE router (semantics: kernels/router.py and astrea/ops/router.py).
 //
-// Rows are independent: at::parallel_for hands out blocks of kRowsPerBlock rows, each row
-// is copied once into a per-thread buffer in the accumulation type (fp32, fp64 for fp64)
-// and scored there. The per-expert counts and score sums are accumulated per row block
-// and the block partials summed in block order afterwards, so the results never depend
-// on the number of threads.
+// Rows are independent: at::parallel_for hands out blocks of kRowsPerBlock rows, scored a
+// tile of rows at a time in per-thread scratch in the accumulation type (fp32, fp64 for
+// fp64): the tile's exponentials (and sigmoids) in one call of ATen's vectorised kernels,
+// the row reductions as `omp simd` loops, the top-k by insertion. The per-expert counts
+// and score sums are accumulated per row block and the block partials summed in block
+// order afterwards, so the results never depend on the number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -25,52 +26,82 @@ namespace {
 
 // Rows per partial of counts and prob_sums: fixed, so the summation order is too.
 constexpr int64_t kRowsPerBlock = 256;
+// Logits per scratch tile: the rows of a tile are scored together (one vectorised exp
+// over the tile), with the tiles of one thread staying in its L2.
+constexpr int64_t kTileElements = 8192;
 
 bool is_softmax(std::string_view scoring) { return scoring == "softmax"; }
 
 int64_t num_row_blocks(int64_t rows) { return (rows + kRowsPerBlock - 1) / kRowsPerBlock; }
 
-// Copies row `row` of the [N, E] logits (any strides) into x in the accumulation type.
+int64_t tile_rows(int64_t experts) { return std::clamp<int64_t>(kTileElements / experts, 1, kRowsPerBlock); }
+
+// Per-thread scratch: `count` tiles of [tile_rows, E] values in the accumulation type.
+template <typename acc_t>
+struct Tiles {
+  at::Tensor storage;
+  int64_t tile_size;
+
+  Tiles(int64_t count, int64_t experts, const at::TensorOptions& options)
+      : storage(at::empty({count * tile_rows(experts) * experts}, options)),
+        tile_size(tile_rows(experts) * experts) {}
+
+  acc_t* operator[](int64_t i) const { return storage.data_ptr<acc_t>() + i * tile_size; }
+};
+
+// Copies rows [row_begin, row_end) of the [N, E] logits (any strides) into x, row-major,
+// in the accumulation type.
 template <typename scalar_t, typename acc_t>
-void load_row(const scalar_t* logits, int64_t row, int64_t stride_n, int64_t stride_e, int64_t experts,
-              acc_t* x) {
-  const scalar_t* src = logits + row * stride_n;
-  if (stride_e == 1) {
-    for (int64_t e = 0; e < experts; ++e) x[e] = static_cast<acc_t>(src[e]);
-  } else {
-    for (int64_t e = 0; e < experts; ++e) x[e] = static_cast<acc_t>(src[e * stride_e]);
+void load_rows(const scalar_t* logits, int64_t row_begin, int64_t row_end, int64_t stride_n, int64_t stride_e,
+               int64_t experts, acc_t* x) {
+  for (int64_t row = row_begin; row < row_end; ++row, x += experts) {
+    const scalar_t* src = logits + row * stride_n;
+    if (stride_e == 1) {
+      for (int64_t e = 0; e < experts; ++e) x[e] = static_cast<acc_t>(src[e]);
+    } else {
+      for (int64_t e = 0; e < experts; ++e) x[e] = static_cast<acc_t>(src[e * stride_e]);
+    }
   }
 }
 
-// Largest value of x[0, n), NaN when any is NaN (as torch.amax).
+// exp and sigmoid of n values by ATen's vectorised kernels (run serially here: inside
+// at::parallel_for, ATen does not parallelise again).
 template <typename acc_t>
-acc_t nan_propagating_max(const acc_t* x, int64_t n) {
+void exp_in_place(acc_t* values, int64_t n) {
+  at::from_blob(values, {n}, at::CPU(c10::CppTypeToScalarType<acc_t>::value)).exp_();
+}
+
+template <typename acc_t>
+void sigmoid_into(const acc_t* x, int64_t n, acc_t* out) {
+  const auto options = at::CPU(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor result = at::from_blob(out, {n}, options);
+  at::sigmoid_out(result, at::from_blob(const_cast<acc_t*>(x), {n}, options));
+}
+
+// A NaN logit may or may not win the max; either way it makes the row's sum of
+// exponentials, hence its lse, NaN, as a +Inf logit or an all -Inf row do.
+template <typename acc_t>
+acc_t row_max(const acc_t* x, int64_t n) {
   acc_t result = -std::numeric_limits<acc_t>::infinity();
-  bool has_nan = false;
-  for (int64_t e = 0; e < n; ++e) {
-    result = x[e] > result ? x[e] : result;
-    has_nan |= x[e] != x[e];
-  }
-  return has_nan ? std::numeric_limits<acc_t>::quiet_NaN() : result;
+#pragma omp simd reduction(max : result)
+  for (int64_t e = 0; e < n; ++e) result = std::max(result, x[e]);
+  return result;
 }
 
-// Scores of one row into score[]; returns its log-sum-exp (NaN for a non-finite row).
-// For softmax the exponentials are kept; for sigmoid exps is scratch.
 template <typename acc_t>
-acc_t score_row(const acc_t* x, int64_t experts, bool softmax, acc_t* exps, acc_t* score) {
-  const acc_t row_max = nan_propagating_max(x, experts);
-  acc_t sum_exps = 0;
-  for (int64_t e = 0; e < experts; ++e) {
-    exps[e] = std::exp(x[e] - row_max);
-    sum_exps += exps[e];
-  }
-  if (softmax) {
-    const acc_t inv_sum = acc_t(1) / sum_exps;
-    for (int64_t e = 0; e < experts; ++e) score[e] = exps[e] * inv_sum;
-  } else {
-    for (int64_t e = 0; e < experts; ++e) score[e] = acc_t(1) / (acc_t(1) + std::exp(-x[e]));
-  }
-  return row_max + std::log(sum_exps);
+acc_t row_sum(const acc_t* x, int64_t n) {
+  acc_t result = 0;
+#pragma omp simd reduction(+ : result)
+  for (int64_t e = 0; e < n; ++e) result += x[e];
+  return result;
+}
+
+template <typename acc_t>
+acc_t row_dot(const acc_t* a, const acc_t* b, int64_t n) {
+  acc_t result = 0;
+#pragma omp simd reduction(+ : result)
+  for (int64_t e = 0; e < n; ++e) result += a[e] * b[e];
+  return result;
 }
 
 // The k experts with the largest keys, best first, into chosen[0, k): NaN keys rank as
@@ -119,6 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
   at::Tensor prob_sums = at::empty({experts}, acc_options);
   const at::Tensor bias = bias_in.has_value() ? bias_in->to(acc_type).contiguous() : at::Tensor();
   const bool softmax = is_softmax(scoring);
+  const int64_t tile = tile_rows(experts);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "router_topk", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -129,42 +161,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
     acc_t* lse_data = lse.data_ptr<acc_t>();
     const int64_t stride_n = logits.stride(0), stride_e = logits.stride(1);
     at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-      // x, exps, score, biased key, then the k best keys.
-      std::vector<acc_t> buffer(4 * experts + k);
-      acc_t* x = buffer.data();
-      acc_t* exps = x + experts;
-      acc_t* score = exps + experts;
-      acc_t* biased = score + experts;
+      // Tiles: the fp32 logits, their exponentials, the sigmoid scores; then one row of
+      // biased keys and the k best keys.
+      const Tiles<acc_t> tiles(3, experts, acc_options);
+      std::vector<acc_t> row_scratch(experts + k);
+      acc_t* biased = row_scratch.data();
       acc_t* best_keys = biased + experts;
       for (int64_t block = block_begin; block < block_end; ++block) {
         int32_t* block_counts = count_partials.data_ptr<int32_t>() + block * experts;
         acc_t* block_prob_sums = prob_partials.data_ptr<acc_t>() + block * experts;
-        const int64_t row_end = std::min(rows, (block + 1) * kRowsPerBlock);
-        for (int64_t row = block * kRowsPerBlock; row < row_end; ++row) {
-          load_row(logits_data, row, stride_n, stride_e, experts, x);
-          const acc_t row_lse = score_row(x, experts, softmax, exps, score);
-          lse_data[row] = row_lse;
-          for (int64_t e = 0; e < experts; ++e) block_prob_sums[e] += score[e];
-          const acc_t* key = x;  // without a bias the logits rank as the scores do
-          if (bias_data != nullptr) {
-            for (int64_t e = 0; e < experts; ++e) biased[e] = score[e] + bias_data[e];
-            key = biased;
+        const int64_t block_end_row = std::min(rows, (block + 1) * kRowsPerBlock);
+        for (int64_t tile_begin = block * kRowsPerBlock; tile_begin < block_end_row; tile_begin += tile) {
+          const int64_t tile_end = std::min(block_end_row, tile_begin + tile);
+          const int64_t tile_elements = (tile_end - tile_begin) * experts;
+          acc_t* x = tiles[0];
+          acc_t* exps = tiles[1];
+          load_rows(logits_data, tile_begin, tile_end, stride_n, stride_e, experts, x);
+          for (int64_t row = tile_begin; row < tile_end; ++row) {
+            const int64_t offset = (row - tile_begin) * experts;
+            const acc_t max = row_max(x + offset, experts);
+            lse_data[row] = max;  // the row max until the lse is known
+            for (int64_t e = 0; e < experts; ++e) exps[offset + e] = x[offset + e] - max;
           }
-          int32_t* chosen = indices_data + row * k;
-          acc_t* row_weights = weights_data + row * k;
-          top_k(key, experts, k, best_keys, chosen);
-          acc_t total = 0;
-          for (int64_t slot = 0; slot < k; ++slot) {
-            row_weights[slot] = score[chosen[slot]];
-            total += row_weights[slot];
-            ++block_counts[chosen[slot]];
-          }
-          // A non-finite row (NaN lse) gets NaN weights; its indices stay valid.
-          const bool finite_row = row_lse == row_lse;
-          for (int64_t slot = 0; slot < k; ++slot) {
-            row_weights[slot] = !finite_row ? std::numeric_limits<acc_t>::quiet_NaN()
-                                : renormalize ? row_weights[slot] / total
-                                              : row_weights[slot];
+          exp_in_place(exps, tile_elements);
+          if (!softmax) sigmoid_into(x, tile_elements, tiles[2]);
+          for (int64_t row = tile_begin; row < tile_end; ++row) {
+            const int64_t offset = (row - tile_begin) * experts;
+            acc_t* score = (softmax ? exps : tiles[2]) + offset;
+            const acc_t sum_exps = row_sum(exps + offset, experts);
+            const acc_t row_lse = lse_data[row] + std::log(sum_exps);
+            lse_data[row] = row_lse;
+            if (softmax) {
+              const acc_t inv_sum = acc_t(1) / sum_exps;
+              for (int64_t e = 0; e < experts; ++e) score[e] *= inv_sum;
+            }
+            for (int64_t e = 0; e < experts; ++e) block_prob_sums[e] += score[e];
+            const acc_t* key = x + offset;  // without a bias the logits rank as the scores do
+            if (bias_data != nullptr) {
+              for (int64_t e = 0; e < experts; ++e) biased[e] = score[e] + bias_data[e];
+              key = biased;
+            }
+            int32_t* chosen = indices_data + row * k;
+            acc_t* row_weights = weights_data + row * k;
+            top_k(key, experts, k, best_keys, chosen);
+            acc_t total = 0;
+            for (int64_t slot = 0; slot < k; ++slot) {
+              row_weights[slot] = score[chosen[slot]];
+              total += row_weights[slot];
+              ++block_counts[chosen[slot]];
+            }
+            // A non-finite row (NaN lse) gets NaN weights; its indices stay valid.
+            const bool finite_row = row_lse == row_lse;
+            for (int64_t slot = 0; slot < k; ++slot) {
+              row_weights[slot] = !finite_row ? std::numeric_limits<acc_t>::quiet_NaN()
+                                  : renormalize ? row_weights[slot] / total
+                                                : row_weights[slot];
+            }
           }
         }
       }
@@ -175,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
   return {weights, indices, counts, prob_sums, lse};
 }
 
-// Closed form of the backward (derivation: kernels/router.py), one row at a time.
+// Closed form of the backward (derivation: kernels/router.py), a tile of rows at a time.
 at::Tensor router_topk_backward_cpu(const at::Tensor& logits, const at::Tensor& indices_in,
                                     const at::Tensor& lse_in, const at::Tensor& grad_weights_in,
                                     const at::Tensor& grad_prob_sums_in, const at::Tensor& grad_lse_in,
@@ -192,6 +244,7 @@ at::Tensor router_topk_backward_cpu(const at::Tensor& logits, const at::Tensor& 
   const at::Tensor grad_lse = grad_lse_in.contiguous();
   at::Tensor grad_logits = at::empty({rows, experts}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   const bool softmax = is_softmax(scoring);
+  const int64_t tile = tile_rows(experts);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "router_topk_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -203,51 +256,57 @@ at::Tensor router_topk_backward_cpu(const at::Tensor& logits, const at::Tensor& 
     const acc_t* grad_lse_data = grad_lse.const_data_ptr<acc_t>();
     scalar_t* grad_data = grad_logits.data_ptr<scalar_t>();
     const int64_t stride_n = logits.stride(0), stride_e = logits.stride(1);
-    at::parallel_for(0, rows, kRowsPerBlock, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> buffer(3 * experts);  // x, probs, the gradient reaching the scores
-      acc_t* x = buffer.data();
-      acc_t* probs = x + experts;
-      acc_t* grad_score = probs + experts;
-      for (int64_t row = begin; row < end; ++row) {
-        load_row(logits_data, row, stride_n, stride_e, experts, x);
-        const int32_t* chosen = indices_data + row * k;
-        const acc_t* grad_w = grad_weights_data + row * k;
-        for (int64_t slot = 0; slot < k; ++slot) {
-          TORCH_CHECK_VALUE(chosen[slot] >= 0 && chosen[slot] < experts, "router_topk_backward: indices[", row,
-                            ", ", slot, "] = ", chosen[slot], " is outside [0, ", experts, ")");
+    at::parallel_for(0, rows, tile, [&](int64_t begin, int64_t end) {
+      // Tiles: the fp32 logits, softmax(x), the sigmoid scores; then one row of the
+      // gradient reaching the scores.
+      const Tiles<acc_t> tiles(3, experts, lse.options());
+      std::vector<acc_t> grad_score(experts);
+      for (int64_t tile_begin = begin; tile_begin < end; tile_begin += tile) {
+        const int64_t tile_end = std::min(end, tile_begin + tile);
+        const int64_t tile_elements = (tile_end - tile_begin) * experts;
+        acc_t* x = tiles[0];
+        acc_t* probs = tiles[1];
+        load_rows(logits_data, tile_begin, tile_end, stride_n, stride_e, experts, x);
+        for (int64_t row = tile_begin; row < tile_end; ++row) {
+          const int64_t offset = (row - tile_begin) * experts;
+          for (int64_t e = 0; e < experts; ++e) probs[offset + e] = x[offset + e] - lse_data[row];
         }
-        const acc_t row_lse = lse_data[row];
-        for (int64_t e = 0; e < experts; ++e) probs[e] = std::exp(x[e] - row_lse);
-        // The scores are kept in x: x is not needed once they are computed.
-        acc_t* score = x;
-        if (softmax) {
-          for (int64_t e = 0; e < experts; ++e) score[e] = probs[e];
-        } else {
-          for (int64_t e = 0; e < experts; ++e) score[e] = acc_t(1) / (acc_t(1) + std::exp(-x[e]));
-        }
-        for (int64_t e = 0; e < experts; ++e) grad_score[e] = grad_prob_sums_data[e];
-        acc_t total = 1, weighted = 0;
-        if (renormalize) {
-          total = 0;
+        exp_in_place(probs, tile_elements);
+        if (!softmax) sigmoid_into(x, tile_elements, tiles[2]);
+        for (int64_t row = tile_begin; row < tile_end; ++row) {
+          const int64_t offset = (row - tile_begin) * experts;
+          const acc_t* p = probs + offset;
+          const acc_t* score = (softmax ? probs : tiles[2]) + offset;
+          const int32_t* chosen = indices_data + row * k;
+          const acc_t* grad_w = grad_weights_data + row * k;
           for (int64_t slot = 0; slot < k; ++slot) {
-            total += score[chosen[slot]];
-            weighted += grad_w[slot] * score[chosen[slot]];
+            TORCH_CHECK_VALUE(chosen[slot] >= 0 && chosen[slot] < experts, "router_topk_backward: indices[", row,
+                              ", ", slot, "] = ", chosen[slot], " is outside [0, ", experts, ")");
           }
-          weighted /= total;
-        }
-        for (int64_t slot = 0; slot < k; ++slot) grad_score[chosen[slot]] += (grad_w[slot] - weighted) / total;
-        const acc_t row_grad_lse = grad_lse_data[row];
-        scalar_t* grad_row = grad_data + row * experts;
-        if (softmax) {
-          acc_t dot = 0;
-          for (int64_t e = 0; e < experts; ++e) dot += grad_score[e] * probs[e];
-          for (int64_t e = 0; e < experts; ++e) {
-            grad_row[e] = static_cast<scalar_t>(probs[e] * (grad_score[e] - dot + row_grad_lse));
+          std::copy(grad_prob_sums_data, grad_prob_sums_data + experts, grad_score.begin());
+          // dv_j = (gw_j - sum_i gw_i w_i) / S with renormalisation, else gw_j.
+          acc_t total = 1, weighted = 0;
+          if (renormalize) {
+            total = 0;
+            for (int64_t slot = 0; slot < k; ++slot) {
+              total += score[chosen[slot]];
+              weighted += grad_w[slot] * score[chosen[slot]];
+            }
+            weighted /= total;
           }
-        } else {
-          for (int64_t e = 0; e < experts; ++e) {
-            const acc_t s = score[e];
-            grad_row[e] = static_cast<scalar_t>(grad_score[e] * s * (acc_t(1) - s) + row_grad_lse * probs[e]);
+          for (int64_t slot = 0; slot < k; ++slot) grad_score[chosen[slot]] += (grad_w[slot] - weighted) / total;
+          const acc_t row_grad_lse = grad_lse_data[row];
+          scalar_t* grad_row = grad_data + row * experts;
+          if (softmax) {
+            const acc_t dot = row_dot(grad_score.data(), p, experts);
+            for (int64_t e = 0; e < experts; ++e) {
+              grad_row[e] = static_cast<scalar_t>(p[e] * (grad_score[e] - dot + row_grad_lse));
+            }
+          } else {
+            for (int64_t e = 0; e < experts; ++e) {
+              grad_row[e] = static_cast<scalar_t>(grad_score[e] * score[e] * (acc_t(1) - score[e]) +
+                                                  row_grad_lse * p[e]);
+            }
           }
         }
       }
