@@ -67,15 +67,19 @@ void load_rows(const scalar_t* logits, int64_t row_begin, int64_t row_end, int64
 // exp and sigmoid of n values by ATen's vectorised kernels (run serially here: inside
 // at::parallel_for, ATen does not parallelise again).
 template <typename acc_t>
+at::Tensor wrap(const acc_t* values, int64_t n) {
+  return at::from_blob(const_cast<acc_t*>(values), {n}, at::dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+template <typename acc_t>
 void exp_in_place(acc_t* values, int64_t n) {
-  at::from_blob(values, {n}, at::CPU(c10::CppTypeToScalarType<acc_t>::value)).exp_();
+  wrap(values, n).exp_();
 }
 
 template <typename acc_t>
 void sigmoid_into(const acc_t* x, int64_t n, acc_t* out) {
-  const auto options = at::CPU(c10::CppTypeToScalarType<acc_t>::value);
-  at::Tensor result = at::from_blob(out, {n}, options);
-  at::sigmoid_out(result, at::from_blob(const_cast<acc_t*>(x), {n}, options));
+  at::Tensor result = wrap(out, n);
+  at::sigmoid_out(result, wrap(x, n));
 }
 
 // A NaN logit may or may not win the max; either way it makes the row's sum of
