@@ -1,4 +1,5 @@
-"""The sparse weighted combine of MoE expert outputs (kernels in :mod:`astrea.kernels.combine`)."""
+"""The sparse weighted combine of MoE expert outputs (Triton kernels in :mod:`astrea.kernels.combine`;
+on CPU tensors the C++ kernels of csrc/cpu/moe.cpp)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,26 @@ from astrea._validation import FLOAT_DTYPES, check_same_device, check_size, chec
 from astrea.ops.dispatch import Dispatch, check_dispatch
 from astrea.reference import combine as reference
 
-_backend.declare_op("weighted_combine", kernel="triton")
+_backend.declare_op("weighted_combine", kernel="triton", cpu_extension_op="weighted_combine_cpu")
 
 
 @torch.library.custom_op("astrea::weighted_combine", mutates_args=())
 def _weighted_combine(expert_out: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                       inverse_positions: torch.Tensor, expert_offsets: torch.Tensor,
                       expert_scale: torch.Tensor | None) -> torch.Tensor:
+    return weighted_combine_forward(expert_out, weights, indices, inverse_positions, expert_offsets, expert_scale)
+
+
+def weighted_combine_forward(expert_out: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                             inverse_positions: torch.Tensor, expert_offsets: torch.Tensor,
+                             expert_scale: torch.Tensor | None) -> torch.Tensor:
+    """Launcher of the combine (also the first step of the sparse combine + residual on CPU)."""
     num_experts = expert_offsets.shape[0] - 1
-    if _backend.choose("weighted_combine", expert_out.device) == "reference":
+    impl = _backend.choose("weighted_combine", expert_out.device)
+    if impl == "extension":
+        return torch.ops.astrea.weighted_combine_cpu(expert_out, weights, indices, inverse_positions, expert_scale,
+                                                     num_experts)
+    if impl == "reference":
         return reference.weighted_combine(expert_out, weights, indices, inverse_positions, num_experts, expert_scale)
     from astrea.kernels.combine import combine_forward
 
@@ -36,7 +48,11 @@ def _weighted_combine_backward(grad_out: torch.Tensor, expert_out: torch.Tensor,
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients for expert_out, weights and expert_scale (an empty tensor without expert_scale)."""
     num_experts = expert_offsets.shape[0] - 1
-    if _backend.choose("weighted_combine", expert_out.device) == "reference":
+    impl = _backend.choose("weighted_combine", expert_out.device)
+    if impl == "extension":
+        return torch.ops.astrea.weighted_combine_backward_cpu(grad_out, expert_out, weights, indices,
+                                                              inverse_positions, expert_scale, num_experts)
+    if impl == "reference":
         grads = reference.weighted_combine_backward(grad_out, expert_out, weights, indices, inverse_positions,
                                                     num_experts, expert_scale)
     else:
