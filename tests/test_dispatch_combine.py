@@ -506,6 +506,26 @@ def test_opcheck(impl, request):
         torch.library.opcheck(op, args)
 
 
+def test_opcheck_cpu_kernel_ops(request):
+    """The C++ ops themselves (eager CPU calls reach them without the custom ops)."""
+    use_impl(request, "cpu")
+    indices = make_indices(10, 2, 3)
+    sorted_token_ids, offsets, inverse = reference.moe_dispatch(indices, 3)
+    x, y, grad = torch.randn(10, 33), torch.randn(20, 33), torch.randn(10, 33)
+    weights, scale = torch.rand(10, 2), torch.rand(3)
+    cpu_ops = torch.ops.astrea
+    for op, args in [
+        (cpu_ops.moe_dispatch_cpu.default, (indices, 3)),
+        (cpu_ops.permute_cpu.default, (x, sorted_token_ids)),
+        (cpu_ops.permute_backward_cpu.default, (y, inverse)),
+        (cpu_ops.weighted_combine_cpu.default, (y, weights, indices, inverse, scale, 3)),
+        (cpu_ops.weighted_combine_cpu.default, (y, weights, indices, inverse, None, 3)),
+        (cpu_ops.weighted_combine_backward_cpu.default, (grad, y, weights, indices, inverse, scale, 3)),
+        (cpu_ops.weighted_combine_backward_cpu.default, (grad, y, weights, indices, inverse, None, 3)),
+    ]:
+        torch.library.opcheck(op, args)
+
+
 def test_torch_compile_fullgraph_on_cpu():
     dispatch_inputs = make_indices(30, 2, 4)
     x = torch.randn(30, 16, requires_grad=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from astrea import _backend
+from astrea import _backend, _extension
 from astrea._validation import FLOAT_DTYPES, check_same_device, check_size, check_tensor
-from astrea.ops.dispatch import Dispatch, check_dispatch
+from astrea.ops.dispatch import Dispatch, check_dispatch, runs_cpu_kernel_eagerly
 from astrea.reference import combine as reference
 
 _backend.declare_op("weighted_combine", kernel="triton", cpu_extension_op="weighted_combine_cpu")
@@ -72,6 +72,18 @@ def _weighted_combine_backward_fake(grad_out, expert_out, weights, indices, inve
             expert_scale.new_empty(expert_scale.shape) if expert_scale is not None else weights.new_empty(0))
 
 
+if _extension.has_kernel("weighted_combine_cpu", "CPU"):
+    @torch.library.register_fake("astrea::weighted_combine_cpu")
+    def _weighted_combine_cpu_fake(expert_out, weights, indices, inverse_positions, expert_scale, num_experts):
+        return _weighted_combine_fake(expert_out, weights, indices, inverse_positions, None, expert_scale)
+
+    @torch.library.register_fake("astrea::weighted_combine_backward_cpu")
+    def _weighted_combine_backward_cpu_fake(grad_out, expert_out, weights, indices, inverse_positions, expert_scale,
+                                            num_experts):
+        return _weighted_combine_backward_fake(grad_out, expert_out, weights, indices, inverse_positions, None,
+                                               expert_scale)
+
+
 def save_combine_inputs(ctx, expert_out, weights, indices, inverse_positions, expert_offsets, expert_scale) -> None:
     """Saves what :func:`combine_gradients` needs (shared with the fused combine + residual op)."""
     ctx.has_scale = expert_scale is not None
@@ -98,6 +110,25 @@ def _backward(ctx, grad_out):
 _weighted_combine.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _WeightedCombineOnCPU(torch.autograd.Function):
+    """:func:`weighted_combine` on the C++ CPU kernels in eager mode (see
+    :func:`astrea.ops.dispatch.runs_cpu_kernel_eagerly`)."""
+
+    @staticmethod
+    def forward(ctx, expert_out, weights, expert_scale, indices, inverse_positions, num_experts):
+        ctx.save_for_backward(expert_out, weights, expert_scale, indices, inverse_positions)
+        ctx.num_experts = num_experts
+        return torch.ops.astrea.weighted_combine_cpu(expert_out, weights, indices, inverse_positions, expert_scale,
+                                                     num_experts)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        expert_out, weights, expert_scale, indices, inverse_positions = ctx.saved_tensors
+        grad_y, grad_weights, grad_scale = torch.ops.astrea.weighted_combine_backward_cpu(
+            grad_out, expert_out, weights, indices, inverse_positions, expert_scale, ctx.num_experts)
+        return grad_y, grad_weights, grad_scale if expert_scale is not None else None, None, None, None
+
+
 def weighted_combine(expert_out: torch.Tensor, weights: torch.Tensor, dispatch: Dispatch,
                      expert_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Un-permute and weighted sum of the expert outputs:
@@ -116,6 +147,10 @@ def weighted_combine(expert_out: torch.Tensor, weights: torch.Tensor, dispatch: 
         the expert_scale gradient sums each expert's rows in a fixed order, without atomics.
     """
     dispatch = check_combine_inputs("weighted_combine", expert_out, weights, dispatch, expert_scale)
+    tensors = (expert_out, weights, *dispatch) + ((expert_scale,) if expert_scale is not None else ())
+    if runs_cpu_kernel_eagerly("weighted_combine", *tensors):
+        return _WeightedCombineOnCPU.apply(expert_out, weights, expert_scale, dispatch.indices,
+                                           dispatch.inverse_positions, dispatch.num_experts)
     return torch.ops.astrea.weighted_combine(expert_out, weights, dispatch.indices, dispatch.inverse_positions,
                                              dispatch.expert_offsets, expert_scale)
 

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import torch
 
-from astrea import _backend
+from astrea import _backend, _extension
 from astrea._validation import FLOAT_DTYPES, check_int, check_same_device, check_size, check_tensor
 from astrea.reference import dispatch as reference
 
@@ -41,6 +41,19 @@ class Dispatch(NamedTuple):
     @property
     def num_experts(self) -> int:
         return self.expert_offsets.shape[0] - 1
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def runs_cpu_kernel_eagerly(op: str, *tensors: torch.Tensor) -> bool:
+    """Whether ``op`` calls its C++ CPU kernel directly, without the custom-op layer: on plain
+    tensors (no tracer's or FakeTensor subclass), outside torch.compile, where the C++ kernel is
+    chosen. The custom op's Python dispatch costs about as much as the kernel itself at a few
+    hundred tokens; compiled and traced code keeps the custom op, which calls the same kernel.
+    """
+    return (not torch.compiler.is_compiling() and all(type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
+            and _backend.choose(op, tensors[0].device) == "extension")
 
 
 def _check_expert_range(indices: torch.Tensor, num_experts: int) -> None:
@@ -76,6 +89,10 @@ def _moe_dispatch_fake(indices, num_experts):
             indices.new_empty(num_tokens, top_k, dtype=torch.int32))
 
 
+if _extension.has_kernel("moe_dispatch_cpu", "CPU"):
+    torch.library.register_fake("astrea::moe_dispatch_cpu", _moe_dispatch_fake)
+
+
 def moe_dispatch(indices: torch.Tensor, num_experts: int) -> Dispatch:
     """Stable counting sort of the routing slots by expert (histogram, exclusive scan, scatter).
 
@@ -98,7 +115,9 @@ def moe_dispatch(indices: torch.Tensor, num_experts: int) -> Dispatch:
     num_rows = indices.shape[0] * indices.shape[1]
     if num_rows > MAX_ROWS:
         raise ValueError(f"{op}: indices has N*k = {num_rows} slots; at most {MAX_ROWS} are supported")
-    sorted_token_ids, expert_offsets, inverse_positions = torch.ops.astrea.moe_dispatch(indices, num_experts)
+    ops = torch.ops.astrea
+    dispatch_op = ops.moe_dispatch_cpu if runs_cpu_kernel_eagerly(op, indices) else ops.moe_dispatch
+    sorted_token_ids, expert_offsets, inverse_positions = dispatch_op(indices, num_experts)
     return Dispatch(sorted_token_ids, expert_offsets, inverse_positions, indices)
 
 
@@ -143,6 +162,14 @@ def _permute_backward_fake(grad_out, inverse_positions):
     return grad_out.new_empty(inverse_positions.shape[0], grad_out.shape[1])
 
 
+if _extension.has_kernel("permute_cpu", "CPU"):
+    @torch.library.register_fake("astrea::permute_cpu")
+    def _permute_cpu_fake(x, sorted_token_ids):
+        return x.new_empty(sorted_token_ids.shape[0], x.shape[1])
+
+    torch.library.register_fake("astrea::permute_backward_cpu", _permute_backward_fake)
+
+
 def _permute_setup_context(ctx, inputs, output):
     ctx.save_for_backward(inputs[2])
 
@@ -153,6 +180,20 @@ def _permute_grad(ctx, grad_out):
 
 
 _permute.register_autograd(_permute_grad, setup_context=_permute_setup_context)
+
+
+class _PermuteOnCPU(torch.autograd.Function):
+    """:func:`permute` on the C++ CPU kernels in eager mode (see :func:`runs_cpu_kernel_eagerly`)."""
+
+    @staticmethod
+    def forward(ctx, x, sorted_token_ids, inverse_positions):
+        ctx.save_for_backward(inverse_positions)
+        return torch.ops.astrea.permute_cpu(x, sorted_token_ids)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (inverse_positions,) = ctx.saved_tensors
+        return torch.ops.astrea.permute_backward_cpu(grad_out, inverse_positions), None, None
 
 
 def permute(x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
@@ -171,4 +212,6 @@ def permute(x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
     check_tensor(op, "x", x, ndim=2, dtypes=FLOAT_DTYPES)
     check_size(op, "x", x, 0, dispatch.inverse_positions.shape[0], "the number of tokens N of dispatch")
     check_same_device(op, x=x, inverse_positions=dispatch.inverse_positions)
+    if runs_cpu_kernel_eagerly(op, x, *dispatch):
+        return _PermuteOnCPU.apply(x, dispatch.sorted_token_ids, dispatch.inverse_positions)
     return torch.ops.astrea.permute(x, dispatch.sorted_token_ids, dispatch.inverse_positions)

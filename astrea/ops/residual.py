@@ -1,5 +1,5 @@
 """Stochastic residual, alone and fused with the weighted combine, dense or sparse (Triton
-kernels; reference on CPU).
+kernels; reference on CPU, where the sparse form runs the C++ CPU combine, then the residual).
 
 Training: ``y + m * r / p`` with ``m ~ Bernoulli(p)`` per mask unit, drawn inside the
 kernel from Philox keyed by ``(seed, offset + unit)`` and never stored; the backward
