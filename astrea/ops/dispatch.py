@@ -115,8 +115,8 @@ def moe_dispatch(indices: torch.Tensor, num_experts: int) -> Dispatch:
     num_rows = indices.shape[0] * indices.shape[1]
     if num_rows > MAX_ROWS:
         raise ValueError(f"{op}: indices has N*k = {num_rows} slots; at most {MAX_ROWS} are supported")
-    ops = torch.ops.astrea
-    dispatch_op = ops.moe_dispatch_cpu if runs_cpu_kernel_eagerly(op, indices) else ops.moe_dispatch
+    astrea_ops = torch.ops.astrea
+    dispatch_op = astrea_ops.moe_dispatch_cpu if runs_cpu_kernel_eagerly(op, indices) else astrea_ops.moe_dispatch
     sorted_token_ids, expert_offsets, inverse_positions = dispatch_op(indices, num_experts)
     return Dispatch(sorted_token_ids, expert_offsets, inverse_positions, indices)
 
