@@ -48,11 +48,13 @@ _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 def runs_cpu_kernel_eagerly(op: str, *tensors: torch.Tensor) -> bool:
     """Whether ``op`` calls its C++ CPU kernel directly, without the custom-op layer: on plain
-    tensors (no tracer's or FakeTensor subclass), outside torch.compile, where the C++ kernel is
-    chosen. The custom op's Python dispatch costs about as much as the kernel itself at a few
-    hundred tokens; compiled and traced code keeps the custom op, which calls the same kernel.
+    tensors (no tracer's or FakeTensor subclass), outside torch.compile and torch.func transforms,
+    where the C++ kernel is chosen. The custom op's Python dispatch costs about as much as the
+    kernel itself at a few hundred tokens; compiled, traced and transformed code keeps the custom
+    op, which calls the same kernel.
     """
-    return (not torch.compiler.is_compiling() and all(type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
+    return (not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+            and all(type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
             and _backend.choose(op, tensors[0].device) == "extension")
 
 
