@@ -18,6 +18,18 @@ TORCH_LIBRARY(astrea, m) {
   // advances ptr by keys.size(0) modulo queue.size(0). Reads ptr on the device that
   // holds it, so a CUDA enqueue never synchronises with the host.
   m.def("queue_enqueue_(Tensor(a!) queue, Tensor(b!) ptr, Tensor keys) -> ()");
+  // CPU kernels of Triton ops (astrea/ops/dispatch.py, combine.py): the same semantics as
+  // the Python custom ops astrea::moe_dispatch, permute, permute_backward, weighted_combine
+  // and weighted_combine_backward, which call them on CPU tensors.
+  m.def("moe_dispatch_cpu(Tensor indices, int num_experts) "
+        "-> (Tensor sorted_token_ids, Tensor expert_offsets, Tensor inverse_positions)");
+  m.def("permute_cpu(Tensor x, Tensor sorted_token_ids) -> Tensor");
+  m.def("permute_backward_cpu(Tensor grad_out, Tensor inverse_positions) -> Tensor");
+  m.def("weighted_combine_cpu(Tensor expert_out, Tensor weights, Tensor indices, Tensor inverse_positions, "
+        "Tensor? expert_scale, int num_experts) -> Tensor");
+  m.def("weighted_combine_backward_cpu(Tensor grad_out, Tensor expert_out, Tensor weights, Tensor indices, "
+        "Tensor inverse_positions, Tensor? expert_scale, int num_experts) "
+        "-> (Tensor grad_expert_out, Tensor grad_weights, Tensor grad_expert_scale)");
   // MoCo logits [N, 1 + K] in fp32 (float64 for float64 inputs): column 0 is q.k / T,
   // column 1 + j is q.queue[j] / T.
   m.def("moco_logits(Tensor q, Tensor k, Tensor queue, float temperature) -> Tensor");

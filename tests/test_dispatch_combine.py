@@ -1,7 +1,9 @@
 """MoE dispatch, permute, sparse weighted combine and its fusion with the stochastic
-residual: kernels against the references, validation, opcheck, torch.compile, float64
-gradcheck of the references, determinism, and SparseMoE against a per-token loop."""
+residual: kernels (Triton, and the C++ CPU kernels of astrea._C) against the references,
+validation, opcheck, torch.compile, float64 gradcheck, determinism, and SparseMoE against
+a per-token loop."""
 
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -9,7 +11,7 @@ import torch
 from torch import nn
 
 import astrea
-from astrea import ops, reference
+from astrea import _backend, _extension, ops, reference
 from astrea.nn import SparseMoE
 from tests.utils import assert_close, strided
 
@@ -51,28 +53,61 @@ def fp64_combine(y, weights, indices, inverse_positions, scale=None):
     return (coefficient[..., None] * rows).sum(1)
 
 
+# The kernels: Triton (without a GPU, the interpreter on CPU tensors) and the C++ CPU kernels
+# of astrea._C, which the `auto` backend runs on CPU tensors.
+KERNELS = ["triton", "cpu"]
+CPU_KERNEL_OPS = {"moe_dispatch": "moe_dispatch_cpu", "permute": "permute_cpu",
+                  "weighted_combine": "weighted_combine_cpu"}
+BACKEND_OF = {"triton": "triton", "cpu": "auto", "reference": "reference"}
+
+
+def use_impl(request, impl: str) -> torch.device:
+    """Runs the ops of this test on ``impl`` (triton, cpu or reference); the device it runs on."""
+    if impl == "cpu" and not all(_extension.has_kernel(op, "CPU") for op in CPU_KERNEL_OPS.values()):
+        pytest.skip("astrea._C is not built with the MoE CPU kernels")
+    stack = contextlib.ExitStack()
+    request.addfinalizer(stack.close)
+    stack.enter_context(astrea.backend(BACKEND_OF[impl]))
+    return request.getfixturevalue("device") if impl == "triton" else torch.device("cpu")
+
+
+@pytest.fixture(params=KERNELS)
 def kernel_device(request) -> torch.device:
-    """Turns the kernels on for this test; the device they run on (CPU: the interpreter)."""
-    request.getfixturevalue("kernels")
-    return request.getfixturevalue("device")
+    """Turns each kernel on in turn for this test; the device it runs on."""
+    return use_impl(request, request.param)
+
+
+@pytest.fixture(params=KERNELS)
+def kernels(request) -> None:
+    """Turns each kernel on in turn for this test (on CPU tensors)."""
+    use_impl(request, request.param)
+
+
+def test_cpu_tensors_run_the_cpu_kernels_under_auto():
+    if not _extension.available():
+        pytest.skip("astrea._C is not built")
+    with astrea.backend("auto"):
+        for op in CPU_KERNEL_OPS:
+            assert _backend.choose(op, torch.device("cpu")) == "extension", op
 
 
 # --- moe_dispatch -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("num_tokens, top_k, num_experts", [(1, 1, 1), (100, 3, 5), (67, 2, 160)])
-@pytest.mark.parametrize("impl", ["kernel", "reference"])
+@pytest.mark.parametrize("impl", [*KERNELS, "reference"])
 def test_dispatch_is_a_stable_sort_by_expert(num_tokens, top_k, num_experts, impl, request):
-    device = kernel_device(request) if impl == "kernel" else "cpu"
+    device = use_impl(request, impl)
     indices = make_indices(num_tokens, top_k, num_experts, device)
     dispatch = ops.moe_dispatch(indices, num_experts)
     assert_same_layout(dispatch, reference_dispatch(indices, num_experts))
     assert dispatch.indices is indices and dispatch.num_experts == num_experts
 
 
-def test_dispatch_kernel_spans_many_blocks_with_skewed_and_empty_experts(kernels, device):
+def test_dispatch_kernel_spans_many_blocks_with_skewed_and_empty_experts(kernel_device):
     # Several blocks of slots, most on expert 2, experts 0 and 5 empty, ties inside a token.
-    indices = torch.full((350 if device.type == "cpu" else 3000, 2), 2, dtype=torch.int32, device=device)
+    num_tokens = 350 if kernel_device.type == "cpu" else 3000
+    indices = torch.full((num_tokens, 2), 2, dtype=torch.int32, device=kernel_device)
     indices[::7, 1] = 4
     indices[::11, 0] = 1
     indices[5, :] = 3
@@ -105,14 +140,14 @@ def test_dispatch_kernel_places_out_of_range_experts_after_the_last_expert(devic
     assert_close(out, (coefficient[..., None] * rows).sum(1), torch.float32)
 
 
-def test_dispatch_of_zero_tokens(kernels, device):
-    dispatch = ops.moe_dispatch(torch.empty(0, 2, dtype=torch.int32, device=device), 3)
+def test_dispatch_of_zero_tokens(kernel_device):
+    dispatch = ops.moe_dispatch(torch.empty(0, 2, dtype=torch.int32, device=kernel_device), 3)
     assert dispatch.sorted_token_ids.shape == (0,) and dispatch.inverse_positions.shape == (0, 2)
     assert torch.equal(dispatch.expert_offsets.cpu(), torch.zeros(4, dtype=torch.int64))
 
 
-def test_dispatch_is_deterministic(kernels, device):
-    indices = make_indices(150, 2, 3, device)
+def test_dispatch_is_deterministic(kernel_device):
+    indices = make_indices(150, 2, 3, kernel_device)
     first = ops.moe_dispatch(indices, 3)
     second = ops.moe_dispatch(indices.clone(), 3)
     for a, b in zip(first, second):
@@ -124,9 +159,9 @@ def test_dispatch_is_deterministic(kernels, device):
 
 @pytest.mark.parametrize("num_tokens, top_k, num_experts, dim", [(100, 3, 5, 1), (37, 2, 7, 33), (5, 2, 3, 4096)])
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
-def test_permute_kernel_matches_reference(kernels, device, num_tokens, top_k, num_experts, dim, layout):
-    indices = make_indices(num_tokens, top_k, num_experts, device)
-    base = torch.randn(num_tokens, dim, device=device)
+def test_permute_kernel_matches_reference(kernel_device, num_tokens, top_k, num_experts, dim, layout):
+    indices = make_indices(num_tokens, top_k, num_experts, kernel_device)
+    base = torch.randn(num_tokens, dim, device=kernel_device)
     x = (strided(base) if layout == "strided" else base.clone()).requires_grad_()
     dispatch = reference_layout(indices, num_experts)
     out = ops.permute(x, dispatch)
@@ -138,7 +173,9 @@ def test_permute_kernel_matches_reference(kernels, device, num_tokens, top_k, nu
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_permute_low_precision_reference_path(dtype):
+@pytest.mark.parametrize("impl", ["cpu", "reference"])
+def test_permute_low_precision_on_cpu(dtype, impl, request):
+    use_impl(request, impl)
     indices = make_indices(40, 2, 5)
     x = torch.randn(40, 33, dtype=dtype, requires_grad=True)
     dispatch = ops.moe_dispatch(indices, 5)
@@ -184,28 +221,30 @@ def check_combine(dispatch, y, weights, scale, dtype=torch.float32):
 
 @pytest.mark.parametrize("num_tokens, top_k, num_experts, dim", [(100, 3, 5, 1), (37, 2, 7, 33), (5, 2, 3, 4096)])
 @pytest.mark.parametrize("with_scale", [True, False])
-def test_weighted_combine_kernel_matches_reference(kernels, device, num_tokens, top_k, num_experts, dim, with_scale):
-    dispatch, y, weights, scale = combine_case(num_tokens, top_k, num_experts, dim, device=device)
+def test_weighted_combine_kernel_matches_reference(kernel_device, num_tokens, top_k, num_experts, dim, with_scale):
+    dispatch, y, weights, scale = combine_case(num_tokens, top_k, num_experts, dim, device=kernel_device)
     check_combine(dispatch, y, weights, scale if with_scale else None)
 
 
-def test_weighted_combine_kernel_strided_inputs(kernels, device):
-    check_combine(*combine_case(45, 2, 3, 33, layout="strided", device=device))
+def test_weighted_combine_kernel_strided_inputs(kernel_device):
+    check_combine(*combine_case(45, 2, 3, 33, layout="strided", device=kernel_device))
 
 
-def test_weighted_combine_kernel_bfloat16(kernels, device):
-    check_combine(*combine_case(21, 2, 3, 300, dtype=torch.bfloat16, device=device), torch.bfloat16)
+def test_weighted_combine_kernel_bfloat16(kernel_device):
+    check_combine(*combine_case(21, 2, 3, 300, dtype=torch.bfloat16, device=kernel_device), torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_weighted_combine_low_precision_reference_path(dtype):
+@pytest.mark.parametrize("impl", ["cpu", "reference"])
+def test_weighted_combine_low_precision_on_cpu(dtype, impl, request):
+    use_impl(request, impl)
     dispatch, y, weights, scale = combine_case(40, 2, 5, 33, dtype=dtype)
     check_combine(dispatch, y, weights, scale, dtype)
 
 
-def test_combine_backward_is_deterministic(kernels, device):
-    dispatch, y, weights, scale = combine_case(64, 4, 5, 33, device=device)
-    grad = torch.randn(64, 33, device=device)
+def test_combine_backward_is_deterministic(kernel_device):
+    dispatch, y, weights, scale = combine_case(64, 4, 5, 33, device=kernel_device)
+    grad = torch.randn(64, 33, device=kernel_device)
     runs = [torch.autograd.grad(ops.weighted_combine(y, weights, dispatch, scale), (y, weights, scale), grad)
             for _ in range(2)]
     for a, b in zip(*runs):
@@ -259,11 +298,10 @@ def test_combine_residual_kernel_at_p_one_is_combine_plus_residual(kernels):
     assert torch.equal(out, ops.weighted_combine(*case[:2], case[3], case[2]).view(4, 5, 33) + case[4])
 
 
-@pytest.mark.parametrize("impl", ["kernel", "reference"])
+@pytest.mark.parametrize("impl", [*KERNELS, "reference"])
 @pytest.mark.parametrize("granularity", ["token", "sample"])
 def test_combine_residual_backward_equals_two_ops(impl, granularity, request):
-    if impl == "kernel":
-        request.getfixturevalue("kernels")
+    use_impl(request, impl)
     case = fused_case(torch.Size((3, 5, 33)), 3, 4)
     leaves = [case[0], case[1], case[2], case[4]]  # expert_out, weights, scale, residual
     grad = torch.randn(3, 5, 33)
@@ -278,7 +316,9 @@ def test_combine_residual_backward_equals_two_ops(impl, granularity, request):
     assert torch.equal(grad_residual, want[3])
 
 
-def test_combine_residual_sparse_reference_path_low_precision():
+@pytest.mark.parametrize("impl", ["cpu", "reference"])
+def test_combine_residual_sparse_low_precision_on_cpu(impl, request):
+    use_impl(request, impl)
     y, weights, scale, dispatch, residual = fused_case(torch.Size((4, 6, 33)), 2, 3)
     y, residual = y.detach().bfloat16(), residual.detach().bfloat16()
     draw = {"seed": 5, "granularity": "sample"}
@@ -369,6 +409,68 @@ def test_reference_backwards_match_autograd_of_reference_forwards():
         assert_close(g, w)
 
 
+def test_cpu_kernels_gradcheck_float64(request):
+    """The custom ops on the C++ CPU kernels, forward and backward, in float64."""
+    use_impl(request, "cpu")
+    indices = make_indices(7, 3, 4)
+    sorted_token_ids, offsets, inverse, _ = ops.moe_dispatch(indices, 4)
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(21, 5, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(7, 3, dtype=torch.float64, requires_grad=True)
+    scale = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    astrea_ops = torch.ops.astrea
+    assert torch.autograd.gradcheck(lambda x: astrea_ops.permute(x, sorted_token_ids, inverse), (x,))
+    assert torch.autograd.gradcheck(
+        lambda y, w, s: astrea_ops.weighted_combine(y, w, indices, inverse, offsets, s), (y, weights, scale))
+    assert torch.autograd.gradcheck(
+        lambda y, w: astrea_ops.weighted_combine(y, w, indices, inverse, offsets, None), (y, weights))
+
+
+def test_cpu_kernels_reject_bad_arguments(request):
+    """Direct calls of the C++ ops: rows they would address out of bounds, or write twice, raise."""
+    use_impl(request, "cpu")
+    indices = torch.tensor([[0, 1], [1, 2]], dtype=torch.int32)
+    inverse = torch.tensor([[0, 2], [1, 3]], dtype=torch.int32)
+    y, weights, grad = torch.randn(4, 3), torch.rand(2, 2), torch.randn(2, 3)
+    cpu_ops = torch.ops.astrea
+    with pytest.raises(ValueError, match=r"moe_dispatch: indices must lie in \[0, num_experts=3\); "
+                                         r"got values in \[0, 7\]"):
+        cpu_ops.moe_dispatch_cpu(torch.tensor([[0, 7]], dtype=torch.int32), 3)
+    with pytest.raises(TypeError, match="moe_dispatch: indices must be int32, got Long"):
+        cpu_ops.moe_dispatch_cpu(indices.long(), 3)
+    with pytest.raises(ValueError, match=r"permute: sorted_token_ids must lie in \[0, 2\); got 2 at flat index 1"):
+        cpu_ops.permute_cpu(torch.randn(2, 3), torch.tensor([0, 2, 1, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"permute_backward: inverse_positions must lie in \[0, 4\); got -1"):
+        cpu_ops.permute_backward_cpu(y, torch.tensor([[0, -1], [1, 3]], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"weighted_combine: inverse_positions must lie in \[0, 4\); got 4"):
+        cpu_ops.weighted_combine_cpu(y, weights, indices, inverse + 1, None, 3)
+    with pytest.raises(ValueError, match=r"weighted_combine: expert_out must have N\*k = 4 rows, got 5"):
+        cpu_ops.weighted_combine_cpu(torch.randn(5, 3), weights, indices, inverse, None, 3)
+    with pytest.raises(ValueError, match=r"weighted_combine: expert_scale must be \[3\], got \[4\]"):
+        cpu_ops.weighted_combine_cpu(y, weights, indices, inverse, torch.rand(4), 3)
+    with pytest.raises(ValueError, match=r"weighted_combine_backward: inverse_positions must be a permutation of "
+                                         r"\[0, 4\); got 2 at flat index 3"):
+        cpu_ops.weighted_combine_backward_cpu(grad, y, weights, indices, torch.tensor([[0, 2], [1, 2]],
+                                                                                       dtype=torch.int32), None, 3)
+    with pytest.raises(TypeError, match="weighted_combine_backward: grad_out must have expert_out's dtype Float, "
+                                        "got Double"):
+        cpu_ops.weighted_combine_backward_cpu(grad.double(), y, weights, indices, inverse, None, 3)
+
+
+def test_cpu_kernels_ignore_out_of_range_experts_in_the_combine(request):
+    """As the reference does (a direct call: moe_dispatch never gives such slots on CPU)."""
+    use_impl(request, "cpu")
+    indices = torch.tensor([[0, 5], [-1, 2], [1, 0]], dtype=torch.int32)
+    inverse = torch.tensor([[0, 5], [4, 3], [2, 1]], dtype=torch.int32)
+    y, weights, scale, grad = torch.randn(6, 9), torch.rand(3, 2), torch.rand(3), torch.randn(3, 9)
+    got = torch.ops.astrea.weighted_combine_cpu(y, weights, indices, inverse, scale, 3)
+    assert_close(got, reference.weighted_combine(y, weights, indices, inverse, 3, scale))
+    got = torch.ops.astrea.weighted_combine_backward_cpu(grad, y, weights, indices, inverse, scale, 3)
+    want = reference.weighted_combine_backward(grad, y, weights, indices, inverse, 3, scale)
+    for g, w in zip(got, want):
+        assert_close(g, w)
+
+
 # --- registration: opcheck and torch.compile --------------------------------------------
 
 
@@ -398,11 +500,30 @@ def opcheck_cases(device):
     ]
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_opcheck(backend, device):
-    with astrea.backend(backend):
-        for op, args in opcheck_cases(device if backend == "triton" else torch.device("cpu")):
-            torch.library.opcheck(op, args)
+@pytest.mark.parametrize("impl", [*KERNELS, "reference"])
+def test_opcheck(impl, request):
+    for op, args in opcheck_cases(use_impl(request, impl)):
+        torch.library.opcheck(op, args)
+
+
+def test_opcheck_cpu_kernel_ops(request):
+    """The C++ ops themselves, which the custom ops call on CPU tensors."""
+    use_impl(request, "cpu")
+    indices = make_indices(10, 2, 3)
+    sorted_token_ids, offsets, inverse = reference.moe_dispatch(indices, 3)
+    x, y, grad = torch.randn(10, 33), torch.randn(20, 33), torch.randn(10, 33)
+    weights, scale = torch.rand(10, 2), torch.rand(3)
+    cpu_ops = torch.ops.astrea
+    for op, args in [
+        (cpu_ops.moe_dispatch_cpu.default, (indices, 3)),
+        (cpu_ops.permute_cpu.default, (x, sorted_token_ids)),
+        (cpu_ops.permute_backward_cpu.default, (y, inverse)),
+        (cpu_ops.weighted_combine_cpu.default, (y, weights, indices, inverse, scale, 3)),
+        (cpu_ops.weighted_combine_cpu.default, (y, weights, indices, inverse, None, 3)),
+        (cpu_ops.weighted_combine_backward_cpu.default, (grad, y, weights, indices, inverse, scale, 3)),
+        (cpu_ops.weighted_combine_backward_cpu.default, (grad, y, weights, indices, inverse, None, 3)),
+    ]:
+        torch.library.opcheck(op, args)
 
 
 def test_torch_compile_fullgraph_on_cpu():
@@ -445,7 +566,9 @@ def test_combine_residual_sparse_torch_compile_fullgraph_on_cpu():
 # --- validation -------------------------------------------------------------------------
 
 
-def test_dispatch_validation():
+@pytest.mark.parametrize("impl", ["cpu", "reference"])
+def test_dispatch_validation(impl, request):
+    use_impl(request, impl)
     good = make_indices(4, 2, 3)
     with pytest.raises(ValueError, match=r"moe_dispatch: indices must lie in \[0, num_experts=3\); got values in \[0, 3\]"):
         ops.moe_dispatch(torch.tensor([[0, 3]], dtype=torch.int32), 3)
@@ -520,10 +643,10 @@ def naive_moe(moe: SparseMoE, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows).reshape(*x.shape[:-1], -1)
 
 
-@pytest.mark.parametrize("impl", ["kernel", "reference"])
+@pytest.mark.parametrize("impl", [*KERNELS, "reference"])
 @pytest.mark.parametrize("with_allocator", [True, False])
 def test_sparse_moe_equals_per_token_loop(impl, with_allocator, request):
-    device = kernel_device(request) if impl == "kernel" else "cpu"
+    device = use_impl(request, impl)
     num_experts, dim, out_dim = 5, 12, 7
     experts = nn.ModuleList(nn.Sequential(nn.Linear(dim, 16), nn.GELU(), nn.Linear(16, out_dim))
                             for _ in range(num_experts))

@@ -1,23 +1,35 @@
-"""The sparse weighted combine of MoE expert outputs (kernels in :mod:`astrea.kernels.combine`)."""
+"""The sparse weighted combine of MoE expert outputs (Triton kernels in :mod:`astrea.kernels.combine`;
+on CPU tensors the C++ kernels of csrc/cpu/moe.cpp)."""
 
 from __future__ import annotations
 
 import torch
 
-from astrea import _backend
+from astrea import _backend, _extension
 from astrea._validation import FLOAT_DTYPES, check_same_device, check_size, check_tensor
 from astrea.ops.dispatch import Dispatch, check_dispatch
 from astrea.reference import combine as reference
 
-_backend.declare_op("weighted_combine", kernel="triton")
+_backend.declare_op("weighted_combine", kernel="triton", cpu_extension_op="weighted_combine_cpu")
 
 
 @torch.library.custom_op("astrea::weighted_combine", mutates_args=())
 def _weighted_combine(expert_out: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                       inverse_positions: torch.Tensor, expert_offsets: torch.Tensor,
                       expert_scale: torch.Tensor | None) -> torch.Tensor:
+    return weighted_combine_forward(expert_out, weights, indices, inverse_positions, expert_offsets, expert_scale)
+
+
+def weighted_combine_forward(expert_out: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                             inverse_positions: torch.Tensor, expert_offsets: torch.Tensor,
+                             expert_scale: torch.Tensor | None) -> torch.Tensor:
+    """Launcher of the combine (also the first step of the sparse combine + residual on CPU)."""
     num_experts = expert_offsets.shape[0] - 1
-    if _backend.choose("weighted_combine", expert_out.device) == "reference":
+    impl = _backend.choose("weighted_combine", expert_out.device)
+    if impl == "extension":
+        return torch.ops.astrea.weighted_combine_cpu(expert_out, weights, indices, inverse_positions, expert_scale,
+                                                     num_experts)
+    if impl == "reference":
         return reference.weighted_combine(expert_out, weights, indices, inverse_positions, num_experts, expert_scale)
     from astrea.kernels.combine import combine_forward
 
@@ -36,7 +48,11 @@ def _weighted_combine_backward(grad_out: torch.Tensor, expert_out: torch.Tensor,
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients for expert_out, weights and expert_scale (an empty tensor without expert_scale)."""
     num_experts = expert_offsets.shape[0] - 1
-    if _backend.choose("weighted_combine", expert_out.device) == "reference":
+    impl = _backend.choose("weighted_combine", expert_out.device)
+    if impl == "extension":
+        return torch.ops.astrea.weighted_combine_backward_cpu(grad_out, expert_out, weights, indices,
+                                                              inverse_positions, expert_scale, num_experts)
+    if impl == "reference":
         grads = reference.weighted_combine_backward(grad_out, expert_out, weights, indices, inverse_positions,
                                                     num_experts, expert_scale)
     else:
@@ -54,6 +70,18 @@ def _weighted_combine_backward_fake(grad_out, expert_out, weights, indices, inve
     return (torch.empty_like(expert_out, memory_format=torch.contiguous_format),
             torch.empty_like(weights, memory_format=torch.contiguous_format),
             expert_scale.new_empty(expert_scale.shape) if expert_scale is not None else weights.new_empty(0))
+
+
+if _extension.has_kernel("weighted_combine_cpu", "CPU"):
+    @torch.library.register_fake("astrea::weighted_combine_cpu")
+    def _weighted_combine_cpu_fake(expert_out, weights, indices, inverse_positions, expert_scale, num_experts):
+        return _weighted_combine_fake(expert_out, weights, indices, inverse_positions, None, expert_scale)
+
+    @torch.library.register_fake("astrea::weighted_combine_backward_cpu")
+    def _weighted_combine_backward_cpu_fake(grad_out, expert_out, weights, indices, inverse_positions, expert_scale,
+                                            num_experts):
+        return _weighted_combine_backward_fake(grad_out, expert_out, weights, indices, inverse_positions, None,
+                                               expert_scale)
 
 
 def save_combine_inputs(ctx, expert_out, weights, indices, inverse_positions, expert_offsets, expert_scale) -> None:

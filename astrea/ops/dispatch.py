@@ -1,6 +1,6 @@
 """MoE token dispatch: ``moe_dispatch`` sorts the routing slots by expert, ``permute``
-gathers token features into that expert-contiguous order (kernels in
-:mod:`astrea.kernels.dispatch`)."""
+gathers token features into that expert-contiguous order (Triton kernels in
+:mod:`astrea.kernels.dispatch`; on CPU tensors the C++ kernels of csrc/cpu/moe.cpp)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from typing import NamedTuple
 
 import torch
 
-from astrea import _backend
+from astrea import _backend, _extension
 from astrea._validation import FLOAT_DTYPES, check_int, check_same_device, check_size, check_tensor
 from astrea.reference import dispatch as reference
 
-_backend.declare_op("moe_dispatch", kernel="triton")
-_backend.declare_op("permute", kernel="triton")
+_backend.declare_op("moe_dispatch", kernel="triton", cpu_extension_op="moe_dispatch_cpu")
+_backend.declare_op("permute", kernel="triton", cpu_extension_op="permute_cpu")
 
 # The sort keys of a block of rows, (E + 2) * rows per block, must stay in int32, and the
 # per-block histogram of E + 1 buckets lives in registers.
@@ -54,11 +54,14 @@ def _check_expert_range(indices: torch.Tensor, num_experts: int) -> None:
 
 @torch.library.custom_op("astrea::moe_dispatch", mutates_args=())
 def _moe_dispatch(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = _backend.choose("moe_dispatch", indices.device)
+    if impl == "extension":  # checks the expert range in its histogram pass
+        return torch.ops.astrea.moe_dispatch_cpu(indices, num_experts)
     # Checking the range reads the data: done on CPU; on CUDA it would cost a host sync, so the
     # kernel places out-of-range slots after expert_offsets[E] instead (see moe_dispatch).
     if indices.device.type == "cpu":
         _check_expert_range(indices, num_experts)
-    if _backend.choose("moe_dispatch", indices.device) == "reference":
+    if impl == "reference":
         return reference.moe_dispatch(indices, num_experts)
     from astrea.kernels.dispatch import dispatch_forward
 
@@ -71,6 +74,10 @@ def _moe_dispatch_fake(indices, num_experts):
     return (indices.new_empty(num_tokens * top_k, dtype=torch.int32),
             indices.new_empty(num_experts + 1, dtype=torch.int64),
             indices.new_empty(num_tokens, top_k, dtype=torch.int32))
+
+
+if _extension.has_kernel("moe_dispatch_cpu", "CPU"):
+    torch.library.register_fake("astrea::moe_dispatch_cpu", _moe_dispatch_fake)
 
 
 def moe_dispatch(indices: torch.Tensor, num_experts: int) -> Dispatch:
@@ -108,7 +115,10 @@ def check_dispatch(op: str, dispatch) -> Dispatch:
 
 @torch.library.custom_op("astrea::permute", mutates_args=())
 def _permute(x: torch.Tensor, sorted_token_ids: torch.Tensor, inverse_positions: torch.Tensor) -> torch.Tensor:
-    if _backend.choose("permute", x.device) == "reference":
+    impl = _backend.choose("permute", x.device)
+    if impl == "extension":
+        return torch.ops.astrea.permute_cpu(x, sorted_token_ids)
+    if impl == "reference":
         return reference.permute(x, sorted_token_ids)
     from astrea.kernels.dispatch import permute_forward
 
@@ -122,7 +132,10 @@ def _permute_fake(x, sorted_token_ids, inverse_positions):
 
 @torch.library.custom_op("astrea::permute_backward", mutates_args=())
 def _permute_backward(grad_out: torch.Tensor, inverse_positions: torch.Tensor) -> torch.Tensor:
-    if _backend.choose("permute", grad_out.device) == "reference":
+    impl = _backend.choose("permute", grad_out.device)
+    if impl == "extension":
+        return torch.ops.astrea.permute_backward_cpu(grad_out, inverse_positions)
+    if impl == "reference":
         return reference.permute_backward(grad_out, inverse_positions)
     from astrea.kernels.dispatch import permute_backward
 
@@ -132,6 +145,14 @@ def _permute_backward(grad_out: torch.Tensor, inverse_positions: torch.Tensor) -
 @_permute_backward.register_fake
 def _permute_backward_fake(grad_out, inverse_positions):
     return grad_out.new_empty(inverse_positions.shape[0], grad_out.shape[1])
+
+
+if _extension.has_kernel("permute_cpu", "CPU"):
+    @torch.library.register_fake("astrea::permute_cpu")
+    def _permute_cpu_fake(x, sorted_token_ids):
+        return x.new_empty(sorted_token_ids.shape[0], x.shape[1])
+
+    torch.library.register_fake("astrea::permute_backward_cpu", _permute_backward_fake)
 
 
 def _permute_setup_context(ctx, inputs, output):

@@ -1,5 +1,5 @@
 """Stochastic residual, alone and fused with the weighted combine, dense or sparse (Triton
-kernels; reference on CPU).
+kernels; reference on CPU, where the sparse form runs the C++ CPU combine, then the residual).
 
 Training: ``y + m * r / p`` with ``m ~ Bernoulli(p)`` per mask unit, drawn inside the
 kernel from Philox keyed by ``(seed, offset + unit)`` and never stored; the backward
@@ -177,6 +177,12 @@ def sparse_combine_residual_forward(expert_out: torch.Tensor, weights: torch.Ten
     """Launcher of the sparse combine with the stochastic residual fused; the output has residual's shape."""
     num_experts = expert_offsets.shape[0] - 1
     if _backend.choose("combine_residual", residual.device) == "reference":
+        if _backend.choose("weighted_combine", residual.device) == "extension":
+            # No fused CPU kernel: the C++ combine, then the stochastic residual (the two ops in sequence).
+            combined = combine.weighted_combine_forward(expert_out, weights, indices, inverse_positions,
+                                                        expert_offsets, expert_scale)
+            return stochastic_residual_forward(combined.view(residual.shape), residual, p, seed, offset, granularity,
+                                               training)
         return combine_reference.sparse_combine_residual(
             expert_out, weights, indices, inverse_positions, num_experts, residual, p, seed=seed, offset=offset,
             granularity=granularity, training=training, expert_scale=expert_scale)
