@@ -28,9 +28,11 @@ def available() -> bool:
     return load_error() is None
 
 
+@functools.lru_cache(maxsize=None)
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether ``_C`` registered a kernel for ``astrea::op`` under ``dispatch_key`` (CPU, CUDA);
-    False too when no library defines the op (a ``_C`` built before it existed)."""
+    False too when no library defines the op (a ``_C`` built before it existed). Cached: the
+    registrations are fixed once ``_C`` has loaded, and the backend asks on every op call."""
     if not available():
         return False
     try:
