@@ -30,6 +30,12 @@ TORCH_LIBRARY(astrea, m) {
   m.def("weighted_combine_backward_cpu(Tensor grad_out, Tensor expert_out, Tensor weights, Tensor indices, "
         "Tensor inverse_positions, Tensor? expert_scale, int num_experts) "
         "-> (Tensor grad_expert_out, Tensor grad_weights, Tensor grad_expert_scale)");
+  // The stochastic residual on CPU tensors (the Python ops astrea::stochastic_residual and
+  // stochastic_residual_backward run it under the auto backend): base + m * branch / p, or
+  // m * branch / p without a base, in the branch's shape and dtype; the mask is the Triton
+  // kernel's Philox draw keyed by (seed, offset + unit), bit for bit.
+  m.def("stochastic_residual_cpu(Tensor? base, Tensor branch, float p, int seed, int offset, str granularity, "
+        "bool training) -> Tensor");
   // MoCo logits [N, 1 + K] in fp32 (float64 for float64 inputs): column 0 is q.k / T,
   // column 1 + j is q.queue[j] / T.
   m.def("moco_logits(Tensor q, Tensor k, Tensor queue, float temperature) -> Tensor");

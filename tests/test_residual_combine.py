@@ -1,22 +1,53 @@
 """Stochastic residual, dense weighted combine, their fused op and the modules around them.
 
-Kernels run in fp32 under the Triton interpreter (fixture ``kernels``); fp16/bf16 run on
-the reference path. The reference is the truth: it repeats Triton's Philox bit for bit.
+Kernels run in fp32 under the Triton interpreter (fixture ``kernels``); the residual tests
+also run the C++ CPU kernel of astrea._C (fixture ``residual_kernels``), which the auto
+backend picks for CPU tensors. The reference is the truth: it repeats Triton's Philox bit
+for bit.
 """
 
+import contextlib
 import math
 
 import pytest
 import torch
 
 import astrea
-from astrea import reference
+from astrea import _backend, _extension, reference
 from astrea.nn import AdaptiveWeightAllocator, StochasticResidual
 from astrea.reference import dense_combine as combine_ref
 from astrea.reference import residual as residual_ref
 from tests.utils import assert_close, strided
 
 DIMS = (1, 33, 4096)
+# What runs the residual on CPU tensors: the Triton kernel (interpreter) or the C++ kernel.
+RESIDUAL_KERNELS = ["triton", "cpu"]
+ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+@contextlib.contextmanager
+def running(impl: str):
+    """Runs the ops inside on ``impl``: "triton", "cpu" (the C++ kernel under auto) or "reference"."""
+    if impl == "cpu" and not _extension.has_kernel("stochastic_residual_cpu", "CPU"):
+        pytest.skip("astrea._C is not built with the stochastic residual CPU kernel")
+    with astrea.backend("auto" if impl == "cpu" else impl):
+        if impl == "cpu":
+            assert _backend.choose("stochastic_residual", torch.device("cpu")) == "extension"
+        yield
+
+
+@pytest.fixture(params=RESIDUAL_KERNELS)
+def residual_kernels(request):
+    """Runs the test on each residual kernel in turn: Triton and the C++ CPU kernel."""
+    with running(request.param):
+        yield request.param
+
+
+def _cpu_kernel(base, branch, p, *, seed, offset=0, granularity="token", training=True):
+    """The C++ kernel called directly (any floating dtype, float64 included)."""
+    if not _extension.has_kernel("stochastic_residual_cpu", "CPU"):
+        pytest.skip("astrea._C is not built with the stochastic residual CPU kernel")
+    return torch.ops.astrea.stochastic_residual_cpu(base, branch, p, seed, offset, granularity, training)
 
 
 def _mask_of(out: torch.Tensor) -> torch.Tensor:
@@ -44,7 +75,7 @@ def _weights(B, E):
 
 @pytest.mark.parametrize("D", DIMS)
 @pytest.mark.parametrize("granularity", ["token", "sample"])
-def test_kernel_mask_equals_reference_mask(kernels, D, granularity):
+def test_kernel_mask_equals_reference_mask(residual_kernels, D, granularity):
     shape = (3, 5, D)
     out = astrea.ops.stochastic_residual(torch.zeros(shape), torch.ones(shape), 0.5, seed=1234, offset=7,
                                          granularity=granularity)
@@ -56,7 +87,7 @@ def test_kernel_mask_equals_reference_mask(kernels, D, granularity):
 @pytest.mark.parametrize("D", DIMS)
 @pytest.mark.parametrize("granularity", ["token", "sample"])
 @pytest.mark.parametrize("training, p", [(True, 0.7), (True, 1.0), (False, 0.3)])
-def test_stochastic_residual_kernel_matches_reference(kernels, D, granularity, training, p):
+def test_stochastic_residual_kernel_matches_reference(residual_kernels, D, granularity, training, p):
     y, r = torch.randn(2, 3, D), torch.randn(2, 3, D)
     out = astrea.ops.stochastic_residual(strided(y), strided(r), p, seed=2**40 + 3, offset=11,
                                          granularity=granularity, training=training)
@@ -65,22 +96,75 @@ def test_stochastic_residual_kernel_matches_reference(kernels, D, granularity, t
     assert torch.equal(out, expected)
 
 
-def test_p_one_and_eval_are_exactly_y_plus_r(kernels):
+def test_p_one_and_eval_are_exactly_y_plus_r(residual_kernels):
     y, r = torch.randn(4, 33), torch.randn(4, 33)
     assert torch.equal(astrea.ops.stochastic_residual(y, r, 1.0, seed=5), y + r)
     assert torch.equal(astrea.ops.stochastic_residual(y, r, 0.2, seed=5, training=False), y + r)
 
 
+@pytest.mark.parametrize("impl", ["reference", "cpu"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_is_fp32_math_rounded_once(dtype):
+def test_low_precision_is_fp32_math_rounded_once(impl, dtype):
     y, r = torch.randn(3, 7, 33).to(dtype), torch.randn(3, 7, 33).to(dtype)
-    out = astrea.ops.stochastic_residual(y, r, 0.6, seed=9)
+    with running(impl):
+        out = astrea.ops.stochastic_residual(y, r, 0.6, seed=9)
     wide = reference.stochastic_residual(y.float(), r.float(), 0.6, seed=9)
     assert out.dtype == dtype
     assert torch.equal(out, wide.to(dtype))
 
 
-def test_same_seed_reproduces_and_seeds_or_offsets_differ(kernels):
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of ``x`` (tells -0.0 from +0.0, unlike torch.equal)."""
+    return x.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("granularity", ["token", "sample"])
+@pytest.mark.parametrize("training, p", [(True, 0.3), (True, 1.0), (False, 0.3)])
+def test_cpu_kernel_is_the_reference_bit_for_bit(dtype, granularity, training, p):
+    y, r = torch.randn(5, 3, 67).to(dtype), (torch.randn(5, 3, 67) * 100).to(dtype)
+    y[:, :, :4] = -0.0  # a dropped row adds +0: -0.0 becomes +0.0, as in the reference
+    draw = {"seed": 2**33 + 5, "offset": 2**32 - 7, "granularity": granularity, "training": training}
+    out = _cpu_kernel(strided(y), strided(r), p, **draw)
+    assert out.dtype == dtype and out.is_contiguous()
+    assert torch.equal(_bits(out), _bits(reference.stochastic_residual(y, r, p, **draw)))
+    grad_r = _cpu_kernel(None, strided(r), p, **draw)
+    expected = residual_ref.stochastic_residual_backward(r, p, **draw).to(dtype)
+    assert torch.equal(_bits(grad_r), _bits(expected))
+
+
+# (seed, offset): seeds past 2**32 fill both key words; the offsets carry from the low into
+# the high counter word (past 2**32, and below 2**63 - 1 where the high word is 0x7fffffff).
+PHILOX_CASES = [(0, 0), (1234, 2**32 - 50_000), (2**32 + 7, 2**40 + 3), (2**63 - 1, 2**63 - 2**32 - 50_000),
+                (2**47 + 11, 2**63 - 1 - 100_000)]
+
+
+@pytest.mark.parametrize("seed, offset", PHILOX_CASES)
+def test_cpu_kernel_mask_is_the_reference_mask_over_many_units(seed, offset):
+    units = 100_000
+    ones = torch.ones(units, 1)
+    for p in (0.5, 0.8437, 0.0123):
+        kept = _cpu_kernel(None, ones, p, seed=seed, offset=offset) != 0
+        expected = residual_ref.keep_mask(ones.shape, p, seed=seed, offset=offset)
+        assert torch.equal(kept, expected), f"p = {p}: {int((kept != expected).sum())} units differ"
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"base": torch.randn(2, 4)}, ValueError, r"the base must have the branch's shape \[2, 3\], got \[2, 4\]"),
+    ({"base": torch.randn(2, 3).half()}, TypeError, "the base must have the branch's dtype Float, got Half"),
+    ({"branch": torch.randn(3)}, ValueError, r"the branch must be \[B, \.\.\., D\] \(at least 2-D\), got shape \[3\]"),
+    ({"branch": torch.ones(2, 3, dtype=torch.int32)}, TypeError, "the branch must be a floating tensor, got Int"),
+    ({"p": 0.0}, ValueError, r"p \(the keep probability\) must be in \(0, 1\], got 0"),
+    ({"seed": -1}, ValueError, "seed and offset must be >= 0, got -1 and 0"),
+    ({"granularity": "row"}, ValueError, "granularity must be 'token' or 'sample', got 'row'"),
+])
+def test_cpu_kernel_rejects_bad_arguments(kwargs, error, match):
+    args = {"base": None, "branch": torch.randn(2, 3), "p": 0.5, "seed": 0, **kwargs}
+    with pytest.raises(error, match="stochastic_residual: " + match):
+        _cpu_kernel(args.pop("base"), args.pop("branch"), args.pop("p"), **args)
+
+
+def test_same_seed_reproduces_and_seeds_or_offsets_differ(residual_kernels):
     y, r = torch.randn(64, 8), torch.randn(64, 8)
     first = astrea.ops.stochastic_residual(y, r, 0.5, seed=3)
     assert torch.equal(first, astrea.ops.stochastic_residual(y, r, 0.5, seed=3))
@@ -89,7 +173,7 @@ def test_same_seed_reproduces_and_seeds_or_offsets_differ(kernels):
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_keep_rate_within_four_standard_errors(kernels, p):
+def test_keep_rate_within_four_standard_errors(residual_kernels, p):
     n = 100_000
     out = astrea.ops.stochastic_residual(torch.zeros(n, 1), torch.ones(n, 1), p, seed=77)
     rate = _mask_of(out).double().mean().item()
@@ -98,7 +182,7 @@ def test_keep_rate_within_four_standard_errors(kernels, p):
 
 
 @pytest.mark.parametrize("granularity", ["token", "sample"])
-def test_gradients_are_identity_and_mask_over_p(kernels, granularity):
+def test_gradients_are_identity_and_mask_over_p(residual_kernels, granularity):
     y = torch.randn(3, 4, 33, requires_grad=True)
     r = torch.randn(3, 4, 33, requires_grad=True)
     grad = torch.randn(3, 4, 33)
@@ -112,7 +196,7 @@ def test_gradients_are_identity_and_mask_over_p(kernels, granularity):
 
 
 @pytest.mark.parametrize("granularity", ["token", "sample"])
-def test_mask_does_not_depend_on_batch_size_or_block_size(kernels, granularity):
+def test_mask_does_not_depend_on_batch_size_or_block_size(residual_kernels, granularity):
     from astrea.kernels.residual import launch_stochastic_residual
 
     y, r = torch.zeros(6, 4, 33), torch.ones(6, 4, 33)
@@ -255,7 +339,7 @@ def test_dense_combine_rejects_bad_inputs(kwargs, error, match):
 @pytest.mark.parametrize("D", DIMS)
 @pytest.mark.parametrize("granularity", ["token", "sample"])
 @pytest.mark.parametrize("training", [True, False])
-def test_combine_residual_is_bit_identical_to_two_ops(kernels, D, granularity, training):
+def test_combine_residual_is_bit_identical_to_two_ops(residual_kernels, D, granularity, training):
     experts, weights, scale = _experts(4, 2, 3, D, layout="strided"), _weights(2, 4), torch.rand(4) + 0.5
     residual = strided(torch.randn(2, 3, D))
     draw = {"seed": 99, "offset": 5, "granularity": granularity, "training": training}
@@ -266,7 +350,7 @@ def test_combine_residual_is_bit_identical_to_two_ops(kernels, D, granularity, t
 
 
 @pytest.mark.parametrize("granularity", ["token", "sample"])
-def test_combine_residual_backward_equals_two_ops(kernels, granularity):
+def test_combine_residual_backward_equals_two_ops(residual_kernels, granularity):
     experts, weights, scale = _experts(3, 2, 5, 33), _weights(2, 3), torch.rand(3) + 0.5
     residual, grad = torch.randn(2, 5, 33, requires_grad=True), torch.randn(2, 5, 33)
     draw = {"seed": 4, "offset": 1, "granularity": granularity}
@@ -299,8 +383,9 @@ def test_combine_residual_rejects_bad_residual():
 # ---- registration ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "reference", "auto"])
 def test_opcheck(backend):
+    """``auto`` runs the residual's C++ CPU kernel."""
     experts = [torch.randn(2, 3, 33, requires_grad=True) for _ in range(3)]
     coef = _weights(2, 3).requires_grad_()
     y, r = torch.randn(2, 3, 33, requires_grad=True), torch.randn(2, 3, 33, requires_grad=True)

@@ -21,7 +21,6 @@ import torch
 from astrea import _backend
 from astrea._validation import FLOAT_DTYPES, check_same_device, check_size, check_tensor
 from astrea.reference import dense_combine as reference
-from astrea.reference import residual as residual_reference
 
 # One pointer and three strides per expert travel as kernel parameters; the dense layout
 # serves a handful of vision experts (the sparse weighted_combine handles many experts).
@@ -114,8 +113,10 @@ def dense_combine_forward(experts: list[torch.Tensor], coef: torch.Tensor, resid
         combined = reference.dense_weighted_combine(experts, coef)
         if residual is None:
             return combined
-        return residual_reference.stochastic_residual(combined, residual, p, seed=seed, offset=offset,
-                                                      granularity=granularity, training=training)
+        from astrea.ops.residual import stochastic_residual_forward  # (astrea.ops.residual imports this module)
+
+        # The two ops in sequence: the residual's C++ CPU kernel where there is one.
+        return stochastic_residual_forward(combined, residual, p, seed, offset, granularity, training)
     out = torch.empty(experts[0].shape, dtype=experts[0].dtype, device=experts[0].device)
     if out.numel() == 0:
         return out
@@ -139,9 +140,9 @@ def dense_combine_backward_impl(grad: torch.Tensor, experts: list[torch.Tensor],
         grad_experts, grad_coef = reference.dense_weighted_combine_backward(grad, experts, coef)
         grad_residual = no_residual_grad
         if residual_grad:
-            grad_residual = residual_reference.stochastic_residual_backward(
-                grad, p, seed=seed, offset=offset, granularity=granularity, training=training
-            ).to(grad.dtype, copy=True)
+            from astrea.ops.residual import stochastic_residual_forward
+
+            grad_residual = stochastic_residual_forward(None, grad, p, seed, offset, granularity, training)
         return grad_experts if expert_grad else [], grad_coef if coef_grad else no_coef_grad, grad_residual
     from astrea.kernels.dense_combine import launch_dense_combine_backward, num_partials
 

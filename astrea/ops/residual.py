@@ -1,5 +1,6 @@
 """Stochastic residual, alone and fused with the weighted combine, dense or sparse (Triton
-kernels; reference on CPU, where the sparse form runs the C++ CPU combine, then the residual).
+kernels; on CPU the C++ kernel of astrea._C for the residual, and the fused forms run the
+combine, then that residual: the two ops in sequence, which the fused kernels equal bit for bit).
 
 Training: ``y + m * r / p`` with ``m ~ Bernoulli(p)`` per mask unit, drawn inside the
 kernel from Philox keyed by ``(seed, offset + unit)`` and never stored; the backward
@@ -27,7 +28,7 @@ from astrea.reference import residual as reference
 GRANULARITIES = ("token", "sample")
 _MAX_COUNTER = 2**63 - 1
 
-_backend.declare_op("stochastic_residual", kernel="triton")
+_backend.declare_op("stochastic_residual", kernel="triton", cpu_extension_op="stochastic_residual_cpu")
 _backend.declare_op("combine_residual", kernel="triton")
 
 
@@ -150,7 +151,10 @@ def _sparse_combine_residual(expert_out, weights, residual, p, seed, offset, gra
 def stochastic_residual_forward(base: torch.Tensor | None, branch: torch.Tensor, p: float, seed: int, offset: int,
                                 granularity: str, training: bool) -> torch.Tensor:
     """Launcher: ``base + m * branch / p``; with ``base=None``, ``m * branch / p`` (the backward of ``r``)."""
-    if _backend.choose("stochastic_residual", branch.device) == "reference":
+    impl = _backend.choose("stochastic_residual", branch.device)
+    if impl == "extension":
+        return torch.ops.astrea.stochastic_residual_cpu(base, branch, p, seed, offset, granularity, training)
+    if impl == "reference":
         if base is None:
             return reference.stochastic_residual_backward(branch, p, seed=seed, offset=offset, granularity=granularity,
                                                           training=training).to(branch.dtype, copy=True)
