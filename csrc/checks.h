@@ -235,4 +235,40 @@ inline void check_stochastic_residual_args(const std::optional<at::Tensor>& base
                     ": granularity must be 'token' or 'sample', got '", granularity, "'");
 }
 
+// experts: 1 or more tensors [B, ..., D] of one shape and floating dtype on one device;
+// coef [B, E] floating on that device.
+inline void check_dense_combine_args(const char* op, at::TensorList experts, const at::Tensor& coef) {
+  TORCH_CHECK_VALUE(!experts.empty(), op, ": experts must hold at least one tensor, got none");
+  const at::Tensor& first = experts[0];
+  TORCH_CHECK_VALUE(first.dim() >= 2, op, ": experts[0] must be [B, ..., D] (at least 2-D), got shape ",
+                    first.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(first.scalar_type()), op, ": experts must be floating, got ",
+                   first.scalar_type());
+  for (size_t e = 1; e < experts.size(); ++e) {
+    TORCH_CHECK_VALUE(experts[e].sizes() == first.sizes(), op, ": experts[", e, "] must have the shape of experts[0] ",
+                      first.sizes(), ", got ", experts[e].sizes());
+    TORCH_CHECK_TYPE(experts[e].scalar_type() == first.scalar_type(), op, ": experts[", e,
+                     "] must have the dtype of experts[0] ", first.scalar_type(), ", got ", experts[e].scalar_type());
+    TORCH_CHECK_VALUE(experts[e].device() == first.device(), op, ": experts[", e, "] must be on ", first.device(),
+                      ", got ", experts[e].device());
+  }
+  const int64_t num_experts = static_cast<int64_t>(experts.size());
+  TORCH_CHECK_VALUE(coef.dim() == 2 && coef.size(0) == first.size(0) && coef.size(1) == num_experts, op,
+                    ": coef must be [B, E] = [", first.size(0), ", ", num_experts, "], got ", coef.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(coef.scalar_type()), op, ": coef must be floating, got ", coef.scalar_type());
+  TORCH_CHECK_VALUE(coef.device() == first.device(), op, ": coef must be on ", first.device(), ", got ",
+                    coef.device());
+}
+
+// The incoming gradient of the dense combine: the experts' shape, dtype and device.
+inline void check_dense_combine_grad(const at::Tensor& grad, const at::Tensor& expert) {
+  TORCH_CHECK_VALUE(grad.sizes() == expert.sizes(), "dense_combine_backward_cpu: grad must have the experts' shape ",
+                    expert.sizes(), ", got ", grad.sizes());
+  TORCH_CHECK_TYPE(grad.scalar_type() == expert.scalar_type(),
+                   "dense_combine_backward_cpu: grad must have the experts' dtype ", expert.scalar_type(), ", got ",
+                   grad.scalar_type());
+  TORCH_CHECK_VALUE(grad.device() == expert.device(), "dense_combine_backward_cpu: grad must be on ",
+                    expert.device(), ", got ", grad.device());
+}
+
 }  // namespace astrea

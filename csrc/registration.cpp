@@ -30,6 +30,14 @@ TORCH_LIBRARY(astrea, m) {
   m.def("weighted_combine_backward_cpu(Tensor grad_out, Tensor expert_out, Tensor weights, Tensor indices, "
         "Tensor inverse_positions, Tensor? expert_scale, int num_experts) "
         "-> (Tensor grad_expert_out, Tensor grad_weights, Tensor grad_expert_scale)");
+  // The dense weighted combine on CPU tensors (the Python ops astrea::dense_weighted_combine and
+  // dense_combine_backward run it under the auto backend): out[b] = sum_e coef[b, e] * experts[e][b]
+  // in expert order in fp32 (float64 for float64), experts with a zero coefficient skipped;
+  // the backward gives coef[b, e] * grad[b] per expert (or no tensors) and d coef [B, E] in
+  // coef's dtype (or an empty tensor).
+  m.def("dense_combine_cpu(Tensor[] experts, Tensor coef) -> Tensor");
+  m.def("dense_combine_backward_cpu(Tensor grad, Tensor[] experts, Tensor coef, bool expert_grad, bool coef_grad) "
+        "-> (Tensor[] grad_experts, Tensor grad_coef)");
   // The stochastic residual on CPU tensors (the Python ops astrea::stochastic_residual and
   // stochastic_residual_backward run it under the auto backend): base + m * branch / p, or
   // m * branch / p without a base, in the branch's shape and dtype; the mask is the Triton

@@ -1,8 +1,8 @@
 """Stochastic residual, dense weighted combine, their fused op and the modules around them.
 
-Kernels run in fp32 under the Triton interpreter (fixture ``kernels``); the residual tests
-also run the C++ CPU kernel of astrea._C (fixture ``residual_kernels``), which the auto
-backend picks for CPU tensors. The reference is the truth: it repeats Triton's Philox bit
+Kernels run in fp32 under the Triton interpreter (fixture ``kernels``); the tests of the
+fixture ``kernel_impl`` also run the C++ CPU kernels of astrea._C, which the auto backend
+picks for CPU tensors. The reference is the truth: it repeats Triton's Philox bit
 for bit.
 """
 
@@ -20,33 +20,40 @@ from astrea.reference import residual as residual_ref
 from tests.utils import assert_close, strided
 
 DIMS = (1, 33, 4096)
-# What runs the residual on CPU tensors: the Triton kernel (interpreter) or the C++ kernel.
-RESIDUAL_KERNELS = ["triton", "cpu"]
+# What runs the ops on CPU tensors: the Triton kernels (interpreter) or the C++ kernels.
+KERNEL_IMPLS = ["triton", "cpu"]
+# The C++ CPU kernel that the auto backend runs for each op on CPU tensors.
+CPU_KERNELS = {"dense_weighted_combine": "dense_combine_cpu", "stochastic_residual": "stochastic_residual_cpu"}
 ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
 @contextlib.contextmanager
 def running(impl: str):
     """Runs the ops inside on ``impl``: "triton", "cpu" (the C++ kernel under auto) or "reference"."""
-    if impl == "cpu" and not _extension.has_kernel("stochastic_residual_cpu", "CPU"):
-        pytest.skip("astrea._C is not built with the stochastic residual CPU kernel")
+    if impl == "cpu":
+        _require_cpu_kernels()
     with astrea.backend("auto" if impl == "cpu" else impl):
         if impl == "cpu":
-            assert _backend.choose("stochastic_residual", torch.device("cpu")) == "extension"
+            assert all(_backend.choose(op, torch.device("cpu")) == "extension" for op in CPU_KERNELS)
         yield
 
 
-@pytest.fixture(params=RESIDUAL_KERNELS)
-def residual_kernels(request):
-    """Runs the test on each residual kernel in turn: Triton and the C++ CPU kernel."""
+def _require_cpu_kernels():
+    missing = [name for name in CPU_KERNELS.values() if not _extension.has_kernel(name, "CPU")]
+    if missing:
+        pytest.skip(f"astrea._C is not built with the CPU kernels {missing}")
+
+
+@pytest.fixture(params=KERNEL_IMPLS)
+def kernel_impl(request):
+    """Runs the test on each kernel in turn: Triton and the C++ CPU kernels."""
     with running(request.param):
         yield request.param
 
 
 def _cpu_kernel(base, branch, p, *, seed, offset=0, granularity="token", training=True):
     """The C++ kernel called directly (any floating dtype, float64 included)."""
-    if not _extension.has_kernel("stochastic_residual_cpu", "CPU"):
-        pytest.skip("astrea._C is not built with the stochastic residual CPU kernel")
+    _require_cpu_kernels()
     return torch.ops.astrea.stochastic_residual_cpu(base, branch, p, seed, offset, granularity, training)
 
 
@@ -75,7 +82,7 @@ def _weights(B, E):
 
 @pytest.mark.parametrize("D", DIMS)
 @pytest.mark.parametrize("granularity", ["token", "sample"])
-def test_kernel_mask_equals_reference_mask(residual_kernels, D, granularity):
+def test_kernel_mask_equals_reference_mask(kernel_impl, D, granularity):
     shape = (3, 5, D)
     out = astrea.ops.stochastic_residual(torch.zeros(shape), torch.ones(shape), 0.5, seed=1234, offset=7,
                                          granularity=granularity)
@@ -87,7 +94,7 @@ def test_kernel_mask_equals_reference_mask(residual_kernels, D, granularity):
 @pytest.mark.parametrize("D", DIMS)
 @pytest.mark.parametrize("granularity", ["token", "sample"])
 @pytest.mark.parametrize("training, p", [(True, 0.7), (True, 1.0), (False, 0.3)])
-def test_stochastic_residual_kernel_matches_reference(residual_kernels, D, granularity, training, p):
+def test_stochastic_residual_kernel_matches_reference(kernel_impl, D, granularity, training, p):
     y, r = torch.randn(2, 3, D), torch.randn(2, 3, D)
     out = astrea.ops.stochastic_residual(strided(y), strided(r), p, seed=2**40 + 3, offset=11,
                                          granularity=granularity, training=training)
@@ -96,7 +103,7 @@ def test_stochastic_residual_kernel_matches_reference(residual_kernels, D, granu
     assert torch.equal(out, expected)
 
 
-def test_p_one_and_eval_are_exactly_y_plus_r(residual_kernels):
+def test_p_one_and_eval_are_exactly_y_plus_r(kernel_impl):
     y, r = torch.randn(4, 33), torch.randn(4, 33)
     assert torch.equal(astrea.ops.stochastic_residual(y, r, 1.0, seed=5), y + r)
     assert torch.equal(astrea.ops.stochastic_residual(y, r, 0.2, seed=5, training=False), y + r)
@@ -164,7 +171,7 @@ def test_cpu_kernel_rejects_bad_arguments(kwargs, error, match):
         _cpu_kernel(args.pop("base"), args.pop("branch"), args.pop("p"), **args)
 
 
-def test_same_seed_reproduces_and_seeds_or_offsets_differ(residual_kernels):
+def test_same_seed_reproduces_and_seeds_or_offsets_differ(kernel_impl):
     y, r = torch.randn(64, 8), torch.randn(64, 8)
     first = astrea.ops.stochastic_residual(y, r, 0.5, seed=3)
     assert torch.equal(first, astrea.ops.stochastic_residual(y, r, 0.5, seed=3))
@@ -173,7 +180,7 @@ def test_same_seed_reproduces_and_seeds_or_offsets_differ(residual_kernels):
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_keep_rate_within_four_standard_errors(residual_kernels, p):
+def test_keep_rate_within_four_standard_errors(kernel_impl, p):
     n = 100_000
     out = astrea.ops.stochastic_residual(torch.zeros(n, 1), torch.ones(n, 1), p, seed=77)
     rate = _mask_of(out).double().mean().item()
@@ -182,7 +189,7 @@ def test_keep_rate_within_four_standard_errors(residual_kernels, p):
 
 
 @pytest.mark.parametrize("granularity", ["token", "sample"])
-def test_gradients_are_identity_and_mask_over_p(residual_kernels, granularity):
+def test_gradients_are_identity_and_mask_over_p(kernel_impl, granularity):
     y = torch.randn(3, 4, 33, requires_grad=True)
     r = torch.randn(3, 4, 33, requires_grad=True)
     grad = torch.randn(3, 4, 33)
@@ -196,7 +203,7 @@ def test_gradients_are_identity_and_mask_over_p(residual_kernels, granularity):
 
 
 @pytest.mark.parametrize("granularity", ["token", "sample"])
-def test_mask_does_not_depend_on_batch_size_or_block_size(residual_kernels, granularity):
+def test_mask_does_not_depend_on_batch_size_or_block_size(kernel_impl, granularity):
     from astrea.kernels.residual import launch_stochastic_residual
 
     y, r = torch.zeros(6, 4, 33), torch.ones(6, 4, 33)
@@ -246,7 +253,7 @@ def test_stochastic_residual_rejects_bad_inputs(kwargs, error, match):
 
 @pytest.mark.parametrize("D", DIMS)
 @pytest.mark.parametrize("layout", ["list", "stacked", "strided"])
-def test_dense_combine_kernel_matches_reference(kernels, D, layout):
+def test_dense_combine_kernel_matches_reference(kernel_impl, D, layout):
     experts = _experts(3, 2, 3, D, layout=layout)
     weights, scale = _weights(2, 3), torch.rand(3) + 0.5
     out = astrea.ops.dense_weighted_combine(experts, weights, scale)
@@ -264,7 +271,7 @@ def test_dense_combine_four_dims_and_low_precision():
     assert torch.equal(out, wide.to(torch.bfloat16))
 
 
-def test_zero_weight_expert_is_skipped_not_multiplied(kernels):
+def test_zero_weight_expert_is_skipped_not_multiplied(kernel_impl):
     experts = _experts(3, 2, 4, 33)
     experts[1].fill_(float("nan"))  # sample 0 gives expert 1 weight zero, sample 1 does not
     weights = _weights(2, 3)
@@ -282,7 +289,7 @@ def _combine_grads(fn, experts, weights, scale, grad):
 
 
 @pytest.mark.parametrize("D", [1, 4096])
-def test_dense_combine_backward_matches_reference_and_is_deterministic(kernels, D):
+def test_dense_combine_backward_matches_reference_and_is_deterministic(kernel_impl, D):
     experts, weights, scale = _experts(3, 2, 3, D), _weights(2, 3), torch.rand(3) + 0.5
     grad = torch.randn(2, 3, D)
     got = _combine_grads(astrea.ops.dense_weighted_combine, experts, weights, scale, grad)
@@ -293,6 +300,66 @@ def test_dense_combine_backward_matches_reference_and_is_deterministic(kernels, 
     for name, a, b, c in zip(["y0", "y1", "y2", "weights", "scale"], got, again, expected):
         assert torch.equal(a, b), f"{name} gradient is not deterministic"
         assert_close(a, c, atol=1e-4, what=f"d {name}")
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("layout", ["list", "stacked", "strided"])
+def test_dense_combine_cpu_kernel_is_the_reference_bit_for_bit(dtype, layout):
+    """Forward and expert gradients equal the reference exactly; d coef within rounding of the sum order."""
+    _require_cpu_kernels()
+    experts = _experts(3, 3, 5, 37, dtype=dtype, layout=layout)
+    coef = combine_ref.combine_coefficients(_weights(3, 3), torch.rand(3) + 0.5)
+    experts[1][0].fill_(float("nan"))  # zero coefficient for sample 0: must not leak
+    experts = list(experts)
+    out = torch.ops.astrea.dense_combine_cpu(experts, coef)
+    assert torch.equal(out, combine_ref.dense_weighted_combine(experts, coef))
+    grad = torch.randn(3, 5, 37, dtype=dtype)
+    grad_experts, grad_coef = torch.ops.astrea.dense_combine_backward_cpu(grad, experts, coef, True, True)
+    expected_experts, expected_coef = combine_ref.dense_weighted_combine_backward(grad, experts, coef)
+    for got, expected in zip(grad_experts, expected_experts):
+        assert torch.equal(got, expected)
+    finite = torch.isfinite(expected_coef)
+    assert torch.equal(finite, torch.isfinite(grad_coef))
+    assert_close(grad_coef[finite].to(expected_coef.dtype), expected_coef[finite], atol=1e-5, rtol=1e-5,
+                 what="d coef")
+    no_experts, only_coef = torch.ops.astrea.dense_combine_backward_cpu(grad, experts, coef, False, True)
+    assert no_experts == []
+    torch.testing.assert_close(only_coef, grad_coef, rtol=0, atol=0, equal_nan=True)
+
+
+def test_dense_combine_cpu_kernel_gradcheck_float64():
+    """The registered op through the C++ forward and backward against finite differences, zero weights included."""
+    _require_cpu_kernels()
+    coef = _weights(2, 3).double().requires_grad_()
+    stacked = torch.randn(3, 2, 3, 10, dtype=torch.float64)
+    experts = [strided(y).requires_grad_() for y in stacked]
+    with running("cpu"):
+        assert torch.autograd.gradcheck(lambda c, *ys: torch.ops.astrea.dense_weighted_combine(list(ys), c),
+                                        (coef, *experts))
+
+
+@pytest.mark.parametrize("args, error, match", [
+    (([], torch.rand(2, 0)), ValueError, "experts must hold at least one tensor, got none"),
+    (([torch.randn(4)], torch.rand(4, 1)), ValueError, r"experts\[0\] must be \[B, \.\.\., D\] \(at least 2-D\)"),
+    (([torch.ones(2, 3, dtype=torch.int32)], torch.rand(2, 1)), TypeError, "experts must be floating, got Int"),
+    (([torch.randn(2, 3), torch.randn(2, 4)], torch.rand(2, 2)), ValueError,
+     r"experts\[1\] must have the shape of experts\[0\] \[2, 3\], got \[2, 4\]"),
+    (([torch.randn(2, 3), torch.randn(2, 3).half()], torch.rand(2, 2)), TypeError,
+     r"experts\[1\] must have the dtype of experts\[0\] Float, got Half"),
+    (([torch.randn(2, 3)], torch.rand(2, 2)), ValueError, r"coef must be \[B, E\] = \[2, 1\], got \[2, 2\]"),
+    (([torch.randn(2, 3)], torch.ones(2, 1, dtype=torch.int64)), TypeError, "coef must be floating, got Long"),
+])
+def test_dense_combine_cpu_kernel_rejects_bad_arguments(args, error, match):
+    _require_cpu_kernels()
+    with pytest.raises(error, match="dense_combine_cpu: " + match):
+        torch.ops.astrea.dense_combine_cpu(*args)
+    with pytest.raises(error, match="dense_combine_backward_cpu: " + match):
+        torch.ops.astrea.dense_combine_backward_cpu(torch.randn(2, 3), *args, True, True)
+    experts, coef = [torch.randn(2, 3)], torch.rand(2, 1)
+    with pytest.raises(ValueError, match=r"dense_combine_backward_cpu: grad must have the experts' shape"):
+        torch.ops.astrea.dense_combine_backward_cpu(torch.randn(2, 4), experts, coef, True, True)
+    with pytest.raises(TypeError, match=r"dense_combine_backward_cpu: grad must have the experts' dtype Float"):
+        torch.ops.astrea.dense_combine_backward_cpu(torch.randn(2, 3).half(), experts, coef, True, True)
 
 
 def test_dense_combine_reference_backward_gradcheck_float64():
@@ -339,7 +406,7 @@ def test_dense_combine_rejects_bad_inputs(kwargs, error, match):
 @pytest.mark.parametrize("D", DIMS)
 @pytest.mark.parametrize("granularity", ["token", "sample"])
 @pytest.mark.parametrize("training", [True, False])
-def test_combine_residual_is_bit_identical_to_two_ops(residual_kernels, D, granularity, training):
+def test_combine_residual_is_bit_identical_to_two_ops(kernel_impl, D, granularity, training):
     experts, weights, scale = _experts(4, 2, 3, D, layout="strided"), _weights(2, 4), torch.rand(4) + 0.5
     residual = strided(torch.randn(2, 3, D))
     draw = {"seed": 99, "offset": 5, "granularity": granularity, "training": training}
@@ -350,7 +417,7 @@ def test_combine_residual_is_bit_identical_to_two_ops(residual_kernels, D, granu
 
 
 @pytest.mark.parametrize("granularity", ["token", "sample"])
-def test_combine_residual_backward_equals_two_ops(residual_kernels, granularity):
+def test_combine_residual_backward_equals_two_ops(kernel_impl, granularity):
     experts, weights, scale = _experts(3, 2, 5, 33), _weights(2, 3), torch.rand(3) + 0.5
     residual, grad = torch.randn(2, 5, 33, requires_grad=True), torch.randn(2, 5, 33)
     draw = {"seed": 4, "offset": 1, "granularity": granularity}
@@ -385,7 +452,7 @@ def test_combine_residual_rejects_bad_residual():
 
 @pytest.mark.parametrize("backend", ["triton", "reference", "auto"])
 def test_opcheck(backend):
-    """``auto`` runs the residual's C++ CPU kernel."""
+    """``auto`` runs the C++ CPU kernels of the combine and the residual."""
     experts = [torch.randn(2, 3, 33, requires_grad=True) for _ in range(3)]
     coef = _weights(2, 3).requires_grad_()
     y, r = torch.randn(2, 3, 33, requires_grad=True), torch.randn(2, 3, 33, requires_grad=True)

@@ -1,4 +1,4 @@
-"""Dense weighted combine of E expert outputs (Triton kernel; reference on CPU).
+"""Dense weighted combine of E expert outputs (Triton kernel; C++ kernel of astrea._C on CPU).
 
 ``dense_weighted_combine(expert_out, weights, expert_scale)`` computes
 ``out[b] = sum_e w[b, e] * s[e] * y_e[b]``. The public function folds ``w * s`` into fp32
@@ -10,6 +10,8 @@ residual and shares the backward op defined here.
 Expert layout: a list of E tensors is passed to the kernel as E pointers with their own
 strides (no stacking copy); a stacked ``[E, B, ..., D]`` tensor is unbound into E views
 (its backward stacks the E gradients, one copy). At most :data:`MAX_EXPERTS` experts.
+On CPU tensors the auto backend runs ``astrea::dense_combine_cpu`` and
+``astrea::dense_combine_backward_cpu``, which read the E tensors in place too.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from astrea.reference import dense_combine as reference
 # serves a handful of vision experts (the sparse weighted_combine handles many experts).
 MAX_EXPERTS = 32
 
-_backend.declare_op("dense_weighted_combine", kernel="triton")
+_backend.declare_op("dense_weighted_combine", kernel="triton", cpu_extension_op="dense_combine_cpu")
 
 
 def expert_list(op: str, expert_out) -> list[torch.Tensor]:
@@ -104,13 +106,31 @@ def residual_draw(p: float, seed: int, offset: int, granularity: str, training: 
             "sample_units": granularity == "sample"}
 
 
+def _unfused_combine(experts: list[torch.Tensor], coef: torch.Tensor) -> torch.Tensor:
+    """The combine alone off the Triton kernel: the C++ CPU kernel where there is one, else the reference."""
+    if _backend.choose("dense_weighted_combine", experts[0].device) == "extension":
+        return torch.ops.astrea.dense_combine_cpu(experts, coef)
+    return reference.dense_weighted_combine(experts, coef)
+
+
+def _unfused_combine_backward(grad: torch.Tensor, experts: list[torch.Tensor], coef: torch.Tensor,
+                              expert_grad: bool, coef_grad: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """(d experts or [], d coef or None) of the combine alone off the Triton kernel."""
+    if _backend.choose("dense_weighted_combine", grad.device) == "extension":
+        grad_experts, grad_coef = torch.ops.astrea.dense_combine_backward_cpu(grad, experts, coef, expert_grad,
+                                                                              coef_grad)
+        return grad_experts, grad_coef if coef_grad else None
+    grad_experts, grad_coef = reference.dense_weighted_combine_backward(grad, experts, coef)
+    return grad_experts if expert_grad else [], grad_coef if coef_grad else None
+
+
 def dense_combine_forward(experts: list[torch.Tensor], coef: torch.Tensor, residual: torch.Tensor | None = None,
                           p: float = 1.0, seed: int = 0, offset: int = 0, granularity: str = "token",
                           training: bool = True) -> torch.Tensor:
     """Launcher of the combine, with the stochastic residual fused when ``residual`` is given."""
     op = "dense_weighted_combine" if residual is None else "combine_residual"
-    if _backend.choose(op, experts[0].device) == "reference":
-        combined = reference.dense_weighted_combine(experts, coef)
+    if _backend.choose(op, experts[0].device) != "triton":
+        combined = _unfused_combine(experts, coef)
         if residual is None:
             return combined
         from astrea.ops.residual import stochastic_residual_forward  # (astrea.ops.residual imports this module)
@@ -136,14 +156,14 @@ def dense_combine_backward_impl(grad: torch.Tensor, experts: list[torch.Tensor],
     op = "combine_residual" if residual_grad else "dense_weighted_combine"
     # Outputs not asked for are distinct empty tensors (custom op outputs must not alias).
     no_coef_grad, no_residual_grad = grad.new_empty(0, dtype=torch.float32), grad.new_empty(0)
-    if _backend.choose(op, grad.device) == "reference":
-        grad_experts, grad_coef = reference.dense_weighted_combine_backward(grad, experts, coef)
+    if _backend.choose(op, grad.device) != "triton":
+        grad_experts, grad_coef = _unfused_combine_backward(grad, experts, coef, expert_grad, coef_grad)
         grad_residual = no_residual_grad
         if residual_grad:
             from astrea.ops.residual import stochastic_residual_forward
 
             grad_residual = stochastic_residual_forward(None, grad, p, seed, offset, granularity, training)
-        return grad_experts if expert_grad else [], grad_coef if coef_grad else no_coef_grad, grad_residual
+        return grad_experts, no_coef_grad if grad_coef is None else grad_coef, grad_residual
     from astrea.kernels.dense_combine import launch_dense_combine_backward, num_partials
 
     grad = grad.contiguous()
