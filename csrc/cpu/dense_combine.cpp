@@ -117,7 +117,10 @@ math_t strided_dot(const scalar_t* g, const scalar_t* y, int64_t sd, int64_t dim
       lanes[l] = lanes[l] + static_cast<math_t>(g[j + l]) * static_cast<math_t>(y[(j + l) * sd]);
     }
   }
-  for (; j < dim; ++j) lanes[j % kDotLanes] = lanes[j % kDotLanes] + static_cast<math_t>(g[j]) * static_cast<math_t>(y[j * sd]);
+  for (; j < dim; ++j) {
+    math_t& lane = lanes[j % kDotLanes];
+    lane = lane + static_cast<math_t>(g[j]) * static_cast<math_t>(y[j * sd]);
+  }
   math_t total = 0;
   for (const math_t lane : lanes) total = total + lane;
   return total;
@@ -158,12 +161,15 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> dense_combine_backward_cpu(const
         const scalar_t* g_sample = grad_data + b * tokens * dim;
         if (expert_grad) {
           scalar_t* dy = grad_experts[e].data_ptr<scalar_t>() + b * tokens * dim;
-          for (int64_t j = 0; j < tokens * dim; ++j) dy[j] = static_cast<scalar_t>(c * static_cast<math_t>(g_sample[j]));
+          for (int64_t j = 0; j < tokens * dim; ++j) {
+            dy[j] = static_cast<scalar_t>(c * static_cast<math_t>(g_sample[j]));
+          }
         }
         if (coef_grad) {
           math_t total = 0;
           for (int64_t t = 0; t < tokens; ++t) {
-            total = total + strided_dot<scalar_t, math_t>(g_sample + t * dim, views[e].row(b, t), views[e].stride_d, dim);
+            const scalar_t* y = views[e].row(b, t);
+            total = total + strided_dot<scalar_t, math_t>(g_sample + t * dim, y, views[e].stride_d, dim);
           }
           grad_coef_data[pair] = total;
         }
