@@ -125,13 +125,21 @@ README_END = "<!-- benchmarks:end -->"
 RESULTS = Path(__file__).parent / "results"
 
 
+def _run_time(report: Path) -> str:
+    """When the run of ``report`` was measured (its JSON's ISO datetime), so that runs of one
+    day are ordered by time, not by commit hash; the folder's ``<date>`` without a JSON."""
+    stored = report.parent / "benchmarks.json"
+    when = json.loads(stored.read_text()).get("datetime") if stored.exists() else None
+    return when or report.parent.name[:10]
+
+
 def latest_reports(results: Path = RESULTS) -> list[tuple[str, Path]]:
     """(device folder, newest report.md in it) for every device folder, sorted by name."""
     found = []
     for device_dir in sorted(p for p in results.iterdir() if p.is_dir()):
-        runs = sorted(device_dir.glob("*/report.md"))
+        runs = list(device_dir.glob("*/report.md"))
         if runs:
-            found.append((device_dir.name, runs[-1]))
+            found.append((device_dir.name, max(runs, key=_run_time)))
     return found
 
 

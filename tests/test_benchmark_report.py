@@ -55,6 +55,19 @@ def test_readme_section_uses_newest_run_per_device(tmp_path):
     assert text.startswith("intro\n") and text.endswith("outro\n")
 
 
+def test_readme_section_orders_runs_of_one_day_by_time(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import report
+
+    # The later run's commit hash sorts first: the run's own datetime must decide.
+    for run, when, text in [("2026-03-04_ffff", "2026-03-04T09:00:00", "morning"),
+                            ("2026-03-04_0000", "2026-03-04T17:00:00", "evening")]:
+        (tmp_path / "cpu-x86_64" / run).mkdir(parents=True)
+        (tmp_path / "cpu-x86_64" / run / "report.md").write_text(f"# astrea benchmarks\n\n{text}\n")
+        (tmp_path / "cpu-x86_64" / run / "benchmarks.json").write_text(json.dumps({"datetime": when}))
+    assert report.latest_reports(tmp_path) == [("cpu-x86_64", tmp_path / "cpu-x86_64" / "2026-03-04_0000" / "report.md")]
+
+
 def test_store_files_a_run_by_device_and_date(tmp_path):
     sys.path.insert(0, str(ROOT))
     from benchmarks import report
