@@ -22,7 +22,6 @@ from astrea import _backend
 from astrea._validation import FLOAT_DTYPES, check_choice, check_int, check_same_device, check_tensor
 from astrea.ops import combine, dense_combine
 from astrea.ops.dispatch import Dispatch
-from astrea.reference import combine as combine_reference
 from astrea.reference import residual as reference
 
 GRANULARITIES = ("token", "sample")
@@ -179,19 +178,15 @@ def sparse_combine_residual_forward(expert_out: torch.Tensor, weights: torch.Ten
                                     expert_scale: torch.Tensor | None, residual: torch.Tensor, p: float, seed: int,
                                     offset: int, granularity: str, training: bool) -> torch.Tensor:
     """Launcher of the sparse combine with the stochastic residual fused; the output has residual's shape."""
-    num_experts = expert_offsets.shape[0] - 1
-    if _backend.choose("combine_residual", residual.device) == "reference":
-        if _backend.choose("weighted_combine", residual.device) == "extension":
-            # No fused CPU kernel: the C++ combine, then the stochastic residual (the two ops in sequence).
-            combined = combine.weighted_combine_forward(expert_out, weights, indices, inverse_positions,
-                                                        expert_offsets, expert_scale)
-            return stochastic_residual_forward(combined.view(residual.shape), residual, p, seed, offset, granularity,
-                                               training)
-        return combine_reference.sparse_combine_residual(
-            expert_out, weights, indices, inverse_positions, num_experts, residual, p, seed=seed, offset=offset,
-            granularity=granularity, training=training, expert_scale=expert_scale)
+    if _backend.choose("combine_residual", residual.device) != "triton":
+        # No fused kernel: the two ops in sequence, each on its own CPU kernel or reference.
+        combined = combine.weighted_combine_forward(expert_out, weights, indices, inverse_positions, expert_offsets,
+                                                    expert_scale)
+        return stochastic_residual_forward(combined.view(residual.shape), residual, p, seed, offset, granularity,
+                                           training)
     from astrea.kernels.combine import combine_forward
 
+    num_experts = expert_offsets.shape[0] - 1
     draw = dense_combine.residual_draw(p, seed, offset, granularity, training)
     _, rows_per_unit = reference.mask_units(residual.shape, granularity)
     out = combine_forward(expert_out, inverse_positions, weights, indices, expert_scale, num_experts,
