@@ -31,6 +31,28 @@ constexpr int64_t kLanes = 16;     // partial sums of a dot product (lets the co
 // A [rows, D] operand whose rows are unit-stride: the tensor itself, or a contiguous copy.
 at::Tensor unit_stride_rows(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
 
+// out[t] = sum_j coef(r) * rows[positions[r]] over the slots r = t * top_k + j of every token
+// t, in slot order and in acc_t; a slot whose coef(r) is empty is skipped (its row not read).
+// The permute's backward (coefficient 1) and the weighted combine share it.
+template <typename scalar_t, typename acc_t, typename Coef>
+void gather_sum_rows(const scalar_t* rows, int64_t row_stride, const int32_t* positions, int64_t num_tokens,
+                     int64_t top_k, int64_t dim, Coef&& coef, scalar_t* out) {
+  at::parallel_for(0, num_tokens, kRowGrain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row(dim);
+    for (int64_t t = begin; t < end; ++t) {
+      std::fill(row.begin(), row.end(), acc_t(0));
+      for (int64_t j = 0; j < top_k; ++j) {
+        const int64_t r = t * top_k + j;
+        const std::optional<acc_t> c = coef(r);
+        if (!c.has_value()) continue;
+        const scalar_t* src = rows + positions[r] * row_stride;
+        for (int64_t d = 0; d < dim; ++d) row[d] += *c * static_cast<acc_t>(src[d]);
+      }
+      std::copy_n(row.begin(), dim, out + t * dim);
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_dispatch_cpu(const at::Tensor& indices_in,
                                                                 int64_t num_experts) {
   check_moe_dispatch_args(indices_in, num_experts);
@@ -100,19 +122,8 @@ at::Tensor permute_backward_cpu(const at::Tensor& grad_in, const at::Tensor& inv
   check_row_ids("permute_backward", "inverse_positions", positions, num_tokens * top_k, grad.size(0));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "permute_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* src = grad.const_data_ptr<scalar_t>();
-    scalar_t* dst = grad_x.data_ptr<scalar_t>();
-    at::parallel_for(0, num_tokens, kRowGrain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> row(dim);
-      for (int64_t t = begin; t < end; ++t) {
-        std::fill(row.begin(), row.end(), acc_t(0));
-        for (int64_t j = 0; j < top_k; ++j) {
-          const scalar_t* g = src + positions[t * top_k + j] * grad_stride;
-          for (int64_t d = 0; d < dim; ++d) row[d] += static_cast<acc_t>(g[d]);
-        }
-        std::copy_n(row.begin(), dim, dst + t * dim);
-      }
-    });
+    gather_sum_rows<scalar_t, acc_t>(grad.const_data_ptr<scalar_t>(), grad_stride, positions, num_tokens, top_k, dim,
+                                     [](int64_t) { return std::optional<acc_t>(1); }, grad_x.data_ptr<scalar_t>());
   });
   return grad_x;
 }
@@ -186,23 +197,10 @@ at::Tensor weighted_combine_cpu(const at::Tensor& expert_out_in, const at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "weighted_combine_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Coefficients<acc_t> c(weights, routing.expert(), expert_scale, num_experts);
-    const int32_t* positions = routing.positions();
-    const scalar_t* src = y.const_data_ptr<scalar_t>();
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    at::parallel_for(0, num_tokens, kRowGrain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> row(dim);
-      for (int64_t t = begin; t < end; ++t) {
-        std::fill(row.begin(), row.end(), acc_t(0));
-        for (int64_t j = 0; j < top_k; ++j) {
-          const int64_t r = t * top_k + j;
-          if (!c.valid[r]) continue;
-          const acc_t coef = c.coef[r];
-          const scalar_t* y_row = src + positions[r] * y_stride;
-          for (int64_t d = 0; d < dim; ++d) row[d] += coef * static_cast<acc_t>(y_row[d]);
-        }
-        std::copy_n(row.begin(), dim, dst + t * dim);
-      }
-    });
+    gather_sum_rows<scalar_t, acc_t>(
+        y.const_data_ptr<scalar_t>(), y_stride, routing.positions(), num_tokens, top_k, dim,
+        [&](int64_t r) { return c.valid[r] ? std::optional<acc_t>(c.coef[r]) : std::nullopt; },
+        out.data_ptr<scalar_t>());
   });
   return out;
 }
