@@ -127,6 +127,24 @@ void top_k(const acc_t* key, int64_t experts, int64_t k, acc_t* best_keys, int32
   }
 }
 
+// Scores rows [begin, end): the logits into tiles[0], exp(x - shift) into tiles[1] with
+// shift = shift_of(row, x_row) for each row, and, for sigmoid scoring, sigmoid(x) into tiles[2].
+template <typename scalar_t, typename acc_t, typename Shift>
+void score_tile(const scalar_t* logits, int64_t begin, int64_t end, int64_t stride_n, int64_t stride_e,
+                int64_t experts, bool softmax, const Tiles<acc_t>& tiles, Shift&& shift_of) {
+  acc_t* x = tiles[0];
+  acc_t* exps = tiles[1];
+  load_rows(logits, begin, end, stride_n, stride_e, experts, x);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t offset = (row - begin) * experts;
+    const acc_t shift = shift_of(row, x + offset);
+    for (int64_t e = 0; e < experts; ++e) exps[offset + e] = x[offset + e] - shift;
+  }
+  const int64_t elements = (end - begin) * experts;
+  exp_in_place(exps, elements);
+  if (!softmax) sigmoid_into(x, elements, tiles[2]);
+}
+
 // out[e] = sum of the [blocks, E] partials over the blocks, in block order.
 template <typename T>
 void sum_partials(const T* partials, int64_t blocks, int64_t experts, T* out) {
@@ -177,18 +195,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
         const int64_t block_end_row = std::min(rows, (block + 1) * kRowsPerBlock);
         for (int64_t tile_begin = block * kRowsPerBlock; tile_begin < block_end_row; tile_begin += tile) {
           const int64_t tile_end = std::min(block_end_row, tile_begin + tile);
-          const int64_t tile_elements = (tile_end - tile_begin) * experts;
-          acc_t* x = tiles[0];
+          score_tile(logits_data, tile_begin, tile_end, stride_n, stride_e, experts, softmax, tiles,
+                     [&](int64_t row, const acc_t* x_row) {
+                       return lse_data[row] = row_max(x_row, experts);  // the row max until the lse is known
+                     });
+          const acc_t* x = tiles[0];
           acc_t* exps = tiles[1];
-          load_rows(logits_data, tile_begin, tile_end, stride_n, stride_e, experts, x);
-          for (int64_t row = tile_begin; row < tile_end; ++row) {
-            const int64_t offset = (row - tile_begin) * experts;
-            const acc_t max = row_max(x + offset, experts);
-            lse_data[row] = max;  // the row max until the lse is known
-            for (int64_t e = 0; e < experts; ++e) exps[offset + e] = x[offset + e] - max;
-          }
-          exp_in_place(exps, tile_elements);
-          if (!softmax) sigmoid_into(x, tile_elements, tiles[2]);
           for (int64_t row = tile_begin; row < tile_end; ++row) {
             const int64_t offset = (row - tile_begin) * experts;
             acc_t* score = (softmax ? exps : tiles[2]) + offset;
@@ -267,16 +279,9 @@ at::Tensor router_topk_backward_cpu(const at::Tensor& logits, const at::Tensor& 
       std::vector<acc_t> grad_score(experts);
       for (int64_t tile_begin = begin; tile_begin < end; tile_begin += tile) {
         const int64_t tile_end = std::min(end, tile_begin + tile);
-        const int64_t tile_elements = (tile_end - tile_begin) * experts;
-        acc_t* x = tiles[0];
-        acc_t* probs = tiles[1];
-        load_rows(logits_data, tile_begin, tile_end, stride_n, stride_e, experts, x);
-        for (int64_t row = tile_begin; row < tile_end; ++row) {
-          const int64_t offset = (row - tile_begin) * experts;
-          for (int64_t e = 0; e < experts; ++e) probs[offset + e] = x[offset + e] - lse_data[row];
-        }
-        exp_in_place(probs, tile_elements);
-        if (!softmax) sigmoid_into(x, tile_elements, tiles[2]);
+        score_tile(logits_data, tile_begin, tile_end, stride_n, stride_e, experts, softmax, tiles,
+                   [&](int64_t row, const acc_t*) { return lse_data[row]; });
+        const acc_t* probs = tiles[1];
         for (int64_t row = tile_begin; row < tile_end; ++row) {
           const int64_t offset = (row - tile_begin) * experts;
           const acc_t* p = probs + offset;
