@@ -17,13 +17,47 @@
 #include <tuple>
 #include <vector>
 
-#include "checks.h"
-
 // acc + c * y must round twice, as the reference does: no fused multiply-add.
 #pragma GCC optimize("fp-contract=off")
 
 namespace astrea {
 namespace {
+
+// experts: 1 or more tensors [B, ..., D] of one shape and floating dtype on one device;
+// coef [B, E] floating on that device.
+void check_dense_combine_args(const char* op, at::TensorList experts, const at::Tensor& coef) {
+  TORCH_CHECK_VALUE(!experts.empty(), op, ": experts must hold at least one tensor, got none");
+  const at::Tensor& first = experts[0];
+  TORCH_CHECK_VALUE(first.dim() >= 2, op, ": experts[0] must be [B, ..., D] (at least 2-D), got shape ",
+                    first.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(first.scalar_type()), op, ": experts must be floating, got ",
+                   first.scalar_type());
+  for (size_t e = 1; e < experts.size(); ++e) {
+    TORCH_CHECK_VALUE(experts[e].sizes() == first.sizes(), op, ": experts[", e, "] must have the shape of experts[0] ",
+                      first.sizes(), ", got ", experts[e].sizes());
+    TORCH_CHECK_TYPE(experts[e].scalar_type() == first.scalar_type(), op, ": experts[", e,
+                     "] must have the dtype of experts[0] ", first.scalar_type(), ", got ", experts[e].scalar_type());
+    TORCH_CHECK_VALUE(experts[e].device() == first.device(), op, ": experts[", e, "] must be on ", first.device(),
+                      ", got ", experts[e].device());
+  }
+  const int64_t num_experts = static_cast<int64_t>(experts.size());
+  TORCH_CHECK_VALUE(coef.dim() == 2 && coef.size(0) == first.size(0) && coef.size(1) == num_experts, op,
+                    ": coef must be [B, E] = [", first.size(0), ", ", num_experts, "], got ", coef.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(coef.scalar_type()), op, ": coef must be floating, got ", coef.scalar_type());
+  TORCH_CHECK_VALUE(coef.device() == first.device(), op, ": coef must be on ", first.device(), ", got ",
+                    coef.device());
+}
+
+// The incoming gradient of the dense combine: the experts' shape, dtype and device.
+void check_dense_combine_grad(const at::Tensor& grad, const at::Tensor& expert) {
+  TORCH_CHECK_VALUE(grad.sizes() == expert.sizes(), "dense_combine_backward_cpu: grad must have the experts' shape ",
+                    expert.sizes(), ", got ", grad.sizes());
+  TORCH_CHECK_TYPE(grad.scalar_type() == expert.scalar_type(),
+                   "dense_combine_backward_cpu: grad must have the experts' dtype ", expert.scalar_type(), ", got ",
+                   grad.scalar_type());
+  TORCH_CHECK_VALUE(grad.device() == expert.device(), "dense_combine_backward_cpu: grad must be on ",
+                    expert.device(), ", got ", grad.device());
+}
 
 constexpr int64_t kRowGrain = 16;  // [D] rows per at::parallel_for grain
 // Independent partial sums of a coefficient gradient, added in a fixed order at the end:
@@ -180,6 +214,17 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> dense_combine_backward_cpu(const
 }
 
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(astrea, m) {
+  // The dense weighted combine on CPU tensors (the Python ops astrea::dense_weighted_combine and
+  // dense_combine_backward run it under the auto backend): out[b] = sum_e coef[b, e] * experts[e][b]
+  // in expert order in fp32 (float64 for float64), experts with a zero coefficient skipped;
+  // the backward gives coef[b, e] * grad[b] per expert (or no tensors) and d coef [B, E] in
+  // coef's dtype (or an empty tensor).
+  m.def("dense_combine_cpu(Tensor[] experts, Tensor coef) -> Tensor");
+  m.def("dense_combine_backward_cpu(Tensor grad, Tensor[] experts, Tensor coef, bool expert_grad, bool coef_grad) "
+        "-> (Tensor[] grad_experts, Tensor grad_coef)");
+}
 
 TORCH_LIBRARY_IMPL(astrea, CPU, m) {
   m.impl("dense_combine_cpu", &dense_combine_cpu);

@@ -20,10 +20,97 @@
 #include <tuple>
 #include <vector>
 
-#include "checks.h"
-
 namespace astrea {
 namespace {
+
+// indices [N, k] int32 on CPU; 1 <= num_experts. The range of the values is checked by the
+// kernel in its histogram pass.
+void check_moe_dispatch_args(const at::Tensor& indices, int64_t num_experts) {
+  TORCH_CHECK_VALUE(indices.dim() == 2, "moe_dispatch: indices must be 2-D [N, k], got shape ", indices.sizes());
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt, "moe_dispatch: indices must be int32, got ",
+                   indices.scalar_type());
+  TORCH_CHECK_VALUE(num_experts >= 1 && num_experts <= 8192, "moe_dispatch: num_experts must be in [1, 8192], got ",
+                    num_experts);
+  TORCH_CHECK_VALUE(indices.numel() <= INT32_MAX, "moe_dispatch: indices has N*k = ", indices.numel(),
+                    " slots; at most ", INT32_MAX, " are supported");
+}
+
+// A 2-D floating [rows, D] tensor.
+void check_rows(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.dim() == 2, op, ": ", name, " must be 2-D [rows, D], got shape ", t.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating tensor, got ",
+                   t.scalar_type());
+}
+
+void check_int32(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
+  TORCH_CHECK_VALUE(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", t.scalar_type());
+}
+
+// x [N, D] floating, sorted_token_ids [M] int32.
+void check_permute_args(const at::Tensor& x, const at::Tensor& sorted_token_ids) {
+  check_rows("permute", "x", x);
+  check_int32("permute", "sorted_token_ids", sorted_token_ids, 1);
+}
+
+// grad_out [N*k, D] floating, inverse_positions [N, k] int32.
+void check_permute_backward_args(const at::Tensor& grad_out, const at::Tensor& inverse_positions) {
+  check_rows("permute_backward", "grad_out", grad_out);
+  check_int32("permute_backward", "inverse_positions", inverse_positions, 2);
+}
+
+// Every one of the `count` row numbers lies in [0, rows): the kernels use them as addresses.
+void check_row_ids(const char* op, const char* name, const int32_t* ids, int64_t count, int64_t rows) {
+  for (int64_t i = 0; i < count; ++i) {
+    TORCH_CHECK_VALUE(ids[i] >= 0 && ids[i] < rows, op, ": ", name, " must lie in [0, ", rows, "); got ", ids[i],
+                      " at flat index ", i);
+  }
+}
+
+// expert_out [N*k, D] floating; weights, indices (int32) and inverse_positions (int32) [N, k];
+// expert_scale [E] floating or absent.
+void check_weighted_combine_args(const char* op, const at::Tensor& expert_out, const at::Tensor& weights,
+                                 const at::Tensor& indices, const at::Tensor& inverse_positions,
+                                 const std::optional<at::Tensor>& expert_scale, int64_t num_experts) {
+  check_rows(op, "expert_out", expert_out);
+  check_int32(op, "indices", indices, 2);
+  TORCH_CHECK_VALUE(weights.sizes() == indices.sizes() && inverse_positions.sizes() == indices.sizes(), op,
+                    ": weights and inverse_positions must have the shape of indices ", indices.sizes(), ", got ",
+                    weights.sizes(), " and ", inverse_positions.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(weights.scalar_type()), op, ": weights must be a floating tensor, got ",
+                   weights.scalar_type());
+  check_int32(op, "inverse_positions", inverse_positions, 2);
+  TORCH_CHECK_VALUE(expert_out.size(0) == indices.numel(), op, ": expert_out must have N*k = ", indices.numel(),
+                    " rows, got ", expert_out.size(0));
+  TORCH_CHECK_VALUE(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
+  if (expert_scale.has_value()) {
+    TORCH_CHECK_VALUE(expert_scale->dim() == 1 && expert_scale->size(0) == num_experts, op,
+                      ": expert_scale must be [", num_experts, "], got ", expert_scale->sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(expert_scale->scalar_type()), op,
+                     ": expert_scale must be a floating tensor, got ", expert_scale->scalar_type());
+  }
+}
+
+// grad_out [N, D] of expert_out's dtype.
+void check_combine_grad(const at::Tensor& grad_out, const at::Tensor& expert_out, const at::Tensor& indices) {
+  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == indices.size(0) &&
+                        grad_out.size(1) == expert_out.size(1),
+                    "weighted_combine_backward: grad_out must be [", indices.size(0), ", ", expert_out.size(1),
+                    "], got ", grad_out.sizes());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == expert_out.scalar_type(),
+                   "weighted_combine_backward: grad_out must have expert_out's dtype ", expert_out.scalar_type(),
+                   ", got ", grad_out.scalar_type());
+}
+
+// Each of the `count` row numbers in [0, count) appears once, so every row has one writer.
+void check_permutation(const char* op, const char* name, const int32_t* ids, int64_t count) {
+  std::vector<char> seen(count, 0);
+  for (int64_t i = 0; i < count; ++i) {
+    TORCH_CHECK_VALUE(ids[i] >= 0 && ids[i] < count && !seen[ids[i]], op, ": ", name,
+                      " must be a permutation of [0, ", count, "); got ", ids[i], " at flat index ", i);
+    seen[ids[i]] = 1;
+  }
+}
 
 constexpr int64_t kRowGrain = 16;  // rows per at::parallel_for grain
 constexpr int64_t kLanes = 16;     // partial sums of a dot product (lets the compiler vectorise it)
@@ -266,6 +353,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_combine_backward_cpu(
 }
 
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(astrea, m) {
+  // CPU kernels of Triton ops (astrea/ops/dispatch.py, combine.py): the same semantics as
+  // the Python custom ops astrea::moe_dispatch, permute, permute_backward, weighted_combine
+  // and weighted_combine_backward, which call them on CPU tensors.
+  m.def("moe_dispatch_cpu(Tensor indices, int num_experts) "
+        "-> (Tensor sorted_token_ids, Tensor expert_offsets, Tensor inverse_positions)");
+  m.def("permute_cpu(Tensor x, Tensor sorted_token_ids) -> Tensor");
+  m.def("permute_backward_cpu(Tensor grad_out, Tensor inverse_positions) -> Tensor");
+  m.def("weighted_combine_cpu(Tensor expert_out, Tensor weights, Tensor indices, Tensor inverse_positions, "
+        "Tensor? expert_scale, int num_experts) -> Tensor");
+  m.def("weighted_combine_backward_cpu(Tensor grad_out, Tensor expert_out, Tensor weights, Tensor indices, "
+        "Tensor inverse_positions, Tensor? expert_scale, int num_experts) "
+        "-> (Tensor grad_expert_out, Tensor grad_weights, Tensor grad_expert_scale)");
+}
 
 TORCH_LIBRARY_IMPL(astrea, CPU, m) {
   m.impl("moe_dispatch_cpu", &moe_dispatch_cpu);

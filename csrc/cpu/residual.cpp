@@ -16,13 +16,36 @@
 #include <cstdint>
 #include <optional>
 
-#include "checks.h"
-
 // a * b + c must round twice, as the reference does: no fused multiply-add.
 #pragma GCC optimize("fp-contract=off")
 
 namespace astrea {
 namespace {
+
+// branch [B, ..., D] floating (at least 2-D), base absent or of branch's shape, dtype and
+// device; p in (0, 1]; seed, offset >= 0; granularity "token" or "sample".
+void check_stochastic_residual_args(const std::optional<at::Tensor>& base, const at::Tensor& branch,
+                                    double keep_p, int64_t seed, int64_t offset,
+                                    c10::string_view granularity) {
+  const char* op = "stochastic_residual";
+  TORCH_CHECK_VALUE(branch.dim() >= 2, op, ": the branch must be [B, ..., D] (at least 2-D), got shape ",
+                    branch.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(branch.scalar_type()), op, ": the branch must be a floating tensor, got ",
+                   branch.scalar_type());
+  if (base.has_value()) {
+    TORCH_CHECK_VALUE(base->sizes() == branch.sizes(), op, ": the base must have the branch's shape ",
+                      branch.sizes(), ", got ", base->sizes());
+    TORCH_CHECK_TYPE(base->scalar_type() == branch.scalar_type(), op, ": the base must have the branch's dtype ",
+                     branch.scalar_type(), ", got ", base->scalar_type());
+    TORCH_CHECK_VALUE(base->device() == branch.device(), op, ": base and branch must be on one device, got ",
+                      base->device(), " and ", branch.device());
+  }
+  TORCH_CHECK_VALUE(keep_p > 0.0 && keep_p <= 1.0, op, ": p (the keep probability) must be in (0, 1], got ",
+                    keep_p);
+  TORCH_CHECK_VALUE(seed >= 0 && offset >= 0, op, ": seed and offset must be >= 0, got ", seed, " and ", offset);
+  TORCH_CHECK_VALUE(granularity == "token" || granularity == "sample", op,
+                    ": granularity must be 'token' or 'sample', got '", granularity, "'");
+}
 
 constexpr int64_t kRowGrain = 64;  // rows per at::parallel_for grain
 
@@ -114,6 +137,15 @@ at::Tensor stochastic_residual_cpu(const std::optional<at::Tensor>& base_in, con
 }
 
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(astrea, m) {
+  // The stochastic residual on CPU tensors (the Python ops astrea::stochastic_residual and
+  // stochastic_residual_backward run it under the auto backend): base + m * branch / p, or
+  // m * branch / p without a base, in the branch's shape and dtype; the mask is the Triton
+  // kernel's Philox draw keyed by (seed, offset + unit), bit for bit.
+  m.def("stochastic_residual_cpu(Tensor? base, Tensor branch, float p, int seed, int offset, str granularity, "
+        "bool training) -> Tensor");
+}
 
 TORCH_LIBRARY_IMPL(astrea, CPU, m) { m.impl("stochastic_residual_cpu", &stochastic_residual_cpu); }
 

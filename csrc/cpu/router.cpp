@@ -17,12 +17,67 @@
 #include <cstdint>
 #include <limits>
 #include <string_view>
+#include <utility>
 #include <vector>
-
-#include "checks.h"
 
 namespace astrea {
 namespace {
+
+// logits [N, E] floating, 1 <= k <= E, scoring softmax or sigmoid, optional bias [E] floating
+// on the logits' device.
+void check_router_topk_args(const at::Tensor& logits, int64_t k, c10::string_view scoring,
+                            const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, "router_topk: logits must be 2-D [N, E], got ", logits.dim(), "-D");
+  TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()), "router_topk: logits must be floating, got ",
+                   logits.scalar_type());
+  TORCH_CHECK_VALUE(k >= 1 && k <= logits.size(1), "router_topk: k must be in [1, ", logits.size(1), "], got ", k);
+  TORCH_CHECK_VALUE(scoring == "softmax" || scoring == "sigmoid",
+                    "router_topk: scoring must be 'softmax' or 'sigmoid', got '", scoring, "'");
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == logits.size(1), "router_topk: bias must be [",
+                      logits.size(1), "], got ", bias->sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(bias->scalar_type()), "router_topk: bias must be floating, got ",
+                     bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->device() == logits.device(), "router_topk: bias must be on the logits' device ",
+                      logits.device(), ", got ", bias->device());
+  }
+}
+
+// The forward's saved indices [N, k] int32 and lse [N], and the incoming gradients
+// grad_weights [N, k], grad_prob_sums [E], grad_lse [N], all fp32 (float64 for float64
+// logits), on the logits' device.
+void check_router_topk_backward_args(const at::Tensor& logits, const at::Tensor& indices,
+                                     const at::Tensor& lse, const at::Tensor& grad_weights,
+                                     const at::Tensor& grad_prob_sums, const at::Tensor& grad_lse,
+                                     c10::string_view scoring) {
+  const char* op = "router_topk_backward";
+  TORCH_CHECK_VALUE(logits.dim() == 2, op, ": logits must be 2-D [N, E], got ", logits.dim(), "-D");
+  TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()), op, ": logits must be floating, got ",
+                   logits.scalar_type());
+  TORCH_CHECK_VALUE(scoring == "softmax" || scoring == "sigmoid", op,
+                    ": scoring must be 'softmax' or 'sigmoid', got '", scoring, "'");
+  const int64_t rows = logits.size(0);
+  TORCH_CHECK_VALUE(indices.dim() == 2 && indices.size(0) == rows && indices.size(1) >= 1 &&
+                        indices.size(1) <= logits.size(1),
+                    op, ": indices must be [", rows, ", k] with 1 <= k <= ", logits.size(1), ", got ",
+                    indices.sizes());
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt, op, ": indices must be int32, got ", indices.scalar_type());
+  const auto expected = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const std::pair<const char*, const at::Tensor*> values[] = {
+      {"lse", &lse}, {"grad_weights", &grad_weights}, {"grad_prob_sums", &grad_prob_sums}, {"grad_lse", &grad_lse}};
+  const std::vector<int64_t> shapes[] = {{rows}, {rows, indices.size(1)}, {logits.size(1)}, {rows}};
+  for (size_t i = 0; i < 4; ++i) {
+    const auto& [name, tensor] = values[i];
+    TORCH_CHECK_VALUE(tensor->sizes() == at::IntArrayRef(shapes[i]), op, ": ", name, " must have shape ",
+                      at::IntArrayRef(shapes[i]), ", got ", tensor->sizes());
+    TORCH_CHECK_TYPE(tensor->scalar_type() == expected, op, ": ", name, " must be ", expected, ", got ",
+                     tensor->scalar_type());
+  }
+  for (const at::Tensor* tensor : {&indices, &lse, &grad_weights, &grad_prob_sums, &grad_lse}) {
+    TORCH_CHECK_VALUE(tensor->device() == logits.device(), op, ": every input must be on the logits' device ",
+                      logits.device(), ", got ", tensor->device());
+  }
+}
 
 // Rows per partial of counts and prob_sums: fixed, so the summation order is too.
 constexpr int64_t kRowsPerBlock = 256;
@@ -325,6 +380,20 @@ at::Tensor router_topk_backward_cpu(const at::Tensor& logits, const at::Tensor& 
 }
 
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(astrea, m) {
+  // Fused MoE router on CPU tensors (the Python op astrea::router_topk runs it under the
+  // auto backend): top-k of softmax or sigmoid scores with an optional selection bias;
+  // weights [N, k], indices [N, k] int32, counts [E] int32, prob_sums [E], lse [N], all
+  // floating outputs fp32 (float64 for float64 logits).
+  m.def("router_topk_cpu(Tensor logits, int k, str scoring, bool renormalize, Tensor? bias) "
+        "-> (Tensor weights, Tensor indices, Tensor counts, Tensor prob_sums, Tensor lse)");
+  // grad_logits (logits' dtype, contiguous) of sum(grad_weights * weights) +
+  // sum(grad_prob_sums * prob_sums) + sum(grad_lse * lse), by the closed form of
+  // kernels/router.py.
+  m.def("router_topk_backward_cpu(Tensor logits, Tensor indices, Tensor lse, Tensor grad_weights, "
+        "Tensor grad_prob_sums, Tensor grad_lse, str scoring, bool renormalize) -> Tensor");
+}
 
 TORCH_LIBRARY_IMPL(astrea, CPU, m) {
   m.impl("router_topk_cpu", &router_topk_cpu);
