@@ -25,8 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from astrea.kernels.aot import AOTSpec
-from astrea.kernels.residual import _add_residual
+from astrea.kernels.residual import AOT_DRAW, AOT_ROWS_PER_UNIT, _add_residual
 
 COMBINE_BLOCK_T = 8
 COMBINE_BLOCK_D = 256
@@ -200,50 +199,42 @@ def combine_backward(grad_out: torch.Tensor, y: torch.Tensor, weights: torch.Ten
     return grad_y, grad_weights, grad_scale
 
 
-# Contiguous operands, as the JIT specialises them: unit feature and slot strides.
-_UNIT_STRIDES = {"stride_yd": 1, "stride_wj": 1}
+# Example launches: 4096 tokens routed top-8 over 64 experts, 2048 features.
+_AOT_TOKENS, _AOT_TOP_K, _AOT_EXPERTS, _AOT_DIM = 4096, 8, 64, 2048
 
 
-def _aot_specs() -> list[AOTSpec]:
-    specs = []
-    for dtype in ("fp32", "bf16"):
-        specs += [
-            AOTSpec(label=f"combine.forward_{dtype}{variant}", kernel=_combine_kernel,
-                    signature={"y_ptr": f"*{dtype}", "weights_ptr": "*fp32", "indices_ptr": "*i32",
-                               "inverse_positions_ptr": "*i32", "scale_ptr": "*fp32", "out_ptr": f"*{dtype}",
-                               "num_tokens": "i32", "dim": "i32", "top_k": "i32", "num_experts": "i32",
-                               "stride_yr": "i32", "stride_yd": "i32", "stride_wt": "i32", "stride_wj": "i32",
-                               "residual_ptr": f"*{dtype}", "stride_rr": "i64", "stride_rd": "i64",
-                               "seed": "i64", "offset": "i64", "keep_p": "fp32", "inv_p": "fp32",
-                               "rows_per_unit": "i32",
-                               "HAS_WEIGHTS": "constexpr", "HAS_SCALE": "constexpr",
-                               "HAS_RESIDUAL": "constexpr", "STOCHASTIC": "constexpr",
-                               "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"},
-                    constexprs={"HAS_WEIGHTS": weighted, "HAS_SCALE": weighted,
-                                "HAS_RESIDUAL": fused, "STOCHASTIC": fused,
-                                "BLOCK_T": COMBINE_BLOCK_T, "BLOCK_D": COMBINE_BLOCK_D, **_UNIT_STRIDES,
-                                "stride_rd": 1},
-                    divisible_by_16=("dim", "stride_yr", "stride_rr"))
-            for variant, weighted, fused in (("", True, False), ("_unweighted", False, False),
-                                             ("_residual", True, True))
-        ]
-        specs.append(AOTSpec(
-            label=f"combine.backward_{dtype}", kernel=_combine_backward_kernel,
-            signature={"grad_out_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "weights_ptr": "*fp32",
-                       "indices_ptr": "*i32", "inverse_positions_ptr": "*i32", "scale_ptr": "*fp32",
-                       "grad_y_ptr": f"*{dtype}", "grad_weights_ptr": "*fp32", "scale_terms_ptr": "*fp32",
-                       "num_tokens": "i32", "dim": "i32", "top_k": "i32", "num_experts": "i32",
-                       "stride_gt": "i32", "stride_gd": "i32", "stride_yr": "i32", "stride_yd": "i32",
-                       "stride_wt": "i32", "stride_wj": "i32", "HAS_SCALE": "constexpr",
-                       "BLOCK_T": "constexpr", "BLOCK_D": "constexpr", "BLOCK_K": "constexpr"},
-            constexprs={"HAS_SCALE": True, "BLOCK_T": BACKWARD_BLOCK_T, "BLOCK_D": BACKWARD_BLOCK_D, "BLOCK_K": 8,
-                        **_UNIT_STRIDES, "stride_gd": 1},
-            divisible_by_16=("dim", "stride_gt", "stride_yr")))
-    specs.append(AOTSpec(
-        label="combine.segment_sum", kernel=_segment_sum_kernel,
-        signature={"values_ptr": "*fp32", "offsets_ptr": "*i64", "out_ptr": "*fp32", "BLOCK": "constexpr"},
-        constexprs={"BLOCK": SEGMENT_BLOCK}))
-    return specs
+def _example_routing():
+    """weights (fp32), indices, inverse_positions ([N, k]) and expert_scale ([E], fp32)."""
+    slots = (_AOT_TOKENS, _AOT_TOP_K)
+    return (torch.empty(slots), torch.empty(slots, dtype=torch.int32), torch.empty(slots, dtype=torch.int32),
+            torch.empty(_AOT_EXPERTS))
 
 
-AOT_SPECS = _aot_specs()
+def _example_forward(dtype: torch.dtype, weighted: bool, fused: bool):
+    expert_out = torch.empty(_AOT_TOKENS * _AOT_TOP_K, _AOT_DIM, dtype=dtype)
+    weights, indices, inverse_positions, expert_scale = _example_routing()
+    if not weighted:  # the permute's backward
+        combine_forward(expert_out, inverse_positions)
+        return
+    residual = {"residual": torch.empty(_AOT_TOKENS, _AOT_DIM, dtype=dtype), "rows_per_unit": AOT_ROWS_PER_UNIT,
+                "stochastic": True, **AOT_DRAW} if fused else {}
+    combine_forward(expert_out, inverse_positions, weights, indices, expert_scale, _AOT_EXPERTS, **residual)
+
+
+def _example_backward(dtype: torch.dtype):
+    weights, indices, inverse_positions, expert_scale = _example_routing()
+    combine_backward(torch.empty(_AOT_TOKENS, _AOT_DIM, dtype=dtype),
+                     torch.empty(_AOT_TOKENS * _AOT_TOP_K, _AOT_DIM, dtype=dtype), weights, indices,
+                     inverse_positions, torch.empty(_AOT_EXPERTS + 1, dtype=torch.int64), expert_scale)
+
+
+def _dtype_cases(name: str, dtype: torch.dtype):
+    return {
+        f"combine.forward_{name}": lambda: _example_forward(dtype, weighted=True, fused=False),
+        f"combine.forward_{name}_unweighted": lambda: _example_forward(dtype, weighted=False, fused=False),
+        f"combine.forward_{name}_residual": lambda: _example_forward(dtype, weighted=True, fused=True),
+        f"combine.backward_{name}": lambda: _example_backward(dtype),
+    }
+
+
+AOT_CASES = {**_dtype_cases("fp32", torch.float32), **_dtype_cases("bf16", torch.bfloat16)}

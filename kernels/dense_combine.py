@@ -19,11 +19,11 @@ partials in a fixed order (deterministic, no atomics). Fused, it also writes
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from astrea.kernels.aot import AOTSpec
-from astrea.kernels.residual import _add_residual, num_warps_for, tile_shape
+from astrea.kernels.residual import AOT_DRAW, _add_residual, num_warps_for, tile_shape
 
 
 @triton.jit
@@ -166,38 +166,36 @@ def num_partials(T: int, D: int, block_t: int | None = None, block_d: int | None
     return _grid_and_tile(1, T, D, block_t, block_d)[1]
 
 
-def _aot_spec(kind: str, dtype: str, num_experts: int, block_t: int, block_d: int, **flags) -> AOTSpec:
-    pointers = (f"*{dtype}",) * num_experts
-    strides = (("i64", "i64", "i64"),) * num_experts
-    scalars = {"seed": "i64", "offset": "i64", "keep_p": "fp32", "inv_p": "fp32"}
-    if kind == "forward":
-        kernel = _dense_combine_kernel
-        signature = {"out_ptr": f"*{dtype}", "experts": pointers, "expert_strides": strides, "coef_ptr": "*fp32",
-                     "residual_ptr": f"*{dtype}", "residual_strides": ("i64", "i64", "i64"),
-                     "T": "i32", "D": "i32", **scalars}
-    else:
-        kernel = _dense_combine_backward_kernel
-        signature = {"grad_ptr": f"*{dtype}", "experts": pointers, "expert_strides": strides, "coef_ptr": "*fp32",
-                     "grad_experts": pointers, "partial_ptr": "*fp32", "grad_residual_ptr": f"*{dtype}",
-                     "T": "i32", "D": "i32", "tiles_per_sample": "i32", **scalars}
-    constexprs = {"NUM_EXPERTS": num_experts, "BLOCK_T": block_t, "BLOCK_D": block_d, **flags}
-    signature.update({name: "constexpr" for name in constexprs})
-    fused = "_fused" if flags.get("FUSE_RESIDUAL") or flags.get("RESIDUAL_GRAD") else ""
-    return AOTSpec(label=f"dense_combine.{kind}{fused}_{dtype}_e{num_experts}_{block_t}x{block_d}", kernel=kernel,
-                   signature=signature, constexprs=constexprs, num_warps=num_warps_for(block_t * block_d))
+# Example launches: 8 samples of 512 tokens; D = 4096 gives 4 x 1024 tiles, D = 64 gives
+# 64 x 64 (tile_shape).
+_AOT_SAMPLES, _AOT_TOKENS = 8, 512
 
 
-_FORWARD_FLAGS = {"FUSE_RESIDUAL": False, "STOCHASTIC": False, "SAMPLE_UNITS": False}
-_FUSED_FLAGS = {"FUSE_RESIDUAL": True, "STOCHASTIC": True, "SAMPLE_UNITS": False}
-_BACKWARD_FLAGS = {"EXPERT_GRAD": True, "COEF_GRAD": True, "RESIDUAL_GRAD": False, "STOCHASTIC": False,
-                   "SAMPLE_UNITS": False}
-_FUSED_BACKWARD_FLAGS = {**_BACKWARD_FLAGS, "RESIDUAL_GRAD": True, "STOCHASTIC": True}
+def _example_operands(dtype: torch.dtype, num_experts: int, dim: int):
+    """A contiguous [B, T, D] tensor, E separately allocated expert outputs and the [B, E] coefficients."""
+    dense = torch.empty(_AOT_SAMPLES, _AOT_TOKENS, dim, dtype=dtype)
+    return dense, [torch.empty_like(dense) for _ in range(num_experts)], torch.empty(_AOT_SAMPLES, num_experts)
 
-AOT_SPECS = [
-    _aot_spec("forward", "bf16", 4, 4, 1024, **_FORWARD_FLAGS),
-    _aot_spec("forward", "bf16", 4, 4, 1024, **_FUSED_FLAGS),
-    _aot_spec("forward", "fp32", 8, 4, 1024, **_FUSED_FLAGS),
-    _aot_spec("backward", "bf16", 4, 4, 1024, **_BACKWARD_FLAGS),
-    _aot_spec("backward", "bf16", 4, 4, 1024, **_FUSED_BACKWARD_FLAGS),
-    _aot_spec("backward", "fp16", 3, 64, 64, **_FUSED_BACKWARD_FLAGS),
-]
+
+def _example_forward(dtype: torch.dtype, num_experts: int, dim: int, fused: bool):
+    out, experts, coef = _example_operands(dtype, num_experts, dim)
+    residual = {"residual": torch.empty_like(out), "stochastic": True, **AOT_DRAW} if fused else {}
+    launch_dense_combine(out, experts, coef, **residual)
+
+
+def _example_backward(dtype: torch.dtype, num_experts: int, dim: int, fused: bool):
+    grad, experts, coef = _example_operands(dtype, num_experts, dim)
+    residual = {"grad_residual": torch.empty_like(grad), "stochastic": True, **AOT_DRAW} if fused else {}
+    launch_dense_combine_backward(grad, experts, coef, grad_experts=[torch.empty_like(y) for y in experts],
+                                  partials=torch.empty(_AOT_SAMPLES, num_experts, num_partials(_AOT_TOKENS, dim)),
+                                  **residual)
+
+
+AOT_CASES = {
+    "dense_combine.forward_bf16_e4_4x1024": lambda: _example_forward(torch.bfloat16, 4, 4096, False),
+    "dense_combine.forward_fused_bf16_e4_4x1024": lambda: _example_forward(torch.bfloat16, 4, 4096, True),
+    "dense_combine.forward_fused_fp32_e8_4x1024": lambda: _example_forward(torch.float32, 8, 4096, True),
+    "dense_combine.backward_bf16_e4_4x1024": lambda: _example_backward(torch.bfloat16, 4, 4096, False),
+    "dense_combine.backward_fused_bf16_e4_4x1024": lambda: _example_backward(torch.bfloat16, 4, 4096, True),
+    "dense_combine.backward_fused_fp16_e3_64x64": lambda: _example_backward(torch.float16, 3, 64, True),
+}

@@ -23,8 +23,6 @@ import torch
 import triton
 import triton.language as tl
 
-from astrea.kernels.aot import AOTSpec
-
 # Rows per program of the histogram and scatter kernels (the scatter sorts a block in registers).
 DISPATCH_BLOCK = 1024
 # On CPU tensors (the Triton interpreter) a sort costs time per element and stage: smaller blocks.
@@ -56,7 +54,9 @@ def _dispatch_histogram_kernel(indices_ptr, counts_ptr, num_rows, num_experts,
     tl.store(counts_ptr + block * (num_experts + 1) + bins, counts, mask=bins <= num_experts)
 
 
-@triton.jit
+# num_blocks unspecialised: its divisibility-16 variant spills on sm_80, and the value
+# varies with N, so specialising would only multiply compiles.
+@triton.jit(do_not_specialize=["num_blocks"])
 def _dispatch_scan_kernel(counts_ptr, block_starts_ptr, offsets_ptr, num_blocks, num_buckets,
                           BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr):
     # Pass 1: bucket totals -> exclusive scan over buckets = expert offsets (int64).
@@ -126,9 +126,11 @@ def _permute_kernel(x_ptr, inverse_positions_ptr, out_ptr, num_tokens, dim, top_
         tl.store(out_ptr + position.to(tl.int64)[:, None] * dim + cols[None, :], x, mask=mask)
 
 
-def dispatch_forward(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dispatch_forward(indices: torch.Tensor, num_experts: int, interpreter: bool | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stable counting sort of ``indices[N, k]`` (int32) by expert: ``sorted_token_ids[N*k]``
-    (int32), ``expert_offsets[E+1]`` (int64), ``inverse_positions[N, k]`` (int32)."""
+    (int32), ``expert_offsets[E+1]`` (int64), ``inverse_positions[N, k]`` (int32).
+    ``interpreter`` (default: whether ``indices`` are off CUDA) picks the block size."""
     indices = indices.contiguous()
     num_tokens, top_k = indices.shape
     num_rows = num_tokens * top_k
@@ -138,7 +140,9 @@ def dispatch_forward(indices: torch.Tensor, num_experts: int) -> tuple[torch.Ten
     offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
     if num_rows == 0:
         return sorted_token_ids, offsets, inverse_positions
-    block = DISPATCH_BLOCK if device.type == "cuda" else INTERPRETER_DISPATCH_BLOCK
+    if interpreter is None:
+        interpreter = device.type != "cuda"
+    block = INTERPRETER_DISPATCH_BLOCK if interpreter else DISPATCH_BLOCK
     num_blocks = triton.cdiv(num_rows, block)
     num_buckets = num_experts + 1
     counts = torch.empty(num_blocks, num_buckets, dtype=torch.int32, device=device)
@@ -174,35 +178,18 @@ def permute_backward(grad_out: torch.Tensor, inverse_positions: torch.Tensor) ->
     return combine_forward(grad_out, inverse_positions)
 
 
-def _aot_specs() -> list[AOTSpec]:
-    specs = [
-        AOTSpec(label=f"dispatch.histogram_e{experts}", kernel=_dispatch_histogram_kernel,
-                signature={"indices_ptr": "*i32", "counts_ptr": "*i32", "num_rows": "i32", "num_experts": "i32",
-                           "BLOCK": "constexpr", "NUM_BINS": "constexpr"},
-                constexprs={"BLOCK": DISPATCH_BLOCK, "NUM_BINS": triton.next_power_of_2(experts + 1)})
-        for experts in (64, 8192)
-    ]
-    specs.append(AOTSpec(
-        label="dispatch.scan", kernel=_dispatch_scan_kernel,
-        signature={"counts_ptr": "*i32", "block_starts_ptr": "*i32", "offsets_ptr": "*i64", "num_blocks": "i32",
-                   "num_buckets": "i32", "BLOCK_B": "constexpr", "BLOCK_E": "constexpr"},
-        constexprs={"BLOCK_B": SCAN_BLOCK_B, "BLOCK_E": SCAN_BLOCK_E}))
-    specs.append(AOTSpec(
-        label="dispatch.scatter", kernel=_dispatch_scatter_kernel,
-        signature={"indices_ptr": "*i32", "block_starts_ptr": "*i32", "sorted_token_ids_ptr": "*i32",
-                   "inverse_positions_ptr": "*i32", "num_rows": "i32", "num_experts": "i32", "top_k": "i32",
-                   "BLOCK": "constexpr"},
-        constexprs={"BLOCK": DISPATCH_BLOCK}))
-    specs += [
-        AOTSpec(label=f"dispatch.permute_{dtype}", kernel=_permute_kernel,
-                signature={"x_ptr": f"*{dtype}", "inverse_positions_ptr": "*i32", "out_ptr": f"*{dtype}",
-                           "num_tokens": "i32", "dim": "i32", "top_k": "i32", "stride_xt": "i32", "stride_xd": "i32",
-                           "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"},
-                constexprs={"BLOCK_T": PERMUTE_BLOCK_T, "BLOCK_D": PERMUTE_BLOCK_D, "stride_xd": 1},
-                divisible_by_16=("dim", "stride_xt"))
-        for dtype in ("fp32", "bf16")
-    ]
-    return specs
+# Routing slots of the example launches: 4096 tokens, top-8.
+_AOT_TOKENS, _AOT_TOP_K = 4096, 8
 
 
-AOT_SPECS = _aot_specs()
+def _example_indices() -> torch.Tensor:
+    return torch.empty(_AOT_TOKENS, _AOT_TOP_K, dtype=torch.int32)
+
+
+AOT_CASES = {
+    "dispatch.forward_e64": lambda: dispatch_forward(_example_indices(), 64, interpreter=False),
+    "dispatch.forward_e8192": lambda: dispatch_forward(_example_indices(), 8192, interpreter=False),
+    "dispatch.permute_fp32": lambda: permute_forward(torch.empty(_AOT_TOKENS, 4096), _example_indices()),
+    "dispatch.permute_bf16":
+        lambda: permute_forward(torch.empty(_AOT_TOKENS, 4096, dtype=torch.bfloat16), _example_indices()),
+}

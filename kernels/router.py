@@ -23,8 +23,6 @@ import torch
 import triton
 import triton.language as tl
 
-from astrea.kernels.aot import AOTSpec
-
 SOFTMAX: tl.constexpr = tl.constexpr(0)
 SIGMOID: tl.constexpr = tl.constexpr(1)
 
@@ -177,25 +175,6 @@ def _router_topk_backward_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _forward_signature(logits: str) -> dict[str, str]:
-    return {
-        "logits_ptr": logits, "bias_ptr": "*fp32", "weights_ptr": "*fp32", "indices_ptr": "*i32",
-        "lse_ptr": "*fp32", "count_partials_ptr": "*i32", "prob_partials_ptr": "*fp32",
-        "N": "i32", "E": "i32", "K": "i32", "stride_n": "i32", "stride_e": "i32",
-        "SCORING": "constexpr", "RENORMALIZE": "constexpr", "HAS_BIAS": "constexpr",
-        "BLOCK_N": "constexpr", "BLOCK_E": "constexpr", "BLOCK_K": "constexpr",
-    }
-
-
-def _backward_signature(logits: str) -> dict[str, str]:
-    return {
-        "logits_ptr": logits, "indices_ptr": "*i32", "lse_ptr": "*fp32", "grad_weights_ptr": "*fp32",
-        "grad_prob_sums_ptr": "*fp32", "grad_lse_ptr": "*fp32", "grad_logits_ptr": logits,
-        "N": "i32", "E": "i32", "K": "i32", "stride_n": "i32", "stride_e": "i32",
-        "SCORING": "constexpr", "RENORMALIZE": "constexpr", "BLOCK_N": "constexpr", "BLOCK_E": "constexpr",
-    }
-
-
 # Programs of the persistent forward grid, at most: the count depends only on the sizes
 # (never on the device), so the fixed-order sum of the partials is reproducible anywhere.
 MAX_FORWARD_PROGRAMS = 1024
@@ -211,7 +190,7 @@ MAX_ROWS_PER_PROGRAM = 256
 
 def launch_config(num_experts: int, k: int, interpreter: bool) -> dict[str, int]:
     """Block sizes and warps for ``num_experts`` experts and top-``k``. A row never spans
-    programs, so any E runs; up to E = 4096 without register spills (AOT_SPECS), beyond
+    programs, so any E runs; up to E = 4096 without register spills (AOT_CASES), beyond
     that with some."""
     block_e = triton.next_power_of_2(max(num_experts, 2))
     tile = INTERPRETER_TILE_ELEMENTS if interpreter else TILE_ELEMENTS
@@ -268,28 +247,31 @@ def router_topk_backward(logits, indices, lse, grad_weights, grad_prob_sums, gra
     return grad_logits
 
 
-def _aot_spec(label: str, kernel, signature: dict[str, str], num_experts: int, k: int, **constexprs) -> AOTSpec:
-    """Contiguous logits (unit expert stride), as the JIT specialises them."""
-    config = launch_config(num_experts, k, interpreter=False)
-    blocks = {name: config[name] for name in ("BLOCK_N", "BLOCK_E", "BLOCK_K") if name in signature}
-    aligned = ("E", "stride_n") if num_experts % 16 == 0 else ()
-    return AOTSpec(label=label, kernel=kernel, signature=signature, constexprs={**constexprs, **blocks, "stride_e": 1},
-                   num_warps=config["num_warps"], divisible_by_16=aligned)
+# Rows of the example launches: the block sizes depend only on E and k.
+_AOT_TOKENS = 4096
 
 
-AOT_SPECS = [
-    _aot_spec("router.forward_softmax_bf16_e64_k8", _router_topk_forward_kernel, _forward_signature("*bf16"),
-              64, 8, SCORING=0, RENORMALIZE=True, HAS_BIAS=False),
-    _aot_spec("router.forward_sigmoid_bias_bf16_e160_k6", _router_topk_forward_kernel,
-              _forward_signature("*bf16"), 160, 6, SCORING=1, RENORMALIZE=True, HAS_BIAS=True),
-    _aot_spec("router.forward_softmax_bias_fp32_e8_k2", _router_topk_forward_kernel, _forward_signature("*fp32"),
-              8, 2, SCORING=0, RENORMALIZE=False, HAS_BIAS=True),
-    _aot_spec("router.forward_sigmoid_bias_fp16_e4096_k8", _router_topk_forward_kernel,
-              _forward_signature("*fp16"), 4096, 8, SCORING=1, RENORMALIZE=True, HAS_BIAS=True),
-    _aot_spec("router.backward_softmax_bf16_e64", _router_topk_backward_kernel, _backward_signature("*bf16"),
-              64, 8, SCORING=0, RENORMALIZE=True),
-    _aot_spec("router.backward_sigmoid_fp32_e256", _router_topk_backward_kernel, _backward_signature("*fp32"),
-              256, 8, SCORING=1, RENORMALIZE=True),
-    _aot_spec("router.backward_softmax_fp16_e4096", _router_topk_backward_kernel, _backward_signature("*fp16"),
-              4096, 8, SCORING=0, RENORMALIZE=False),
-]
+def _example_forward(dtype: torch.dtype, num_experts: int, k: int, scoring: str, renormalize: bool, has_bias: bool):
+    bias = torch.empty(num_experts) if has_bias else None
+    router_topk_forward(torch.empty(_AOT_TOKENS, num_experts, dtype=dtype), k, scoring, renormalize, bias,
+                        interpreter=False)
+
+
+def _example_backward(dtype: torch.dtype, num_experts: int, k: int, scoring: str, renormalize: bool):
+    router_topk_backward(torch.empty(_AOT_TOKENS, num_experts, dtype=dtype),
+                         torch.empty(_AOT_TOKENS, k, dtype=torch.int32), torch.empty(_AOT_TOKENS),
+                         torch.empty(_AOT_TOKENS, k), torch.empty(num_experts), torch.empty(_AOT_TOKENS),
+                         scoring, renormalize, interpreter=False)
+
+
+AOT_CASES = {
+    "router.forward_softmax_bf16_e64_k8": lambda: _example_forward(torch.bfloat16, 64, 8, "softmax", True, False),
+    "router.forward_sigmoid_bias_bf16_e160_k6":
+        lambda: _example_forward(torch.bfloat16, 160, 6, "sigmoid", True, True),
+    "router.forward_softmax_bias_fp32_e8_k2": lambda: _example_forward(torch.float32, 8, 2, "softmax", False, True),
+    "router.forward_sigmoid_bias_fp16_e4096_k8":
+        lambda: _example_forward(torch.float16, 4096, 8, "sigmoid", True, True),
+    "router.backward_softmax_bf16_e64": lambda: _example_backward(torch.bfloat16, 64, 8, "softmax", True),
+    "router.backward_sigmoid_fp32_e256": lambda: _example_backward(torch.float32, 256, 8, "sigmoid", True),
+    "router.backward_softmax_fp16_e4096": lambda: _example_backward(torch.float16, 4096, 8, "softmax", False),
+}
