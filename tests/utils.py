@@ -2,7 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
+import pytest
 import torch
+
+import astrea
+from astrea import _backend, _extension
+
+# What runs an op on this machine's CPU tensors: the Triton kernels (under the interpreter),
+# the C++ CPU kernels of astrea._C (which the auto backend picks) and the references.
+KERNELS = ("triton", "cpu")
+IMPLEMENTATIONS = (*KERNELS, "reference")
+_BACKEND_OF = {"triton": "triton", "cpu": "auto", "reference": "reference"}
+# The ``impl`` argument the registered ops get for each (direct torch.ops.astrea calls pass it).
+CHOICE_OF = {"triton": "triton", "cpu": "extension", "reference": "reference"}
+
+
+@contextlib.contextmanager
+def running(impl: str, *ops: str) -> Iterator[None]:
+    """Runs the ops called inside on ``impl`` (one of :data:`IMPLEMENTATIONS`), checking that
+    each of ``ops`` really dispatches there on CPU tensors (skipping the test when ``impl`` is
+    ``cpu`` and astrea._C lacks the kernel). Backward passes run the implementation their
+    forward chose, so a ``backward()`` after the block still tests ``impl``."""
+    if impl == "cpu":
+        missing = [op for op in ops if not _extension.has_kernel(_backend.OPS[op].cpu_kernel, "CPU")]
+        if missing:
+            pytest.skip(f"astrea._C is not built with the CPU kernels of {missing}")
+    with astrea.backend(_BACKEND_OF[impl]):
+        for op in ops:
+            chosen = _backend.OPS[op].choose(torch.device("cpu"))
+            assert chosen == CHOICE_OF[impl], f"{op} dispatches to {chosen}, not {impl}"
+        yield
 
 # (atol, rtol) of a kernel against its fp32 reference, by the dtype of the inputs.
 TOLERANCES = {
@@ -38,3 +70,31 @@ def strided(x: torch.Tensor) -> torch.Tensor:
     view = wide[..., ::2]
     assert not view.is_contiguous() or x.shape[-1] <= 1
     return view
+
+
+# Unit roundoff of each dtype: the relative error of rounding one value to it.
+UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def accumulation_bound(abs_sum: torch.Tensor, length: int, expected: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Worst-case error of a sum of ``length`` products accumulated in fp32 and rounded to
+    ``dtype`` (Higham: |error| <= length * u * sum |terms|), with ``abs_sum`` = sum |terms|
+    computed in float64: the bound that holds whatever order a BLAS or kernel sums in. The
+    final rounding adds half an ulp: relative for normal values, half the subnormal spacing
+    below them (fp16 gradients often land there)."""
+    info = torch.finfo(dtype)
+    half_subnormal_spacing = info.tiny * info.eps / 2
+    return (length * UNIT_ROUNDOFF[torch.float32] * abs_sum + UNIT_ROUNDOFF[dtype] * expected.abs()
+            + half_subnormal_spacing)
+
+
+def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor, *, what: str = "") -> None:
+    """Elementwise ``|actual - expected| <= bound`` (NaN matching NaN), reporting the worst misses."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e, b = (t.detach().double().cpu() for t in (actual, expected, bound))
+    bad = ~(((a - e).abs() <= b) | (torch.isnan(a) & torch.isnan(e)))
+    if bad.any():
+        rows = "\n".join(f"  at {tuple(i)}: got {a[tuple(i)].item()!r}, expected {e[tuple(i)].item()!r}, "
+                         f"bound {b[tuple(i)].item():.3g}" for i in bad.nonzero()[:10].tolist())
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements outside the bound; "
+                             f"first ones:\n{rows}")
