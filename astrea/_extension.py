@@ -9,8 +9,6 @@ from pathlib import Path
 
 import torch
 
-from astrea._backend import BackendUnavailableError
-
 BUILD_HINT = "build it with `pip install --no-build-isolation -e .` from the astrea source tree"
 
 
@@ -41,22 +39,27 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
         return False
 
 
-def require(op: str, device: torch.device) -> None:
-    """Raises an error saying what is missing when ``op`` cannot run from ``_C`` on ``device``."""
+def register_fake(op: str, fake) -> None:
+    """Registers the fake (meta) function of the ``_C`` op ``astrea::op`` when the loaded ``_C``
+    defines it, so that torch.compile and opcheck can trace direct calls of it."""
+    if has_kernel(op, "CPU"):
+        torch.library.register_fake(f"astrea::{op}", fake)
+
+
+def missing_kernel(op: str, extension_op: str, device_type: str) -> tuple[str, str] | None:
+    """None when ``_C`` runs ``astrea::extension_op`` (the kernel of ``astrea.ops.op``) on
+    ``device_type`` tensors, else (what is missing and how to get it, a few words)."""
     reason = load_error()
     if reason is not None:
-        raise BackendUnavailableError(
-            f"astrea.ops.{op} needs the compiled extension astrea._C, which did not load ({reason}); {BUILD_HINT}",
-            "astrea._C not loaded",
-        )
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    if key is None or not has_kernel(op, key):
+        return (f"astrea.ops.{op} needs the compiled extension astrea._C, which did not load ({reason}); {BUILD_HINT}",
+                "astrea._C not loaded")
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None or not has_kernel(extension_op, key):
         why = build_info().get("cuda_reason", "unknown") if key == "CUDA" else "no kernel for this device"
-        raise BackendUnavailableError(
-            f"astrea.ops.{op}: astrea._C has no {device.type} kernel ({why}); "
-            f"for CUDA, rebuild with `FORCE_CUDA=1 pip install --no-build-isolation -e .`",
-            f"astrea._C has no {device.type} kernel",
-        )
+        return (f"astrea.ops.{op}: astrea._C has no {device_type} kernel ({why}); "
+                f"for CUDA, rebuild with `FORCE_CUDA=1 pip install --no-build-isolation -e .`",
+                f"astrea._C has no {device_type} kernel")
+    return None
 
 
 def build_info() -> dict:

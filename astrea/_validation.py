@@ -19,7 +19,7 @@ def accumulation_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return dtype
 
 
-def _names(dtypes: Iterable[torch.dtype]) -> str:
+def dtype_names(dtypes: Iterable[torch.dtype]) -> str:
     return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
 
 
@@ -36,7 +36,7 @@ def check_tensor(
     if dtypes is not None:
         dtypes = tuple(dtypes)
         if value.dtype not in dtypes:
-            raise TypeError(f"{op}: {name} must have dtype {_names(dtypes)}; got {value.dtype}")
+            raise TypeError(f"{op}: {name} must have dtype {dtype_names(dtypes)}; got {value.dtype}")
     if ndim is not None and value.dim() != ndim:
         raise ValueError(f"{op}: {name} must be {ndim}-D; got shape {tuple(value.shape)}")
     return value

@@ -66,7 +66,12 @@ def collect() -> list[tuple[str, str]]:
 
 def op_table() -> list[tuple[str, str, str]]:
     """(op, what runs it on CPU tensors, what runs it on CUDA tensors)."""
-    return [(name, _backend.describe(name, "cpu"), _backend.describe(name, "cuda")) for name in sorted(_backend.OPS)]
+    return [(name, spec.describe("cpu"), spec.describe("cuda")) for name, spec in sorted(_backend.OPS.items())]
+
+
+def capability_table() -> list[tuple[str, str]]:
+    """(op, its declared capabilities: dtypes by device, limits, what each implementation covers)."""
+    return [(name, spec.capabilities()) for name, spec in sorted(_backend.OPS.items())]
 
 
 def report() -> str:
@@ -79,6 +84,8 @@ def report() -> str:
     cpu_w = max([len("CPU tensors")] + [len(c) for _, c, _ in ops])
     lines += ["", f"{'op':<{name_w}}  {'CPU tensors':<{cpu_w}}  CUDA tensors"]
     lines += [f"{n:<{name_w}}  {c:<{cpu_w}}  {g}" for n, c, g in ops]
+    lines += ["", "op capabilities"]
+    lines += [f"{n:<{name_w}}  {c}" for n, c in capability_table()]
     return "\n".join(lines)
 
 

@@ -43,6 +43,27 @@ def kernels():
         yield
 
 
+@pytest.fixture(params=("triton", "cpu"))
+def kernel(request):
+    """Runs the test on each kernel in turn, the Triton kernels and the C++ CPU kernels, as
+    :func:`implementation` does."""
+    from tests.utils import running
+
+    with running(request.param, *getattr(request.module, "OPS_UNDER_TEST", ())):
+        yield request.param
+
+
+@pytest.fixture
+def implementation(request):
+    """The one way a test picks what runs its ops: parametrize ``implementation`` (indirect)
+    with names of :data:`tests.utils.IMPLEMENTATIONS`; the test body, backward included, runs
+    on it (:func:`tests.utils.running`), checked for the ops in the module's ``OPS_UNDER_TEST``."""
+    from tests.utils import running
+
+    with running(request.param, *getattr(request.module, "OPS_UNDER_TEST", ())):
+        yield request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

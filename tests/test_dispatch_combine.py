@@ -13,7 +13,7 @@ from torch import nn
 import astrea
 from astrea import _backend, _extension, ops, reference
 from astrea.nn import SparseMoE
-from tests.utils import assert_close, strided
+from tests.utils import CHOICE_OF, KERNELS, assert_close, running, strided
 
 
 def reference_layout(indices: torch.Tensor, num_experts: int):
@@ -53,21 +53,14 @@ def fp64_combine(y, weights, indices, inverse_positions, scale=None):
     return (coefficient[..., None] * rows).sum(1)
 
 
-# The kernels: Triton (without a GPU, the interpreter on CPU tensors) and the C++ CPU kernels
-# of astrea._C, which the `auto` backend runs on CPU tensors.
-KERNELS = ["triton", "cpu"]
-CPU_KERNEL_OPS = {"moe_dispatch": "moe_dispatch_cpu", "permute": "permute_cpu",
-                  "weighted_combine": "weighted_combine_cpu"}
-BACKEND_OF = {"triton": "triton", "cpu": "auto", "reference": "reference"}
+OPS_UNDER_TEST = ("moe_dispatch", "permute", "weighted_combine")
 
 
 def use_impl(request, impl: str) -> torch.device:
     """Runs the ops of this test on ``impl`` (triton, cpu or reference); the device it runs on."""
-    if impl == "cpu" and not all(_extension.has_kernel(op, "CPU") for op in CPU_KERNEL_OPS.values()):
-        pytest.skip("astrea._C is not built with the MoE CPU kernels")
     stack = contextlib.ExitStack()
     request.addfinalizer(stack.close)
-    stack.enter_context(astrea.backend(BACKEND_OF[impl]))
+    stack.enter_context(running(impl, *OPS_UNDER_TEST))
     return request.getfixturevalue("device") if impl == "triton" else torch.device("cpu")
 
 
@@ -87,8 +80,8 @@ def test_cpu_tensors_run_the_cpu_kernels_under_auto():
     if not _extension.available():
         pytest.skip("astrea._C is not built")
     with astrea.backend("auto"):
-        for op in CPU_KERNEL_OPS:
-            assert _backend.choose(op, torch.device("cpu")) == "extension", op
+        for op in OPS_UNDER_TEST:
+            assert _backend.OPS[op].choose(torch.device("cpu")) == "extension", op
 
 
 # --- moe_dispatch -------------------------------------------------------------------------
@@ -419,11 +412,12 @@ def test_cpu_kernels_gradcheck_float64(request):
     weights = torch.rand(7, 3, dtype=torch.float64, requires_grad=True)
     scale = torch.rand(4, dtype=torch.float64, requires_grad=True)
     astrea_ops = torch.ops.astrea
-    assert torch.autograd.gradcheck(lambda x: astrea_ops.permute(x, sorted_token_ids, inverse), (x,))
+    impl = CHOICE_OF["cpu"]
+    assert torch.autograd.gradcheck(lambda x: astrea_ops.permute(x, sorted_token_ids, inverse, impl), (x,))
     assert torch.autograd.gradcheck(
-        lambda y, w, s: astrea_ops.weighted_combine(y, w, indices, inverse, offsets, s), (y, weights, scale))
+        lambda y, w, s: astrea_ops.weighted_combine(y, w, indices, inverse, offsets, s, impl), (y, weights, scale))
     assert torch.autograd.gradcheck(
-        lambda y, w: astrea_ops.weighted_combine(y, w, indices, inverse, offsets, None), (y, weights))
+        lambda y, w: astrea_ops.weighted_combine(y, w, indices, inverse, offsets, None, impl), (y, weights))
 
 
 def test_cpu_kernels_reject_bad_arguments(request):
@@ -474,7 +468,7 @@ def test_cpu_kernels_ignore_out_of_range_experts_in_the_combine(request):
 # --- registration: opcheck and torch.compile --------------------------------------------
 
 
-def opcheck_cases(device):
+def opcheck_cases(device, impl: str):
     indices = make_indices(10, 2, 3, device)
     sorted_token_ids, offsets, inverse = reference.moe_dispatch(indices, 3)
     x = torch.randn(10, 33, device=device, requires_grad=True)
@@ -484,25 +478,25 @@ def opcheck_cases(device):
     grad = torch.randn(10, 33, device=device)
     ops_ = torch.ops.astrea
     return [
-        (ops_.moe_dispatch.default, (indices, 3)),
-        (ops_.permute.default, (x, sorted_token_ids, inverse)),
-        (ops_.permute_backward.default, (y.detach(), inverse)),
-        (ops_.weighted_combine.default, (y, weights, indices, inverse, offsets, scale)),
-        (ops_.weighted_combine.default, (y, weights, indices, inverse, offsets, None)),
+        (ops_.moe_dispatch.default, (indices, 3, impl)),
+        (ops_.permute.default, (x, sorted_token_ids, inverse, impl)),
+        (ops_.permute_backward.default, (y.detach(), inverse, impl)),
+        (ops_.weighted_combine.default, (y, weights, indices, inverse, offsets, scale, impl)),
+        (ops_.weighted_combine.default, (y, weights, indices, inverse, offsets, None, impl)),
         (ops_.weighted_combine_backward.default,
-         (grad, y.detach(), weights.detach(), indices, inverse, offsets, scale.detach())),
+         (grad, y.detach(), weights.detach(), indices, inverse, offsets, scale.detach(), impl)),
         (ops_.weighted_combine_backward.default,
-         (grad, y.detach(), weights.detach(), indices, inverse, offsets, None)),
+         (grad, y.detach(), weights.detach(), indices, inverse, offsets, None, impl)),
         (ops_.sparse_combine_residual.default,
-         (y, weights, indices, inverse, offsets, scale, x.view(2, 5, 33), 0.5, 3, 1, "sample", True)),
+         (y, weights, indices, inverse, offsets, scale, x.view(2, 5, 33), 0.5, 3, 1, "sample", True, impl)),
         (ops_.sparse_combine_residual.default,
-         (y, weights, indices, inverse, offsets, None, x, 0.5, 3, 1, "token", False)),
+         (y, weights, indices, inverse, offsets, None, x, 0.5, 3, 1, "token", False, impl)),
     ]
 
 
 @pytest.mark.parametrize("impl", [*KERNELS, "reference"])
 def test_opcheck(impl, request):
-    for op, args in opcheck_cases(use_impl(request, impl)):
+    for op, args in opcheck_cases(use_impl(request, impl), CHOICE_OF[impl]):
         torch.library.opcheck(op, args)
 
 
@@ -574,7 +568,7 @@ def test_dispatch_validation(impl, request):
         ops.moe_dispatch(torch.tensor([[0, 3]], dtype=torch.int32), 3)
     with pytest.raises(ValueError, match=r"got values in \[-1, 1\]"):
         ops.moe_dispatch(torch.tensor([[1, -1]], dtype=torch.int32), 3)
-    with pytest.raises(TypeError, match="moe_dispatch: indices must have dtype int32; got torch.int64"):
+    with pytest.raises(TypeError, match="moe_dispatch: indices must have dtype int32 on cpu; got torch.int64"):
         ops.moe_dispatch(good.long(), 3)
     with pytest.raises(ValueError, match="moe_dispatch: indices must be 2-D; got shape"):
         ops.moe_dispatch(good.view(-1), 3)
@@ -590,7 +584,7 @@ def test_permute_and_combine_validation():
         ops.permute(torch.randn(4, 8), tuple(dispatch))
     with pytest.raises(ValueError, match=r"permute: x.shape\[0\] must equal the number of tokens N of dispatch = 4"):
         ops.permute(torch.randn(5, 8), dispatch)
-    with pytest.raises(TypeError, match="permute: x must have dtype float32, float16, bfloat16; got torch.int64"):
+    with pytest.raises(TypeError, match="permute: x must have dtype float32, float16, bfloat16 on cpu; got torch.int64"):
         ops.permute(torch.ones(4, 8, dtype=torch.long), dispatch)
     y, weights = torch.randn(8, 6), torch.rand(4, 2)
     with pytest.raises(ValueError, match=r"weighted_combine: weights must have the shape of dispatch.indices \(4, 2\); got \(4, 3\)"):
@@ -599,7 +593,7 @@ def test_permute_and_combine_validation():
         ops.weighted_combine(torch.randn(7, 6), weights, dispatch)
     with pytest.raises(ValueError, match=r"weighted_combine: expert_scale.shape\[0\] must equal the number of experts E"):
         ops.weighted_combine(y, weights, dispatch, torch.rand(4))
-    with pytest.raises(TypeError, match="weighted_combine: weights must have dtype float32, float16, bfloat16; got torch.int32"):
+    with pytest.raises(TypeError, match="weighted_combine: weights must have dtype float32, float16, bfloat16 on cpu; got torch.int32"):
         ops.weighted_combine(y, weights.int(), dispatch)
     with pytest.raises(TypeError, match="weighted_combine: expert_out must be a torch.Tensor, got list"):
         ops.weighted_combine([1.0], weights, dispatch)

@@ -22,8 +22,15 @@ def test_info_command_runs_and_reports_truth():
 
 def test_op_table_matches_dispatch():
     for name, cpu, cuda in info.op_table():
-        assert cpu == _backend.describe(name, "cpu")
-        assert cuda == _backend.describe(name, "cuda")
+        assert cpu == _backend.OPS[name].describe("cpu")
+        assert cuda == _backend.OPS[name].describe("cuda")
+
+
+def test_report_lists_each_ops_declared_capabilities():
+    out = info.report()
+    for name, spec in _backend.OPS.items():
+        assert spec.capabilities() in out, name
+    assert "num_experts <= 8192" in out and "num_experts <= 32" in out
 
 
 def test_extension_is_built_here():

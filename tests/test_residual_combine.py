@@ -6,7 +6,6 @@ picks for CPU tensors. The reference is the truth: it repeats Triton's Philox bi
 for bit.
 """
 
-import contextlib
 import math
 
 import pytest
@@ -17,37 +16,23 @@ from astrea import _backend, _extension, reference
 from astrea.nn import AdaptiveWeightAllocator, StochasticResidual
 from astrea.reference import dense_combine as combine_ref
 from astrea.reference import residual as residual_ref
-from tests.utils import assert_close, strided
+from tests.utils import CHOICE_OF, KERNELS, assert_close, running, strided
 
 DIMS = (1, 33, 4096)
-# What runs the ops on CPU tensors: the Triton kernels (interpreter) or the C++ kernels.
-KERNEL_IMPLS = ["triton", "cpu"]
-# The C++ CPU kernel that the auto backend runs for each op on CPU tensors.
-CPU_KERNELS = {"dense_weighted_combine": "dense_combine_cpu", "stochastic_residual": "stochastic_residual_cpu"}
+OPS_UNDER_TEST = ("dense_weighted_combine", "stochastic_residual", "combine_residual")
 ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
-@contextlib.contextmanager
-def running(impl: str):
-    """Runs the ops inside on ``impl``: "triton", "cpu" (the C++ kernel under auto) or "reference"."""
-    if impl == "cpu":
-        _require_cpu_kernels()
-    with astrea.backend("auto" if impl == "cpu" else impl):
-        if impl == "cpu":
-            assert all(_backend.choose(op, torch.device("cpu")) == "extension" for op in CPU_KERNELS)
-        yield
-
-
 def _require_cpu_kernels():
-    missing = [name for name in CPU_KERNELS.values() if not _extension.has_kernel(name, "CPU")]
+    missing = [op for op in OPS_UNDER_TEST if not _extension.has_kernel(_backend.OPS[op].cpu_kernel, "CPU")]
     if missing:
-        pytest.skip(f"astrea._C is not built with the CPU kernels {missing}")
+        pytest.skip(f"astrea._C is not built with the CPU kernels of {missing}")
 
 
-@pytest.fixture(params=KERNEL_IMPLS)
+@pytest.fixture(params=KERNELS)
 def kernel_impl(request):
     """Runs the test on each kernel in turn: Triton and the C++ CPU kernels."""
-    with running(request.param):
+    with running(request.param, *OPS_UNDER_TEST):
         yield request.param
 
 
@@ -113,7 +98,7 @@ def test_p_one_and_eval_are_exactly_y_plus_r(kernel_impl):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_is_fp32_math_rounded_once(impl, dtype):
     y, r = torch.randn(3, 7, 33).to(dtype), torch.randn(3, 7, 33).to(dtype)
-    with running(impl):
+    with running(impl, *OPS_UNDER_TEST):
         out = astrea.ops.stochastic_residual(y, r, 0.6, seed=9)
     wide = reference.stochastic_residual(y.float(), r.float(), 0.6, seed=9)
     assert out.dtype == dtype
@@ -333,9 +318,9 @@ def test_dense_combine_cpu_kernel_gradcheck_float64():
     coef = _weights(2, 3).double().requires_grad_()
     stacked = torch.randn(3, 2, 3, 10, dtype=torch.float64)
     experts = [strided(y).requires_grad_() for y in stacked]
-    with running("cpu"):
-        assert torch.autograd.gradcheck(lambda c, *ys: torch.ops.astrea.dense_weighted_combine(list(ys), c),
-                                        (coef, *experts))
+    with running("cpu", *OPS_UNDER_TEST):
+        combine = torch.ops.astrea.dense_weighted_combine
+        assert torch.autograd.gradcheck(lambda c, *ys: combine(list(ys), c, "extension"), (coef, *experts))
 
 
 @pytest.mark.parametrize("args, error, match", [
@@ -450,24 +435,33 @@ def test_combine_residual_rejects_bad_residual():
 # ---- registration ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference", "auto"])
+@pytest.mark.parametrize("backend", ["triton", "reference", "cpu"])
 def test_opcheck(backend):
-    """``auto`` runs the C++ CPU kernels of the combine and the residual."""
+    """``cpu`` runs the C++ CPU kernels of the combine and the residual."""
+    impl = CHOICE_OF[backend]
     experts = [torch.randn(2, 3, 33, requires_grad=True) for _ in range(3)]
     coef = _weights(2, 3).requires_grad_()
     y, r = torch.randn(2, 3, 33, requires_grad=True), torch.randn(2, 3, 33, requires_grad=True)
     grad = torch.randn(2, 3, 33)
     cases = [
-        (torch.ops.astrea.stochastic_residual.default, (y, r, 0.5, 3, 1, "token", True)),
-        (torch.ops.astrea.stochastic_residual_backward.default, (grad, 0.5, 3, 1, "sample", True)),
-        (torch.ops.astrea.dense_weighted_combine.default, (experts, coef)),
-        (torch.ops.astrea.combine_residual.default, (experts, coef, r, 0.5, 3, 1, "sample", True)),
+        (torch.ops.astrea.stochastic_residual.default, (y, r, 0.5, 3, 1, "token", True, impl)),
+        (torch.ops.astrea.stochastic_residual_backward.default, (grad, 0.5, 3, 1, "sample", True, impl)),
+        (torch.ops.astrea.dense_weighted_combine.default, (experts, coef, impl)),
+        (torch.ops.astrea.combine_residual.default, (experts, coef, r, 0.5, 3, 1, "sample", True, impl)),
         (torch.ops.astrea.dense_combine_backward.default,
-         (grad, [e.detach() for e in experts], coef.detach(), True, True, True, 0.5, 3, 1, "token", True)),
+         (grad, [e.detach() for e in experts], coef.detach(), True, True, True, 0.5, 3, 1, "token", True, impl)),
         (torch.ops.astrea.dense_combine_backward.default,
-         (grad, [e.detach() for e in experts], coef.detach(), False, True, True, 0.5, 3, 1, "token", False)),
+         (grad, [e.detach() for e in experts], coef.detach(), False, True, True, 0.5, 3, 1, "token", False, impl)),
     ]
-    with astrea.backend(backend):
+    if backend == "cpu":  # the C++ kernels' own schemas, with their fakes
+        detached = [e.detach() for e in experts]
+        cases += [
+            (torch.ops.astrea.stochastic_residual_cpu.default, (y.detach(), r.detach(), 0.5, 3, 1, "token", True)),
+            (torch.ops.astrea.stochastic_residual_cpu.default, (None, grad, 0.5, 3, 1, "sample", True)),
+            (torch.ops.astrea.dense_combine_cpu.default, (detached, coef.detach())),
+            (torch.ops.astrea.dense_combine_backward_cpu.default, (grad, detached, coef.detach(), True, False)),
+        ]
+    with running(backend, *OPS_UNDER_TEST):
         for op, args in cases:
             torch.library.opcheck(op, args)
 

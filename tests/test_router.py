@@ -2,16 +2,13 @@
 kernels (under the interpreter on CPU), the C++ CPU kernel of astrea._C and the reference
 path against the reference."""
 
-import contextlib
-
 import pytest
 import torch
 
-import astrea
-from astrea import _backend, reference
+from astrea import reference
 from astrea.nn import RouterResult, TopKRouter
 from astrea.ops import RouterOutput, load_balancing_loss, router_topk, router_z_loss
-from tests.utils import assert_close, strided
+from tests.utils import CHOICE_OF, IMPLEMENTATIONS, assert_close, running, strided
 
 # (N, E, k, scoring, renormalize): together every N in {0, 1, 17, 1000}, E in
 # {1, 3, 7, 60, 129, 512} and k in {1, 2, 6, E}, a few programs each under the interpreter.
@@ -28,24 +25,7 @@ CASES = [
 ]
 CASE_IDS = [f"N{n}-E{e}-k{k}-{s}-{'renorm' if r else 'raw'}" for n, e, k, s, r in CASES]
 GRAD_MODES = [(s, r) for s in ("softmax", "sigmoid") for r in (True, False)]
-# What runs the op on CPU tensors: the reference, the Triton kernels under the interpreter,
-# and the C++ kernel of astrea._C (which the auto backend picks for CPU tensors).
-IMPLEMENTATIONS = ["reference", "triton", "cpu_kernel"]
-
-
-@contextlib.contextmanager
-def running(implementation: str):
-    with astrea.backend("auto" if implementation == "cpu_kernel" else implementation):
-        if implementation == "cpu_kernel":
-            assert _backend.choose("router_topk", torch.device("cpu")) == "extension", "astrea._C has no CPU router"
-        yield
-
-
-@pytest.fixture(params=["triton", "cpu_kernel"])
-def kernel(request):
-    """Runs the test on each kernel: Triton and the C++ CPU kernel."""
-    with running(request.param):
-        yield request.param
+OPS_UNDER_TEST = ("router_topk",)
 
 
 def _compare(actual, expected, what: str, atol: float = 1e-5, rtol: float = 1e-5) -> None:
@@ -90,7 +70,7 @@ def test_kernel_forward_matches_reference(kernel, n, e, k, scoring, renormalize)
 @pytest.mark.parametrize("backend", IMPLEMENTATIONS)
 def test_low_precision_logits_are_scored_in_fp32(backend, dtype):
     logits = (torch.randn(17, 60) * 3).to(dtype)
-    with running(backend):
+    with running(backend, *OPS_UNDER_TEST):
         out = router_topk(logits, 6, scoring="softmax")
     _compare(out, reference.router_topk(logits.float(), 6), f"{backend} {dtype}")
 
@@ -99,7 +79,7 @@ def test_low_precision_logits_are_scored_in_fp32(backend, dtype):
 def test_strided_logits(backend):
     logits = torch.randn(17, 60)
     expected = reference.router_topk(logits, 6, "sigmoid", True)
-    with running(backend):
+    with running(backend, *OPS_UNDER_TEST):
         _compare(router_topk(strided(logits), 6, scoring="sigmoid"), expected, f"{backend} every other column")
         column_major = logits.t().contiguous().t()
         _compare(router_topk(column_major, 6, scoring="sigmoid"), expected, f"{backend} column-major")
@@ -126,7 +106,7 @@ def test_ties_go_to_the_lower_expert_index(backend):
         [-0.0, 0.0, -0.0, 1.0, -1.0],  # -0.0 equals +0.0
     ])
     expected = torch.tensor([[0, 1, 2], [1, 2, 4], [0, 2, 4], [1, 3, 0], [1, 4, 0], [3, 0, 1]], dtype=torch.int32)
-    with running(backend):
+    with running(backend, *OPS_UNDER_TEST):
         for scoring in ("softmax", "sigmoid"):
             assert torch.equal(router_topk(logits, 3, scoring=scoring).indices, expected), scoring
         # With a bias the keys are score + bias: equal biases keep the ties.
@@ -140,7 +120,7 @@ def test_bias_changes_selection_not_weights(backend, scoring):
     logits = torch.randn(17, 60)
     # Levels far apart so rounding of score + bias cannot reorder experts across levels.
     bias = torch.randint(0, 4, (60,)).float() * 2
-    with running(backend):
+    with running(backend, *OPS_UNDER_TEST):
         out = router_topk(logits, 6, scoring=scoring, renormalize=False, bias=bias)
     x = logits.float()
     scores = torch.softmax(x, 1) if scoring == "softmax" else torch.sigmoid(x)
@@ -151,7 +131,7 @@ def test_bias_changes_selection_not_weights(backend, scoring):
     # A bias towards expert 5 large enough routes every token there first.
     pull = torch.zeros(60)
     pull[5] = 10.0
-    with running(backend):
+    with running(backend, *OPS_UNDER_TEST):
         pulled = router_topk(logits, 2, scoring=scoring, renormalize=False, bias=pull)
     assert (pulled.indices[:, 0] == 5).all()
     assert_close(pulled.weights[:, 0], scores[:, 5], what="pulled weight")
@@ -168,7 +148,7 @@ def test_non_finite_rows_give_nan_weights_and_valid_indices(backend):
     logits[4, 2:] = -inf  # finite entries remain: an ordinary row
     logits[5, 6] = nan
     for scoring in ("softmax", "sigmoid"):
-        with running(backend):
+        with running(backend, *OPS_UNDER_TEST):
             out = router_topk(logits, 3, scoring=scoring)
         bad = torch.tensor([False, True, True, True, False, True])
         assert out.lse[bad].isnan().all() and out.lse[~bad].isfinite().all()
@@ -203,7 +183,7 @@ def test_forward_is_deterministic_across_program_counts(kernels, monkeypatch):
 def test_cpu_kernel_is_deterministic_across_thread_counts():
     logits, bias = torch.randn(1000, 60), torch.randn(60)  # several blocks of rows
     threads = torch.get_num_threads()
-    with running("cpu_kernel"):
+    with running("cpu", *OPS_UNDER_TEST):
         first = router_topk(logits, 6, bias=bias)
         torch.set_num_threads(1)
         try:
@@ -237,7 +217,7 @@ def test_kernel_backward_matches_reference_autograd(kernel, n, e, k, scoring, re
 def test_low_precision_backward(backend, dtype):
     logits = (torch.randn(17, 60) * 2).to(dtype).requires_grad_()
     grads = _loss_weights(17, 60, 6)
-    with running(backend):
+    with running(backend, *OPS_UNDER_TEST):
         _surrogate(router_topk(logits, 6), *grads).backward()
     expected_logits = logits.detach().float().requires_grad_()
     _surrogate(reference.router_topk(expected_logits, 6), *grads).backward()
@@ -251,7 +231,7 @@ def test_backward_with_strided_logits_and_bias(backend):
     logits = strided(base).requires_grad_()
     bias = torch.randint(0, 4, (60,)).float() * 2
     grads = _loss_weights(17, 60, 6)
-    with running(backend):
+    with running(backend, *OPS_UNDER_TEST):
         _surrogate(router_topk(logits, 6, scoring="sigmoid", bias=bias), *grads).backward()
     expected_logits = base.clone().requires_grad_()
     _surrogate(reference.router_topk(expected_logits, 6, "sigmoid", True, bias), *grads).backward()
@@ -277,10 +257,10 @@ def test_cpu_kernel_gradcheck_float64(scoring, renormalize):
     bias = torch.randn(7)
 
     def differentiable_outputs(x):
-        weights, _, _, prob_sums, lse = torch.ops.astrea.router_topk(x, 3, scoring, renormalize, bias)
+        weights, _, _, prob_sums, lse = torch.ops.astrea.router_topk(x, 3, scoring, renormalize, bias, "extension")
         return weights, prob_sums, lse
 
-    with running("cpu_kernel"):
+    with running("cpu", *OPS_UNDER_TEST):
         assert differentiable_outputs(logits)[0].dtype == torch.float64
         assert torch.autograd.gradcheck(differentiable_outputs, (logits,))
 
@@ -303,7 +283,7 @@ def test_reference_closed_form_backward_matches_autograd(scoring, renormalize):
 @pytest.mark.parametrize("backend", IMPLEMENTATIONS)
 def test_losses_match_their_formulas_and_are_differentiable(backend):
     logits = torch.randn(17, 7, requires_grad=True)
-    with running(backend):
+    with running(backend, *OPS_UNDER_TEST):
         out = router_topk(logits, 2)
         aux, z = load_balancing_loss(out), router_z_loss(out)
     probs = torch.softmax(logits, 1)
@@ -334,13 +314,18 @@ def test_balancing_loss_is_one_when_balanced_and_takes_global_token_count():
 @pytest.mark.parametrize("backend", IMPLEMENTATIONS)
 def test_opcheck(backend):
     logits = torch.randn(17, 7, requires_grad=True)
-    with running(backend):
+    impl = CHOICE_OF[backend]
+    with running(backend, *OPS_UNDER_TEST):
         for args in [(logits, 2, "softmax", True, None), (logits, 3, "sigmoid", False, torch.randn(7))]:
-            torch.library.opcheck(torch.ops.astrea.router_topk.default, args)
+            torch.library.opcheck(torch.ops.astrea.router_topk.default, (*args, impl))
+            if backend == "cpu":  # the C++ kernel's own schema, with its fake
+                torch.library.opcheck(torch.ops.astrea.router_topk_cpu.default, (logits.detach(), *args[1:]))
         out = router_topk(logits.detach(), 2)
         grads = [g.contiguous() for g in _loss_weights(17, 7, 2)]
-        torch.library.opcheck(torch.ops.astrea.router_topk_backward.default,
-                              (logits.detach(), out.indices, out.lse, *grads, "softmax", True))
+        backward_args = (logits.detach(), out.indices, out.lse, *grads, "softmax", True)
+        torch.library.opcheck(torch.ops.astrea.router_topk_backward.default, (*backward_args, impl))
+        if backend == "cpu":
+            torch.library.opcheck(torch.ops.astrea.router_topk_backward_cpu.default, backward_args)
 
 
 def test_torch_compile_fullgraph_cpu():
@@ -445,7 +430,7 @@ def test_top_k_router_module():
 def test_top_k_router_under_bf16_autocast(backend):
     router = TopKRouter(16, 60, 6)
     x = torch.randn(17, 16)
-    with running(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+    with running(backend, *OPS_UNDER_TEST), torch.autocast("cpu", dtype=torch.bfloat16):
         result = router(x)
     assert result.logits.dtype == torch.bfloat16 and result.weights.dtype == torch.float32
     _compare((result.weights, result.indices, result.counts, result.prob_sums, torch.logsumexp(

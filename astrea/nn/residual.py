@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from astrea.ops.residual import GRANULARITIES, stochastic_residual
-from astrea.reference.residual import mask_units
+from astrea._residual_draw import GRANULARITIES, ResidualDraw
+from astrea.ops.residual import stochastic_residual
 
 # Seeds are drawn below 2**62 so that seed and counters stay clear of the int64 limit.
 _SEED_BOUND = 2**62
@@ -42,7 +42,8 @@ class StochasticResidual(nn.Module):
             return stochastic_residual(y, r, self.p, seed=0, training=False)
         seed = int(torch.randint(_SEED_BOUND, (), dtype=torch.int64))
         out = stochastic_residual(y, r, self.p, seed=seed, offset=self.offset, granularity=self.granularity)
-        self.offset = (self.offset + mask_units(y.shape, self.granularity)[0]) % _SEED_BOUND
+        units, _ = ResidualDraw(granularity=self.granularity).units(y.shape)
+        self.offset = (self.offset + units) % _SEED_BOUND
         return out
 
     def extra_repr(self) -> str:

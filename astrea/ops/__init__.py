@@ -2,11 +2,11 @@
 implementations, autograd and per-device dispatch (see :mod:`astrea._backend`)."""
 
 from astrea.ops.combine import weighted_combine
+from astrea.ops.combine_residual import combine_residual
 from astrea.ops.dense_combine import dense_weighted_combine
 from astrea.ops.dispatch import Dispatch, moe_dispatch, permute
 from astrea.ops.moco import moco_infonce, moco_logits, queue_enqueue_
-from astrea.ops.moco import queue_enqueue_
-from astrea.ops.residual import combine_residual, stochastic_residual
+from astrea.ops.residual import stochastic_residual
 from astrea.ops.router import RouterOutput, load_balancing_loss, router_topk, router_z_loss
 
 __all__ = [

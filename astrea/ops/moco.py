@@ -23,18 +23,8 @@ import numbers
 import torch
 
 from astrea import _backend, _extension, reference
-from astrea._validation import (
-    FLOAT_DTYPES,
-    accumulation_dtype,
-    check_choice,
-    check_same_device,
-    check_size,
-    check_tensor,
-)
-
-_backend.declare_op("moco_infonce", kernel="extension", cpu_kernel=True)
-_backend.declare_op("moco_logits", kernel="extension", cpu_kernel=True)
-_backend.declare_op("queue_enqueue_", kernel="extension", cpu_kernel=True)
+from astrea._validation import (FLOAT_DTYPES, accumulation_dtype, check_choice, check_same_device, check_size,
+                                check_tensor)
 
 REDUCTIONS = ("mean", "sum", "none")
 # How the CUDA kernels compute the q . queue tiles, by input dtype (csrc/cuda/moco_kernels.cuh).
@@ -44,20 +34,23 @@ CUDA_TILE_MATH = {
     torch.bfloat16: "tensor cores (wmma, fp32 accumulation)",
 }
 # float64 runs on the CPU kernel only; it exists so that gradcheck can test that kernel.
-MOCO_DTYPES = FLOAT_DTYPES + (torch.float64,)
-
-
-@torch.compiler.assume_constant_result
-def _implementation(op: str, device_type: str) -> str:
-    """``_backend.choose``, evaluated once at trace time under torch.compile: Dynamo cannot
-    trace the backend switch's ContextVar, and the choice is a constant of the trace."""
-    return _backend.choose(op, torch.device(device_type))
+_CONTRAST_DTYPES = {"cpu": FLOAT_DTYPES + (torch.float64,), "cuda": FLOAT_DTYPES}
+_TILES = "; ".join(f"{str(dtype).removeprefix('torch.')}: {math}" for dtype, math in CUDA_TILE_MATH.items())
+LOGITS_SPEC = _backend.declare_op(
+    "moco_logits", kernel="extension", cpu_kernel="moco_logits", dtypes=_CONTRAST_DTYPES,
+    supports={"extension": f"CUDA tiles {_TILES}; CPU: BLAS GEMM per queue chunk"})
+INFONCE_SPEC = _backend.declare_op(
+    "moco_infonce", kernel="extension", cpu_kernel="moco_infonce", dtypes=_CONTRAST_DTYPES,
+    supports={"extension": "streams the queue with an online log-sum-exp; memory O(N*D + K*D)"})
+ENQUEUE_SPEC = _backend.declare_op(
+    "queue_enqueue_", kernel="extension", cpu_kernel="queue_enqueue_",
+    supports={"extension": "in place, wraps around; CUDA reads ptr on the device (no sync)"})
 
 
 def _check_contrast_args(op: str, q, k, queue, temperature) -> torch.device:
-    check_tensor(op, "q", q, ndim=2, dtypes=MOCO_DTYPES)
-    check_tensor(op, "k", k, ndim=2, dtypes=MOCO_DTYPES)
-    check_tensor(op, "queue", queue, ndim=2, dtypes=MOCO_DTYPES)
+    spec = _backend.OPS[op]
+    for name, value in (("q", q), ("k", k), ("queue", queue)):
+        spec.check_tensor(name, value, ndim=2)
     device = check_same_device(op, q=q, k=k, queue=queue)
     if q.shape[0] == 0 or q.shape[1] == 0:
         raise ValueError(f"{op}: q must be [N, D] with N > 0 and D > 0; got shape {tuple(q.shape)}")
@@ -68,8 +61,6 @@ def _check_contrast_args(op: str, q, k, queue, temperature) -> torch.device:
         raise ValueError(f"{op}: queue must have K > 0 rows; got shape {tuple(queue.shape)}")
     if k.dtype != q.dtype or queue.dtype != q.dtype:
         raise TypeError(f"{op}: q, k and queue must share one dtype; got {q.dtype}, {k.dtype}, {queue.dtype}")
-    if q.dtype == torch.float64 and device.type != "cpu":
-        raise TypeError(f"{op}: float64 inputs run on the CPU only; got {q.dtype} on {device}")
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"{op}: temperature must be a float, got {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):
@@ -88,7 +79,7 @@ def moco_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperatu
     values; for the loss use :func:`moco_infonce`, which never does.
     """
     device = _check_contrast_args("moco_logits", q, k, queue, temperature)
-    if _implementation("moco_logits", device.type) == "reference":
+    if LOGITS_SPEC.choose(device) == "reference":
         return reference.moco_logits(q, k, queue, temperature)
     return torch.ops.astrea.moco_logits(q, k, queue, float(temperature))
 
@@ -107,7 +98,7 @@ def moco_infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperat
     op = "moco_infonce"
     check_choice(op, "reduction", reduction, REDUCTIONS)
     device = _check_contrast_args(op, q, k, queue, temperature)
-    if _implementation(op, device.type) == "reference":
+    if INFONCE_SPEC.choose(device) == "reference":
         return reference.moco_infonce(q, k, queue, temperature, reduction)
     loss, _ = torch.ops.astrea.moco_infonce(q, k, queue, float(temperature))
     if reduction == "mean":
@@ -127,9 +118,9 @@ def queue_enqueue_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -
         keys: ``[B, D]`` with ``B <= K``, any floating dtype (cast to the queue's).
     """
     op = "queue_enqueue_"
-    check_tensor(op, "queue", queue, ndim=2, dtypes=FLOAT_DTYPES)
+    ENQUEUE_SPEC.check_tensor("queue", queue, ndim=2)
     check_tensor(op, "ptr", ptr, dtypes=(torch.int64,))
-    check_tensor(op, "keys", keys, ndim=2, dtypes=FLOAT_DTYPES)
+    ENQUEUE_SPEC.check_tensor("keys", keys, ndim=2)
     device = check_same_device(op, queue=queue, ptr=ptr, keys=keys)
     if ptr.numel() != 1:
         raise ValueError(f"{op}: ptr must hold exactly 1 element; got shape {tuple(ptr.shape)}")
@@ -140,7 +131,7 @@ def queue_enqueue_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -
     check_size(op, "keys", keys, 1, queue.shape[1], "queue.shape[1]")
     if keys.shape[0] > queue.shape[0]:
         raise ValueError(f"{op}: keys has {keys.shape[0]} rows, more than the queue's {queue.shape[0]}")
-    if _implementation(op, device.type) == "reference":
+    if ENQUEUE_SPEC.choose(device) == "reference":
         reference.queue_enqueue_(queue, ptr, keys)
     else:
         torch.ops.astrea.queue_enqueue_(queue, ptr, keys)

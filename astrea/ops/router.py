@@ -17,10 +17,13 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from astrea import _backend, reference
-from astrea._validation import FLOAT_DTYPES, check_choice, check_int, check_same_device, check_size, check_tensor
+from astrea import _backend, _extension, reference
+from astrea._validation import check_choice, check_int, check_same_device, check_size
 
-_backend.declare_op("router_topk", kernel="triton", cpu_extension_op="router_topk_cpu")
+SPEC = _backend.declare_op(
+    "router_topk", kernel="triton", cpu_kernel="router_topk_cpu",
+    supports={"triton": "any E (a row never spans programs; no register spills up to E = 4096), any k <= E",
+              "extension": "any E and k <= E, float64 logits too (for gradcheck)"})
 
 SCORINGS = ("softmax", "sigmoid")
 
@@ -35,29 +38,36 @@ class RouterOutput(NamedTuple):
     lse: torch.Tensor  # [N] fp32 log-sum-exp of each row of fp32 logits
 
 
+def _triton_forward(logits, k, scoring, renormalize, bias):
+    from astrea.kernels.router import router_topk_forward
+
+    return router_topk_forward(logits, k, scoring, renormalize, bias, interpreter=logits.device.type == "cpu")
+
+
+def _triton_backward(logits, indices, lse, grad_weights, grad_prob_sums, grad_lse, scoring, renormalize):
+    from astrea.kernels.router import router_topk_backward
+
+    return router_topk_backward(logits, indices, lse, grad_weights, grad_prob_sums, grad_lse, scoring, renormalize,
+                                interpreter=logits.device.type == "cpu")
+
+
+_FORWARD = _backend.Implementations("router_topk", triton=_triton_forward, extension="router_topk_cpu",
+                                    reference=lambda *args: tuple(reference.router_topk(*args)))
+_BACKWARD = _backend.Implementations("router_topk_backward", triton=_triton_backward,
+                                     extension="router_topk_backward_cpu",
+                                     reference=lambda *args: reference.router_topk_backward(*args).contiguous())
+
+
 @torch.library.custom_op("astrea::router_topk", mutates_args=())
 def _router_topk_op(
-    logits: torch.Tensor, k: int, scoring: str, renormalize: bool, bias: Optional[torch.Tensor]
+    logits: torch.Tensor, k: int, scoring: str, renormalize: bool, bias: Optional[torch.Tensor], impl: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    implementation = _backend.choose("router_topk", logits.device)
-    if implementation == "triton":
-        from astrea.kernels.router import router_topk_forward
-
-        return router_topk_forward(logits, k, scoring, renormalize, bias, interpreter=logits.device.type == "cpu")
-    if implementation == "extension":
-        return torch.ops.astrea.router_topk_cpu(logits, k, scoring, renormalize, bias)
-    return tuple(reference.router_topk(logits, k, scoring, renormalize, bias))
+    return _FORWARD(impl, logits, k, scoring, renormalize, bias)
 
 
-def _value_dtype(logits: torch.Tensor) -> torch.dtype:
-    """The dtype of the floating outputs: fp32, float64 for float64 logits (CPU only)."""
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
-@_router_topk_op.register_fake
-def _router_topk_fake(logits, k, scoring, renormalize, bias):
+def _router_topk_fake(logits, k, *_):
     n, e = logits.shape
-    values = _value_dtype(logits)
+    values = torch.float64 if logits.dtype == torch.float64 else torch.float32  # float64: CPU only
     return (
         logits.new_empty((n, k), dtype=values),
         logits.new_empty((n, k), dtype=torch.int32),
@@ -67,35 +77,30 @@ def _router_topk_fake(logits, k, scoring, renormalize, bias):
     )
 
 
+_router_topk_op.register_fake(_router_topk_fake)
+_extension.register_fake("router_topk_cpu", _router_topk_fake)
+
+
 @torch.library.custom_op("astrea::router_topk_backward", mutates_args=())
 def _router_topk_backward_op(
     logits: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor, grad_weights: torch.Tensor,
-    grad_prob_sums: torch.Tensor, grad_lse: torch.Tensor, scoring: str, renormalize: bool,
+    grad_prob_sums: torch.Tensor, grad_lse: torch.Tensor, scoring: str, renormalize: bool, impl: str,
 ) -> torch.Tensor:
-    implementation = _backend.choose("router_topk", logits.device)
-    if implementation == "triton":
-        from astrea.kernels.router import router_topk_backward
-
-        return router_topk_backward(logits, indices, lse, grad_weights, grad_prob_sums, grad_lse, scoring,
-                                    renormalize, interpreter=logits.device.type == "cpu")
-    if implementation == "extension":
-        return torch.ops.astrea.router_topk_backward_cpu(logits, indices, lse, grad_weights, grad_prob_sums,
-                                                         grad_lse, scoring, renormalize)
-    return reference.router_topk_backward(logits, indices, lse, grad_weights, grad_prob_sums, grad_lse,
-                                          scoring, renormalize).contiguous()
+    return _BACKWARD(impl, logits, indices, lse, grad_weights, grad_prob_sums, grad_lse, scoring, renormalize)
 
 
-@_router_topk_backward_op.register_fake
-def _router_topk_backward_fake(logits, indices, lse, grad_weights, grad_prob_sums, grad_lse, scoring, renormalize):
+def _router_topk_backward_fake(logits, *_):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
+_router_topk_backward_op.register_fake(_router_topk_backward_fake)
+_extension.register_fake("router_topk_backward_cpu", _router_topk_backward_fake)
+
+
 def _setup_context(ctx, inputs, output):
-    logits, _, scoring, renormalize, _ = inputs
+    logits, _, ctx.scoring, ctx.renormalize, _, ctx.impl = inputs
     _, indices, _, _, lse = output
     ctx.save_for_backward(logits, indices, lse)
-    ctx.scoring = scoring
-    ctx.renormalize = renormalize
 
 
 def _backward(ctx, grad_weights, _grad_indices, _grad_counts, grad_prob_sums, grad_lse):
@@ -108,9 +113,9 @@ def _backward(ctx, grad_weights, _grad_indices, _grad_counts, grad_prob_sums, gr
 
     grad_logits = _router_topk_backward_op(
         logits, indices, lse, values(grad_weights, indices.shape), values(grad_prob_sums, logits.shape[1:]),
-        values(grad_lse, lse.shape), ctx.scoring, ctx.renormalize,
+        values(grad_lse, lse.shape), ctx.scoring, ctx.renormalize, ctx.impl,
     )
-    return grad_logits, None, None, None, None
+    return grad_logits, None, None, None, None, None
 
 
 _router_topk_op.register_autograd(_backward, setup_context=_setup_context)
@@ -142,17 +147,17 @@ def router_topk(
     :func:`load_balancing_loss` and :func:`router_z_loss` are too).
     """
     op = "router_topk"
-    check_tensor(op, "logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
+    SPEC.check_tensor("logits", logits, ndim=2)
     check_int(op, "k", k, low=1, high=logits.shape[1])
     check_choice(op, "scoring", scoring, SCORINGS)
     if not isinstance(renormalize, bool):
         raise TypeError(f"{op}: renormalize must be a bool, got {type(renormalize).__name__}")
     if bias is not None:
-        check_tensor(op, "bias", bias, ndim=1, dtypes=FLOAT_DTYPES)
+        SPEC.check_tensor("bias", bias, ndim=1)
         check_size(op, "bias", bias, 0, logits.shape[1], "the number of experts logits.shape[1]")
         check_same_device(op, logits=logits, bias=bias)
         bias = bias.detach().float().contiguous()
-    return RouterOutput(*_router_topk_op(logits, k, scoring, renormalize, bias))
+    return RouterOutput(*_router_topk_op(logits, k, scoring, renormalize, bias, SPEC.choose(logits.device)))
 
 
 def _check_output(op: str, out) -> None:

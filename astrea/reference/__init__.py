@@ -6,7 +6,6 @@ from astrea.reference.combine import sparse_combine_residual, weighted_combine, 
 from astrea.reference.dense_combine import combine_residual, dense_weighted_combine
 from astrea.reference.dispatch import moe_dispatch, permute, permute_backward
 from astrea.reference.moco import moco_infonce, moco_logits, queue_enqueue_
-from astrea.reference.moco import queue_enqueue_
 from astrea.reference.residual import stochastic_residual
 from astrea.reference.router import router_topk, router_topk_backward
 
