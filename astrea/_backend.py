@@ -11,6 +11,9 @@
   ``_C`` use ``_C``.
 * ``reference``: every op runs its plain-PyTorch reference.
 
+An op whose kernels are torch's own (``kernel="torch"``, e.g. ``F.grouped_mm`` for the
+grouped experts) runs them under ``auto`` and ``triton`` alike.
+
 The choice is made once per forward call, by :meth:`OpSpec.choose`, and travels with the
 call: it is an argument of the registered op, saved on the autograd context, and the
 backward runs the same implementation even when it runs after the ``with`` block has
@@ -46,8 +49,9 @@ _DEFAULT_DTYPES = MappingProxyType({"cpu": FLOAT_DTYPES, "cuda": FLOAT_DTYPES})
 # Per thread; a plain attribute so that torch.compile can read it and guard on it.
 _switch = threading.local()
 
-Impl = Literal["triton", "extension", "reference"]
-IMPLEMENTATIONS: tuple[Impl, ...] = ("triton", "extension", "reference")
+Impl = Literal["triton", "extension", "torch", "reference"]
+IMPLEMENTATIONS: tuple[Impl, ...] = ("triton", "extension", "torch", "reference")
+Kernel = Literal["triton", "extension", "torch"]
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "backend", "current_backend", "declare_op", "OpSpec", "OPS"]
 
@@ -101,7 +105,8 @@ class OpSpec:
 
     Attributes:
         name: the op, as in ``astrea.ops.<name>``.
-        kernel: ``"triton"`` (kernels in :mod:`astrea.kernels`) or ``"extension"`` (in ``_C``).
+        kernel: ``"triton"`` (kernels in :mod:`astrea.kernels`), ``"extension"`` (in ``_C``) or
+            ``"torch"`` (torch's own kernels, on every device).
         cpu_kernel: the ``_C`` op (``astrea::<cpu_kernel>``) holding the C++ CPU kernel, if any.
         dtypes: the floating dtypes accepted, by device type (``"cpu"``, ``"cuda"``).
         limits: sizes the kernels bound, by argument (e.g. ``{"num_experts": 8192}``).
@@ -109,7 +114,7 @@ class OpSpec:
     """
 
     name: str
-    kernel: Literal["triton", "extension"]
+    kernel: Kernel
     cpu_kernel: str | None = None
     dtypes: Mapping[str, tuple[torch.dtype, ...]] = dataclasses.field(default_factory=lambda: _DEFAULT_DTYPES)
     limits: Mapping[str, int] = dataclasses.field(default_factory=dict)
@@ -155,12 +160,12 @@ class OpSpec:
 OPS: dict[str, OpSpec] = {}
 
 
-def declare_op(name: str, kernel: Literal["triton", "extension"], *, cpu_kernel: str | None = None,
+def declare_op(name: str, kernel: Kernel, *, cpu_kernel: str | None = None,
                dtypes: Mapping[str, tuple[torch.dtype, ...]] | None = None, limits: Mapping[str, int] | None = None,
                supports: Mapping[str, str] | None = None) -> OpSpec:
     """Declares an op's capabilities (see :class:`OpSpec`) and registers it for dispatch and the report."""
-    if kernel not in ("triton", "extension"):
-        raise ValueError(f"declare_op({name!r}): kernel must be 'triton' or 'extension'; got {kernel!r}")
+    if kernel not in ("triton", "extension", "torch"):
+        raise ValueError(f"declare_op({name!r}): kernel must be 'triton', 'extension' or 'torch'; got {kernel!r}")
     spec = OpSpec(name, kernel, cpu_kernel, MappingProxyType(dict(dtypes or _DEFAULT_DTYPES)),
                   MappingProxyType(dict(limits or {})), MappingProxyType(dict(supports or {})))
     OPS[name] = spec
@@ -175,6 +180,8 @@ def _resolve(op: str, mode: str, device_type: str) -> tuple[str, str | None, str
     spec = OPS[op]
     if mode == "reference":
         return "reference", None, None
+    if spec.kernel == "torch":
+        return "torch", None, None
     on_cpu = device_type == "cpu"
     if spec.kernel == "extension":
         if on_cpu and spec.cpu_kernel is None:
@@ -208,13 +215,14 @@ class Implementations:
     triton: Callable | None
     reference: Callable
     extension: str | Callable | None = None
+    torch: Callable | None = None
 
     def __call__(self, impl: str, *args):
         if impl == "extension" and isinstance(self.extension, str):
             return getattr(torch.ops.astrea, self.extension)(*args)
         if impl == "extension" and self.extension is not None:
             return self.extension(*args)
-        if impl == "triton" and self.triton is not None or impl == "reference":
+        if impl in ("triton", "torch") and getattr(self, impl) is not None or impl == "reference":
             return getattr(self, impl)(*args)
         offered = [name for name in IMPLEMENTATIONS if name == "reference" or getattr(self, name) is not None]
         raise ValueError(f"astrea::{self.op}: impl must be one of {', '.join(offered)}; got {impl!r}")

@@ -88,7 +88,7 @@ def test_declared_capabilities_drive_validation_and_the_report():
             spec.limits["num_experts"] = 5  # capabilities are read-only data
     finally:
         del _backend.OPS[spec.name]
-    with pytest.raises(ValueError, match="kernel must be 'triton' or 'extension'"):
+    with pytest.raises(ValueError, match="kernel must be 'triton', 'extension' or 'torch'"):
         _backend.declare_op("_bad", kernel="cuda")
 
 

@@ -663,7 +663,8 @@ def test_sparse_moe_equals_per_token_loop(impl, with_allocator, request):
 
 
 def test_sparse_moe_rejects_bad_arguments():
-    with pytest.raises(TypeError, match="SparseMoE: experts must be a non-empty nn.ModuleList; got list"):
+    with pytest.raises(TypeError, match="SparseMoE: experts must be a GroupedExperts or a non-empty nn.ModuleList; "
+                                        "got list"):
         SparseMoE([nn.Linear(4, 4)], TinyRouter(4, 1, 1))
     experts = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 5)])
     moe = SparseMoE(experts, TinyRouter(4, 2, 2))

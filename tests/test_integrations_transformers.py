@@ -284,3 +284,27 @@ def test_readme_examples_run():
     namespace = {}
     for code in blocks:
         exec(compile(code, "README.md", "exec"), namespace)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_experts_run_one_grouped_op_per_block(family, monkeypatch):
+    """Default SiLU gating: each block's experts are one moe_experts call, no per-expert loop."""
+    calls = []
+    grouped = astrea.ops.moe_experts
+    monkeypatch.setattr(astrea.ops, "moe_experts", lambda *a, **k: calls.append(k["activation"]) or grouped(*a, **k))
+    monkeypatch.setattr(astrea.ops, "permute", lambda *a, **k: pytest.fail("the per-expert loop ran"))
+    original, patched = pair(family)
+    for block, reference in zip(moe_blocks(patched), moe_blocks(original)):
+        hidden = torch.randn(2, 9, block.gate.weight.shape[1])
+        assert (block(hidden) - reference(hidden)).abs().max() <= 1e-5
+    assert calls == ["silu", "silu"]
+
+
+def test_experts_with_their_own_gating_keep_the_per_expert_loop():
+    original, patched = pair("mixtral")
+    for block, reference in zip(moe_blocks(patched), moe_blocks(original)):
+        for experts in (block.experts, reference.experts):
+            # A gating astrea has no activation for: act(gate) * up with gelu_new's formula.
+            experts.act_fn = transformers.activations.NewGELUActivation()
+        hidden = torch.randn(2, 9, block.gate.weight.shape[1])
+        assert (block(hidden) - reference(hidden)).abs().max() <= 1e-5

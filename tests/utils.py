@@ -15,9 +15,10 @@ from astrea import _backend, _extension
 # the C++ CPU kernels of astrea._C (which the auto backend picks) and the references.
 KERNELS = ("triton", "cpu")
 IMPLEMENTATIONS = (*KERNELS, "reference")
-_BACKEND_OF = {"triton": "triton", "cpu": "auto", "reference": "reference"}
+# "torch": torch's own kernels (an op declared with kernel="torch"), under auto.
+_BACKEND_OF = {"triton": "triton", "cpu": "auto", "torch": "auto", "reference": "reference"}
 # The ``impl`` argument the registered ops get for each (direct torch.ops.astrea calls pass it).
-CHOICE_OF = {"triton": "triton", "cpu": "extension", "reference": "reference"}
+CHOICE_OF = {"triton": "triton", "cpu": "extension", "torch": "torch", "reference": "reference"}
 
 
 @contextlib.contextmanager

@@ -8,10 +8,13 @@ returns ``(router_logits, routing_weights, expert_indices)``) and a fused expert
 
 * router: the same ``F.linear`` logits, then scoring, top-k and renormalisation in
   :func:`astrea.ops.router_topk`;
-* experts: :func:`astrea.ops.moe_dispatch` and :func:`astrea.ops.permute` put the rows in
-  expert order, each expert applies its own slice of ``gate_up_proj``/``down_proj`` to its
-  contiguous rows, and :func:`astrea.ops.weighted_combine` un-permutes and sums them with
-  the routing weights (fp32 accumulation).
+* experts: :func:`astrea.ops.moe_dispatch`, then :func:`astrea.ops.moe_experts` on
+  ``gate_up_proj``/``down_proj`` as they are (both grouped GEMMs and the weighted sum over each
+  token's slots in one op, no host sync) when the experts gate with the default
+  ``act(gate) * up`` of an activation astrea has (SiLU, exact or tanh GELU, ReLU). Other
+  gating runs the experts' own ``_apply_gate`` on each expert's contiguous rows after
+  :func:`astrea.ops.permute`, and :func:`astrea.ops.weighted_combine` sums them (fp32
+  accumulation).
 
 The block's own forward (jitter noise, shared experts, reshapes) and every parameter stay
 as they are: state_dicts load unchanged, and the router still returns its logits, so
@@ -34,6 +37,7 @@ import astrea.ops
 
 try:
     import transformers
+    import transformers.integrations.moe
 except ImportError as exc:
     raise ImportError(
         "astrea.integrations.transformers needs transformers>=5.0; install it with `pip install 'astrea[hf]'`"
@@ -128,10 +132,32 @@ def _router_forward(self: nn.Module, hidden_states: torch.Tensor):
     return router_logits, weights, out.indices
 
 
+def _grouped_activation(experts: nn.Module) -> str | None:
+    """The :func:`astrea.ops.moe_experts` activation that computes exactly what ``experts``
+    computes between its projections, or None when its gating is another one."""
+    if type(experts)._apply_gate is not transformers.integrations.moe._default_apply_gate:
+        return None
+    act = experts.act_fn
+    name = type(act).__name__
+    if name in ("SiLUActivation", "SiLU"):
+        return "silu"
+    if name == "GELUActivation" and getattr(act, "act", None) is F.gelu:
+        return "gelu"
+    if name == "GELUTanh":
+        return "gelu_tanh"
+    if name == "ReLU":
+        return "relu"
+    return None
+
+
 def _experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     dispatch = astrea.ops.moe_dispatch(top_k_index.to(torch.int32), self.gate_up_proj.shape[0])
+    activation = _grouped_activation(self)
+    if activation is not None and hidden_states.dtype == self.gate_up_proj.dtype == self.down_proj.dtype:
+        return astrea.ops.moe_experts(hidden_states, dispatch, self.gate_up_proj, self.down_proj, top_k_weights,
+                                      activation=activation)
     rows = astrea.ops.permute(hidden_states, dispatch)
     offsets = dispatch.expert_offsets.tolist()
     outputs = []

@@ -1,6 +1,9 @@
-"""Sparse Mixture-of-Experts layer on the dispatch / permute / weighted-combine ops."""
+"""Sparse Mixture-of-Experts layer: stacked-weight experts on the grouped experts op, or any
+experts on the dispatch / permute / weighted-combine ops."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -8,15 +11,63 @@ from torch import nn
 from astrea import ops
 
 
+class GroupedExperts(nn.Module):
+    """E feed-forward experts with stacked weights, run by :func:`astrea.ops.moe_experts`.
+
+    Parameters in transformers' fused layout: ``gate_up [E, 2I, H]`` (gate rows, then up rows;
+    ``[E, I, H]`` when ``gated=False``) and ``down [E, H, I]``, initialised as ``nn.Linear``
+    initialises each expert's projections. ``forward(x [N, H], dispatch, weights [N, k],
+    expert_scale=None)`` gives ``[N, H]``, the weighted sum of each token's k experts.
+    """
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, activation: str = "silu",
+                 gated: bool = True):
+        super().__init__()
+        for name, value in (("num_experts", num_experts), ("hidden", hidden), ("intermediate", intermediate)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GroupedExperts: {name} must be a positive int; got {value!r}")
+        if activation not in ops.experts.ACTIVATIONS:
+            raise ValueError(f"GroupedExperts: activation must be one of {sorted(ops.experts.ACTIVATIONS)}; "
+                             f"got {activation!r}")
+        self.activation = activation
+        self.gated = gated
+        rows = 2 * intermediate if gated else intermediate
+        self.gate_up = nn.Parameter(torch.empty(num_experts, rows, hidden))
+        self.down = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for weight in (self.gate_up, self.down):
+            bound = 1 / math.sqrt(weight.shape[-1])  # nn.Linear's default, per expert
+            nn.init.uniform_(weight, -bound, bound)
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up.shape[0]
+
+    def forward(self, x: torch.Tensor, dispatch: ops.Dispatch, weights: torch.Tensor,
+                expert_scale: torch.Tensor | None = None) -> torch.Tensor:
+        return ops.moe_experts(x, dispatch, self.gate_up, self.down, weights, activation=self.activation,
+                               gated=self.gated, expert_scale=expert_scale)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, hidden={self.down.shape[1]}, intermediate={self.down.shape[2]}, "
+                f"activation={self.activation!r}, gated={self.gated}")
+
+
 class SparseMoE(nn.Module):
     """Routes each token to k experts and sums their outputs with the routing weights.
 
-    ``router(x)`` → ``moe_dispatch`` → ``permute`` → each expert on its contiguous slice of
-    rows → ``weighted_combine``. Slicing needs the expert offsets on the host: reading them is
-    the one device-to-host sync of the forward (and a graph break under ``torch.compile``).
+    With :class:`GroupedExperts`: ``router(x)`` → ``moe_dispatch`` → ``moe_experts`` (both
+    grouped GEMMs and the weighted sum in one op, no host sync: ``torch.compile(fullgraph=True)``
+    takes the whole layer). With an ``nn.ModuleList`` of arbitrary experts: ``router(x)`` →
+    ``moe_dispatch`` → ``permute`` → each expert on its contiguous slice of rows →
+    ``weighted_combine``; slicing needs the expert offsets on the host, the one device-to-host
+    sync of that forward (and a graph break under ``torch.compile``).
 
     Args:
-        experts: the E experts; each maps ``[n, D]`` to ``[n, D_out]`` (the same D_out for all).
+        experts: a :class:`GroupedExperts`, or the E experts as an ``nn.ModuleList``, each
+            mapping ``[n, D]`` to ``[n, D_out]`` (the same D_out for all).
         router: a module whose ``router(x)`` for ``x[N, D]`` returns an object with
             ``.weights`` ``[N, k]`` float, ``.indices`` ``[N, k]`` int32 and optionally
             ``.aux_loss`` (kept in :attr:`aux_loss` after each forward, else None).
@@ -29,9 +80,11 @@ class SparseMoE(nn.Module):
 
     def __init__(self, experts: nn.ModuleList, router: nn.Module, allocator: nn.Module | None = None):
         super().__init__()
-        if not isinstance(experts, nn.ModuleList) or len(experts) == 0:
-            raise TypeError(f"SparseMoE: experts must be a non-empty nn.ModuleList; got {type(experts).__name__}"
-                            + (" of length 0" if isinstance(experts, nn.ModuleList) else ""))
+        listed = isinstance(experts, nn.ModuleList) and len(experts) > 0
+        if not (isinstance(experts, GroupedExperts) or listed):
+            empty = " of length 0" if isinstance(experts, nn.ModuleList) else ""
+            raise TypeError("SparseMoE: experts must be a GroupedExperts or a non-empty nn.ModuleList; got "
+                            f"{type(experts).__name__}{empty}")
         self.experts = experts
         self.router = router
         self.allocator = allocator
@@ -39,13 +92,16 @@ class SparseMoE(nn.Module):
 
     @property
     def num_experts(self) -> int:
-        return len(self.experts)
+        return self.experts.num_experts if isinstance(self.experts, GroupedExperts) else len(self.experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])
         routing = self.router(tokens)
         self.aux_loss = getattr(routing, "aux_loss", None)
         dispatch = ops.moe_dispatch(routing.indices, self.num_experts)
+        scale = self.allocator.scale if self.allocator is not None else None
+        if isinstance(self.experts, GroupedExperts):
+            return self.experts(tokens, dispatch, routing.weights, scale).reshape(x.shape)
         permuted = ops.permute(tokens, dispatch)
         offsets = dispatch.expert_offsets.tolist()  # the host sync
         if offsets[-1] != permuted.shape[0]:
@@ -55,6 +111,5 @@ class SparseMoE(nn.Module):
         widths = {out.shape[-1] for out in outputs}
         if len(widths) != 1:
             raise ValueError(f"SparseMoE: every expert must return the same feature size; got {sorted(widths)}")
-        scale = self.allocator.scale if self.allocator is not None else None
         combined = ops.weighted_combine(torch.cat(outputs), routing.weights, dispatch, expert_scale=scale)
         return combined.reshape(*x.shape[:-1], combined.shape[-1])

@@ -4,6 +4,7 @@ precision where the contract says so), never for speed."""
 
 from astrea.reference.combine import sparse_combine_residual, weighted_combine, weighted_combine_backward
 from astrea.reference.dense_combine import combine_residual, dense_weighted_combine
+from astrea.reference.experts import moe_experts
 from astrea.reference.dispatch import moe_dispatch, permute, permute_backward
 from astrea.reference.moco import moco_infonce, moco_logits, queue_enqueue_
 from astrea.reference.residual import stochastic_residual
@@ -15,6 +16,7 @@ __all__ = [
     "moco_infonce",
     "moco_logits",
     "moe_dispatch",
+    "moe_experts",
     "permute",
     "permute_backward",
     "queue_enqueue_",

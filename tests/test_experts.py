@@ -1,0 +1,256 @@
+"""The grouped experts op (astrea.ops.moe_experts), GroupedExperts and SparseMoE on it: against a
+float64 reference, with errors judged against PyTorch's own computation in the same dtype."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import astrea
+from astrea import ops, reference
+from astrea.nn import GroupedExperts, SparseMoE, TopKRouter
+from astrea.ops import experts as experts_op
+from tests.utils import CHOICE_OF, assert_close, running, strided
+
+OPS_UNDER_TEST = ("moe_experts",)
+# The op's implementations: torch's grouped GEMMs, and the reference (one matmul per expert).
+IMPLS = ("torch", "reference")
+
+
+def make_case(num_tokens, hidden, intermediate, num_experts, top_k, dtype=torch.float32, *, gated=True,
+              skew=False, scale=True):
+    """Inputs of one layer: routing by a real router, weights of nn.Linear scale."""
+    x = torch.randn(num_tokens, hidden).to(dtype)
+    rows = 2 * intermediate if gated else intermediate
+    gate_up = (torch.randn(num_experts, rows, hidden) / hidden**0.5).to(dtype)
+    down = (torch.randn(num_experts, hidden, intermediate) / intermediate**0.5).to(dtype)
+    logits = torch.randn(num_tokens, num_experts) * 3
+    if skew:  # every token prefers expert 0, and the last experts get none
+        logits[:, 0] += 100
+        logits[:, num_experts // 2:] -= 100
+    routing = ops.router_topk(logits, top_k)
+    weights = routing.weights
+    expert_scale = torch.rand(num_experts) + 0.5 if scale else None
+    return x, routing.indices, gate_up, down, weights, expert_scale
+
+
+def run(case, activation="silu", gated=True):
+    x, indices, gate_up, down, weights, scale = case
+    dispatch = ops.moe_dispatch(indices, gate_up.shape[0])
+    return ops.moe_experts(x, dispatch, gate_up, down, weights, activation=activation, gated=gated, expert_scale=scale)
+
+
+def float64_reference(case, activation="silu", gated=True):
+    x, indices, gate_up, down, weights, scale = case
+    return reference.moe_experts(x.double(), indices, gate_up.double(), down.double(), weights.double(), activation,
+                                 gated, None if scale is None else scale.double())
+
+
+def torch_eager(case, activation="silu", gated=True):
+    """The layer as PyTorch computes it in the inputs' dtype (transformers' eager experts):
+    the error the kernels are judged against."""
+    x, indices, gate_up, down, weights, scale = case
+    out = torch.zeros_like(x)
+    for e in range(gate_up.shape[0]):
+        tokens, slots = (indices == e).nonzero(as_tuple=True)
+        pre = F.linear(x[tokens], gate_up[e])
+        if gated:
+            gate, up = pre.chunk(2, dim=-1)
+            hidden = experts_op.ACTIVATIONS[activation](gate) * up
+        else:
+            hidden = experts_op.ACTIVATIONS[activation](pre)
+        coef = weights[tokens, slots] * (scale[e] if scale is not None else 1)
+        out.index_add_(0, tokens, (F.linear(hidden, down[e]) * coef[:, None].to(x.dtype)).to(x.dtype))
+    return out
+
+
+def assert_within_torch_error(actual, expected64, torch_value, what, factor=4.0):
+    """flash-attention's rule: the max error against float64 is at most ``factor`` times
+    PyTorch's own, plus a floor of a few ulps of the result's scale (torch can be exact by luck)."""
+    err = (actual.double() - expected64).abs().max().item()
+    torch_err = (torch_value.double() - expected64).abs().max().item()
+    floor = 8 * torch.finfo(actual.dtype).eps * expected64.abs().max().item()
+    assert err <= factor * torch_err + floor, f"{what}: error {err:.3g}, PyTorch's own {torch_err:.3g}"
+
+
+def _grads(fn, case, grad):
+    x, indices, gate_up, down, weights, scale = case
+    leaves = [t.detach().clone().requires_grad_() for t in (x, gate_up, down, weights, scale)]
+    out = fn((leaves[0], indices, leaves[1], leaves[2], leaves[3], leaves[4]))
+    return out, torch.autograd.grad(out, leaves, grad.to(out.dtype))
+
+
+# (N, H, I, E, k): odd and aligned sizes, N = 1, k = 1 and 8, E not a power of two; H = 33
+# and I = 200 are not 16-byte aligned in fp32 rows for grouped_mm (the per-expert path).
+SHAPES = [(1, 32, 64, 6, 1), (37, 32, 64, 6, 2), (50, 33, 200, 60, 8), (40, 64, 32, 160, 2), (64, 48, 16, 8, 8)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-H{}-I{}-E{}-k{}".format(*s))
+def test_forward_backward_fp32_against_float64(impl, shape):
+    case = make_case(*shape)
+    grad = torch.randn(shape[0], shape[1], dtype=torch.float64)
+    expected, expected_grads = _grads(float64_reference, case, grad)
+    eager, eager_grads = _grads(torch_eager, case, grad)
+    with running(impl, *OPS_UNDER_TEST):
+        out, got_grads = _grads(run, case, grad)
+    assert out.dtype == torch.float32
+    assert_within_torch_error(out, expected, eager, "out")
+    for name, g, e, t in zip(("x", "gate_up", "down", "weights", "scale"), got_grads, expected_grads, eager_grads):
+        assert_within_torch_error(g, e, t, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation, gated", [("silu", True), ("gelu", False)])
+def test_low_precision_against_pytorchs_own_error(dtype, activation, gated):
+    case = make_case(48, 32, 64, 8, 2, dtype, gated=gated)
+    grad = torch.randn(48, 32, dtype=torch.float64)
+    expected, expected_grads = _grads(lambda c: float64_reference(c, activation, gated), case, grad)
+    eager, eager_grads = _grads(lambda c: torch_eager(c, activation, gated), case, grad)
+    out, got_grads = _grads(lambda c: run(c, activation, gated), case, grad)
+    assert out.dtype == dtype
+    assert_within_torch_error(out, expected, eager, f"{dtype} out")
+    for name, g, e, t in zip(("x", "gate_up", "down", "weights", "scale"), got_grads, expected_grads, eager_grads):
+        assert_within_torch_error(g, e, t, f"{dtype} grad {name}")
+
+
+@pytest.mark.parametrize("activation", sorted(experts_op.ACTIVATIONS))
+@pytest.mark.parametrize("gated", [True, False])
+def test_every_activation(activation, gated):
+    case = make_case(30, 32, 16, 4, 2, gated=gated)
+    grad = torch.randn(30, 32, dtype=torch.float64)
+    expected, expected_grads = _grads(lambda c: float64_reference(c, activation, gated), case, grad)
+    eager, eager_grads = _grads(lambda c: torch_eager(c, activation, gated), case, grad)
+    out, got_grads = _grads(lambda c: run(c, activation, gated), case, grad)
+    assert_within_torch_error(out, expected, eager, f"{activation} out")
+    for g, e, t in zip(got_grads, expected_grads, eager_grads):
+        assert_within_torch_error(g, e, t, f"{activation} grads")
+
+
+def test_one_expert_takes_every_token_and_others_none():
+    case = make_case(40, 32, 64, 6, 2, skew=True)
+    grad = torch.randn(40, 32, dtype=torch.float64)
+    expected, expected_grads = _grads(float64_reference, case, grad)
+    eager, eager_grads = _grads(torch_eager, case, grad)
+    out, got_grads = _grads(run, case, grad)
+    assert_within_torch_error(out, expected, eager, "out")
+    assert not got_grads[1][3:].any() and not got_grads[2][3:].any(), "experts without tokens get zero gradients"
+    for g, e, t in zip(got_grads, expected_grads, eager_grads):
+        assert_within_torch_error(g, e, t, "grads")
+
+
+def test_strided_x_and_weights():
+    x, indices, gate_up, down, weights, scale = make_case(37, 32, 64, 6, 2)
+    expected = run((x, indices, gate_up, down, weights, scale))
+    got = run((strided(x), indices, gate_up, down, strided(weights), scale))
+    assert_close(got, expected, what="strided x")
+
+
+def test_empty_batch():
+    x, indices, gate_up, down, weights, scale = make_case(0, 32, 64, 6, 2)
+    x.requires_grad_()
+    out = run((x, indices, gate_up, down, weights, scale))
+    assert out.shape == (0, 32)
+    out.sum().backward()
+    assert x.grad.shape == (0, 32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradcheck_float64(impl):
+    x, indices, gate_up, down, weights, scale = make_case(9, 5, 6, 3, 2, torch.float64)
+    dispatch = ops.moe_dispatch(indices, 3)
+    leaves = [t.requires_grad_() for t in (x, gate_up, down, weights.double(), scale.double())]
+    with running(impl, *OPS_UNDER_TEST):
+        assert torch.autograd.gradcheck(
+            lambda x, g, d, w, s: ops.moe_experts(x, dispatch, g, d, w, expert_scale=s), leaves)
+
+
+def test_bitwise_reproducible_across_runs_and_thread_counts():
+    case = make_case(64, 32, 64, 8, 2)
+    grad = torch.randn(64, 32, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 2):
+            torch.set_num_threads(count)
+            out, grads = _grads(run, case, grad)
+            results.append((out, *grads))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_opcheck(impl):
+    x, indices, gate_up, down, weights, scale = make_case(20, 32, 16, 4, 2)
+    dispatch = ops.moe_dispatch(indices, 4)
+    coef_rows = torch.rand(40, requires_grad=True)
+    args = (x.requires_grad_(), dispatch.sorted_token_ids, dispatch.inverse_positions, dispatch.expert_offsets,
+            gate_up.requires_grad_(), down.requires_grad_(), coef_rows, "silu", True, CHOICE_OF[impl])
+    torch.library.opcheck(torch.ops.astrea.moe_experts.default, args)
+    out, pre = torch.ops.astrea.moe_experts(*args)
+    torch.library.opcheck(torch.ops.astrea.moe_experts_backward.default,
+                          (torch.randn(20, 32), *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:7]],
+                           pre.detach(), "silu", True, args[-1]))
+
+
+def test_sparse_moe_with_grouped_experts_compiles_fullgraph():
+    """No host sync anywhere in the layer: torch.compile(fullgraph=True) takes it whole."""
+    torch.manual_seed(0)
+    moe = SparseMoE(GroupedExperts(8, 32, 64), TopKRouter(32, 8, 2))
+    x = torch.randn(4, 16, 32, requires_grad=True)
+    expected = moe(x)
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, *moe.parameters()])
+    compiled = torch.compile(moe, fullgraph=True)
+    out = compiled(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *moe.parameters()])
+    assert_close(out, expected, what="compiled SparseMoE")
+    for g, e in zip(grads, expected_grads):
+        assert_close(g, e, atol=1e-5, rtol=1e-4, what="compiled grads")
+
+
+def test_grouped_experts_equal_a_module_list_of_the_same_experts():
+    torch.manual_seed(0)
+    grouped = GroupedExperts(4, 16, 24, activation="gelu", gated=False)
+    listed = torch.nn.ModuleList()
+    for e in range(4):
+        ffn = torch.nn.Sequential(torch.nn.Linear(16, 24, bias=False), torch.nn.GELU(),
+                                  torch.nn.Linear(24, 16, bias=False))
+        ffn[0].weight.data.copy_(grouped.gate_up.data[e])
+        ffn[2].weight.data.copy_(grouped.down.data[e])
+        listed.append(ffn)
+    router = TopKRouter(16, 4, 2)
+    x = torch.randn(3, 10, 16)
+    assert_close(SparseMoE(grouped, router)(x), SparseMoE(listed, router)(x), atol=1e-5, rtol=1e-5,
+                 what="grouped vs loop")
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(activation="tanh"), ValueError, "moe_experts: activation must be one of"),
+    (dict(gated="yes"), TypeError, "moe_experts: gated must be a bool"),
+    (dict(down=torch.randn(4, 32, 17)), ValueError, r"moe_experts: gate_up.shape\[1\] must equal 2 \* I"),
+    (dict(gate_up=torch.randn(5, 32, 32)), ValueError, r"moe_experts: gate_up.shape\[0\] must equal the number of "
+                                                       "experts E of dispatch = 4"),
+    (dict(down=torch.randn(4, 32, 16).double()), TypeError, "moe_experts: down must have x's dtype"),
+    (dict(weights=torch.rand(20, 3)), ValueError, "moe_experts: weights must have the shape of dispatch.indices"),
+    (dict(x=torch.randn(20, 32, dtype=torch.float64).to(torch.int32)), TypeError, "moe_experts: x must have dtype"),
+])
+def test_bad_inputs_raise_naming_the_argument(kwargs, error, match):
+    x, indices, gate_up, down, weights, _ = make_case(20, 32, 16, 4, 2)
+    args = dict(x=x, dispatch=ops.moe_dispatch(indices, 4), gate_up=gate_up, down=down, weights=weights)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        ops.moe_experts(**args)
+
+
+def test_backend_reference_runs_the_per_expert_path(monkeypatch):
+    calls = []
+    original = F.grouped_mm
+    monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: calls.append(1) or original(*a, **k))
+    case = make_case(20, 32, 16, 4, 2)
+    with astrea.backend("reference"):
+        run(case)
+    assert not calls
+    run(case)
+    assert calls, "aligned shapes run torch's grouped_mm"
