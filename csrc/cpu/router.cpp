@@ -298,7 +298,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
   return {weights, indices, counts, prob_sums, lse};
 }
 
-// Closed form of the backward (derivation: kernels/router.py), a tile of rows at a time.
+// Closed form of the backward (derivation: kernels/router.py), a tile of rows at a time;
+// the tiles, like the forward's, are fixed by the sizes alone.
 at::Tensor router_topk_backward_cpu(const at::Tensor& logits, const at::Tensor& indices_in,
                                     const at::Tensor& lse_in, const at::Tensor& grad_weights_in,
                                     const at::Tensor& grad_prob_sums_in, const at::Tensor& grad_lse_in,
@@ -327,13 +328,18 @@ at::Tensor router_topk_backward_cpu(const at::Tensor& logits, const at::Tensor& 
     const acc_t* grad_lse_data = grad_lse.const_data_ptr<acc_t>();
     scalar_t* grad_data = grad_logits.data_ptr<scalar_t>();
     const int64_t stride_n = logits.stride(0), stride_e = logits.stride(1);
-    at::parallel_for(0, rows, tile, [&](int64_t begin, int64_t end) {
+    // Tiles start at multiples of `tile` whatever the thread split: ATen's vectorised exp
+    // and sigmoid compute a tile's tail elements apart from its vector body, so a tile
+    // boundary that moved with the number of threads would change the last bit of scores.
+    const int64_t num_tiles = (rows + tile - 1) / tile;
+    at::parallel_for(0, num_tiles, 1, [&](int64_t tile_index_begin, int64_t tile_index_end) {
       // Tiles: the fp32 logits, softmax(x), the sigmoid scores; then one row of the
       // gradient reaching the scores.
       const Tiles<acc_t> tiles(3, experts, lse.options());
       std::vector<acc_t> grad_score(experts);
-      for (int64_t tile_begin = begin; tile_begin < end; tile_begin += tile) {
-        const int64_t tile_end = std::min(end, tile_begin + tile);
+      for (int64_t tile_index = tile_index_begin; tile_index < tile_index_end; ++tile_index) {
+        const int64_t tile_begin = tile_index * tile;
+        const int64_t tile_end = std::min(rows, tile_begin + tile);
         score_tile(logits_data, tile_begin, tile_end, stride_n, stride_e, experts, softmax, tiles,
                    [&](int64_t row, const acc_t*) { return lse_data[row]; });
         const acc_t* probs = tiles[1];

@@ -1,0 +1,80 @@
+"""Edge cases across the ops: results independent of the number of CPU threads, non-finite
+logits and expert rows, degenerate loss inputs and misuse of the MoCo queue."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from astrea.ops import moe_dispatch, permute, router_topk, weighted_combine
+from tests.utils import running
+
+
+@contextlib.contextmanager
+def _threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _assert_same_across_threads(run) -> None:
+    """``run()`` (a list of tensors) gives bitwise equal results on 1 and on 2 threads."""
+    with _threads(1):
+        single = run()
+    with _threads(2):
+        double = run()
+    for i, (a, b) in enumerate(zip(single, double)):
+        assert a.dtype == b.dtype and a.shape == b.shape, f"output {i}"
+        assert torch.equal(a, b), f"output {i} differs across thread counts: max |diff| " \
+                                  f"{(a.double() - b.double()).abs().max().item():.3g}"
+
+
+# ---- thread counts --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_router_cpu_kernel_does_not_depend_on_the_thread_count(scoring, with_bias):
+    n, e, k = 20000, 37, 4
+    logits = torch.randn(n, e) * 2
+    bias = torch.randn(e) * 0.1 if with_bias else None
+    grads = torch.randn(n, k), torch.randn(e), torch.randn(n)
+
+    def run():
+        x = logits.clone().requires_grad_()
+        with running("cpu", "router_topk"):
+            out = router_topk(x, k, scoring=scoring, bias=bias)
+        loss = (out.weights * grads[0]).sum() + (out.prob_sums * grads[1]).sum() + (out.lse * grads[2]).sum()
+        loss.backward()
+        return [t.detach() for t in out] + [x.grad]
+
+    _assert_same_across_threads(run)
+
+
+@pytest.mark.parametrize("with_scale", [False, True], ids=["no-scale", "scale"])
+def test_dispatch_and_combine_cpu_kernels_do_not_depend_on_the_thread_count(with_scale):
+    n, e, k, d = 5003, 37, 4, 24
+    indices = torch.stack([torch.randperm(e)[:k] for _ in range(n)]).int()
+    x = torch.randn(n, d)
+    weights = torch.rand(n, k)
+    scale = torch.rand(e) + 0.5 if with_scale else None
+    grad_out = torch.randn(n, d)
+
+    def run():
+        xs = x.clone().requires_grad_()
+        w = weights.clone().requires_grad_()
+        s = scale.clone().requires_grad_() if scale is not None else None
+        with running("cpu", "moe_dispatch", "permute", "weighted_combine"):
+            dispatch = moe_dispatch(indices, e)
+            rows = permute(xs, dispatch)
+            out = weighted_combine(rows * 1.5, w, dispatch, s)
+        (out * grad_out).sum().backward()
+        results = [*dispatch[:3], rows.detach(), out.detach(), xs.grad, w.grad]
+        return results + ([s.grad] if s is not None else [])
+
+    _assert_same_across_threads(run)
