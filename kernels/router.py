@@ -5,7 +5,7 @@ Forward, per row ``x`` (fp32 copy of the logits):
     lse = max(x) + log(sum(exp(x - max(x))))
     score = softmax(x) = exp(x - lse)        or   sigmoid(x)
     key = x (no bias: same order as the scores)   or   score + bias
-    indices = the k largest keys, NaN ranked lowest, equal keys to the lower expert index
+    indices = the k largest keys, NaN ranked lowest (below -inf), equal keys to the lower expert index
     v_j = score[indices_j];  weights = v / sum(v) (renormalize) or v
 Rows whose lse is NaN (a NaN or +Inf logit, or every logit -Inf) get NaN weights.
 
@@ -37,17 +37,22 @@ def _load_logits(logits_ptr, rows, cols, row_ok, col_ok, stride_n, stride_e):
 
 # Marks chosen (and padded) experts in the packed keys: below every packed key.
 TAKEN: tl.constexpr = tl.constexpr(-(2**63))
+# The order-preserving high word of a NaN key: one below that of -inf (0xFF800000 ^ 0x7FFFFFFF),
+# far above TAKEN's.
+NAN_ORDERED: tl.constexpr = tl.constexpr(-2139095041 - 1)
 
 
 @triton.jit
 def _packed_keys(key, cols, col_ok, BLOCK_E: tl.constexpr):
     """One int64 per expert whose signed order is (key, then lower index), so that one max
     per top-k slot finds the next expert: the fp32 key's bits made order-preserving in the
-    high word, BLOCK_E - 1 - index in the low word. NaN keys rank as -inf."""
-    key = tl.where(key != key, float("-inf"), key)
+    high word, BLOCK_E - 1 - index in the low word. NaN keys rank strictly below -inf: they
+    all get the high word just under that of -inf (a NaN bit pattern again, for _key_of)."""
+    is_nan = key != key
     key = tl.where(key == 0.0, 0.0, key)  # -0.0 and +0.0 are equal keys
     bits = key.to(tl.int32, bitcast=True)
     ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: reverse the magnitude order
+    ordered = tl.where(is_nan, NAN_ORDERED, ordered)
     packed = (ordered.to(tl.int64) << 32) | (BLOCK_E - 1 - cols).to(tl.int64)[None, :]
     return tl.where(col_ok[None, :], packed, TAKEN)
 

@@ -78,3 +78,50 @@ def test_dispatch_and_combine_cpu_kernels_do_not_depend_on_the_thread_count(with
         return results + ([s.grad] if s is not None else [])
 
     _assert_same_across_threads(run)
+
+
+# ---- NaN and -inf keys ------------------------------------------------------------------------
+
+_NAN, _INF = float("nan"), float("inf")
+
+
+def _mixed_logits() -> torch.Tensor:
+    """Rows mixing NaN, -inf and finite logits, NaNs before and after the -infs."""
+    rows = [
+        [_NAN, -_INF, 0.5, -_INF, _NAN, 1.0],
+        [-_INF, _NAN, -_INF, _NAN, 2.0, -1.0],
+        [_NAN, _NAN, -_INF, -_INF, -_INF, _NAN],
+        [_NAN, -_INF, _NAN, -_INF, _NAN, -_INF],
+        [0.1, -_INF, 0.3, -_INF, -0.2, 0.0],
+        [_NAN] * 6,
+        [-_INF] * 6,
+        [1.0, _NAN, 2.0, 3.0, -_INF, 0.0],
+    ]
+    return torch.tensor(rows)
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("k", [3, 6])
+def test_nan_keys_rank_strictly_below_minus_inf(scoring, with_bias, k):
+    logits = _mixed_logits()
+    # A bias with -inf and NaN entries makes -inf and NaN keys in rows of finite logits too.
+    bias = torch.tensor([0.0, -_INF, 0.1, _NAN, -_INF, 0.2]) if with_bias else None
+    results = {}
+    for impl in ("triton", "cpu", "reference"):
+        with running(impl, "router_topk"):
+            results[impl] = router_topk(logits, k, scoring=scoring, bias=bias)
+    # The expected order: a stable sort on (is NaN, -key).
+    x = logits
+    scores = torch.softmax(x, 1) if scoring == "softmax" else torch.sigmoid(x)
+    key = x if bias is None else scores + bias
+    for row in range(key.shape[0]):
+        values = key[row].tolist()
+        order = sorted(range(len(values)), key=lambda e: (values[e] != values[e],
+                                                          0.0 if values[e] != values[e] else -values[e]))
+        for impl, out in results.items():
+            assert out.indices[row].tolist() == order[:k], f"{impl} row {row}: {values}"
+    expected = results["reference"]
+    for impl in ("triton", "cpu"):
+        assert torch.equal(results[impl].indices, expected.indices), impl
+        assert torch.equal(results[impl].counts, expected.counts), impl

@@ -3,8 +3,11 @@
 Non-finite logits, without a host sync: a row whose log-sum-exp is not finite (it holds
 a NaN or a +Inf logit, or every logit is -Inf) gets NaN ``lse`` and NaN weights, for
 both scorings, so the NaN reaches the loss instead of being hidden. Its indices are
-still valid expert ids, chosen deterministically: NaN keys rank below every number and
-equal keys go to the lower expert index. Its scores enter ``prob_sums`` as computed
+still valid expert ids, chosen deterministically and identically by every implementation:
+NaN keys rank strictly below every number, -Inf included (an expert with a NaN key is
+chosen only after every expert with a -Inf key), and equal keys, two NaNs included, go to
+the lower expert index. With a bias the keys are ``score + bias``, so a NaN bias entry
+makes its expert rank last too. Its scores enter ``prob_sums`` as computed
 (NaN for softmax). -Inf logits in a row with a finite logit are ordinary: probability 0.
 
 Implementations: the Triton kernels (kernels/router.py) on CUDA; on CPU tensors the C++

@@ -21,10 +21,13 @@ def _scores(x: torch.Tensor, lse: torch.Tensor, scoring: str) -> torch.Tensor:
 
 def select_experts(x: torch.Tensor, scores: torch.Tensor, k: int, bias: torch.Tensor | None) -> torch.Tensor:
     """The k experts of each row with the largest keys (logits, or scores + bias), NaN keys
-    ranked lowest, equal keys to the lower expert index (a stable descending sort)."""
+    ranked lowest (below -inf), equal keys to the lower expert index (stable sorts)."""
     key = x if bias is None else scores + bias.to(scores.dtype)
-    key = key.masked_fill(torch.isnan(key), float("-inf"))
-    return torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]
+    is_nan = torch.isnan(key)
+    order = torch.sort(key.masked_fill(is_nan, float("-inf")), dim=1, descending=True, stable=True).indices
+    # Then the NaN keys after every number, keeping the order within each group.
+    last = torch.sort(is_nan.gather(1, order).to(torch.uint8), dim=1, stable=True).indices
+    return order.gather(1, last)[:, :k]
 
 
 def router_topk(logits: torch.Tensor, k: int, scoring: str = "softmax", renormalize: bool = True,

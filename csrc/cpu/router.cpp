@@ -163,17 +163,25 @@ acc_t row_dot(const acc_t* a, const acc_t* b, int64_t n) {
   return result;
 }
 
-// The k experts with the largest keys, best first, into chosen[0, k): NaN keys rank as
-// -inf and equal keys go to the lower index. Experts are visited in index order and a
-// key displaces only strictly smaller ones, so ties keep the earlier expert first.
+// Whether key a ranks strictly above key b: numbers by value, NaN below every number
+// (-inf included), two NaNs equal.
+template <typename acc_t>
+bool ranks_above(acc_t a, acc_t b) {
+  if (a != a) return false;
+  return b != b || a > b;
+}
+
+// The k experts with the largest keys, best first, into chosen[0, k): NaN keys rank
+// below -inf and equal keys go to the lower index. Experts are visited in index order and
+// a key displaces only keys it ranks strictly above, so ties keep the earlier expert first.
 template <typename acc_t>
 void top_k(const acc_t* key, int64_t experts, int64_t k, acc_t* best_keys, int32_t* chosen) {
   int64_t filled = 0;
   for (int64_t e = 0; e < experts; ++e) {
-    const acc_t value = key[e] != key[e] ? -std::numeric_limits<acc_t>::infinity() : key[e];
-    if (filled == k && !(value > best_keys[k - 1])) continue;
+    const acc_t value = key[e];
+    if (filled == k && !ranks_above(value, best_keys[k - 1])) continue;
     int64_t slot = filled < k ? filled++ : k - 1;
-    for (; slot > 0 && value > best_keys[slot - 1]; --slot) {
+    for (; slot > 0 && ranks_above(value, best_keys[slot - 1]); --slot) {
       best_keys[slot] = best_keys[slot - 1];
       chosen[slot] = chosen[slot - 1];
     }
