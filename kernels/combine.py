@@ -3,8 +3,9 @@ k slots, ``out[t] = sum_j w[t, j] * s[e(t, j)] * y[pos(t, j)]`` (fp32 accumulati
 
 Every kernel is token-major: a program owns a tile of tokens, so each output row is summed
 by exactly one program in a fixed order and no float atomics are needed. Slots whose
-expert is out of range (see :mod:`astrea.kernels.dispatch`) contribute nothing and their
-expert-output rows are never read.
+expert is out of range (see :mod:`astrea.kernels.dispatch`) or whose coefficient
+``w * s`` is zero contribute nothing in the forward and their expert-output rows are
+never read there (a NaN/Inf row of a zero-weight slot adds exactly nothing).
 
 The backward writes ``grad_y[pos(t, j)] = w * s * grad_out[t]`` (``pos`` is a permutation,
 so every row is written once), reduces ``g[t, j] = <grad_out[t], y[pos(t, j)]>`` in the
@@ -67,8 +68,11 @@ def _combine_kernel(y_ptr, weights_ptr, indices_ptr, inverse_positions_ptr, scal
         if HAS_WEIGHTS:
             coefficient, valid = _slot_coefficient(weights_ptr, indices_ptr, scale_ptr, tokens, token_ok, j,
                                                    top_k, num_experts, stride_wt, stride_wj, HAS_SCALE)
-            y = tl.load(rows, mask=valid[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            acc += coefficient[:, None] * y
+            # A zero coefficient skips its slot (as the dense combine does): the row is not
+            # read, so a NaN or Inf in it adds nothing.
+            used = valid & (coefficient != 0.0)
+            y = tl.load(rows, mask=used[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            acc += tl.where(used[:, None], coefficient[:, None] * y, 0.0)
         else:
             acc += tl.load(rows, mask=token_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
     tile_ok = token_ok[:, None] & col_ok[None, :]

@@ -125,3 +125,35 @@ def test_nan_keys_rank_strictly_below_minus_inf(scoring, with_bias, k):
     for impl in ("triton", "cpu"):
         assert torch.equal(results[impl].indices, expected.indices), impl
         assert torch.equal(results[impl].counts, expected.counts), impl
+
+
+# ---- zero-weight slots with non-finite rows ------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["triton", "cpu", "reference"])
+@pytest.mark.parametrize("zero_in", ["weights", "expert_scale"])
+def test_sparse_combine_skips_zero_coefficient_slots(impl, zero_in):
+    """A slot whose w * s is 0 adds exactly nothing, even when its expert row is NaN or Inf
+    (the rule of the dense combine)."""
+    n, e, k, d = 9, 5, 3, 16
+    indices = torch.stack([torch.randperm(e)[:k] for _ in range(n)]).int()
+    weights = torch.rand(n, k) + 0.1
+    scale = torch.rand(e) + 0.5
+    if zero_in == "weights":
+        weights[::2, 1] = 0.0
+        weights[1, 0] = -0.0
+    else:
+        scale[int(indices[0, 0])] = 0.0
+    with running(impl, "moe_dispatch", "weighted_combine"):
+        dispatch = moe_dispatch(indices, e)
+        zero = (weights * scale[indices.long()]) == 0
+        assert zero.any()
+        rows = zero.flatten().nonzero().squeeze(1)
+        positions = dispatch.inverse_positions.flatten().long()[rows]
+        finite = torch.randn(n * k, d)
+        poisoned = finite.clone()
+        poisoned[positions] = torch.tensor([float("nan"), float("inf"), -float("inf")]).repeat(d)[:d]
+        out = weighted_combine(poisoned, weights, dispatch, scale)
+        expected = weighted_combine(finite, weights, dispatch, scale)
+    assert torch.isfinite(out).all(), f"{impl}: a zero-coefficient NaN/Inf row reached the output"
+    assert torch.equal(out, expected)

@@ -19,8 +19,8 @@ from astrea.reference import combine as reference
 
 SPEC = _backend.declare_op(
     "weighted_combine", kernel="triton", cpu_kernel="weighted_combine_cpu",
-    supports={"triton": "any strides; out-of-range experts add nothing",
-              "extension": "any strides, float64 too; out-of-range experts add nothing"})
+    supports={"triton": "any strides; out-of-range experts and zero-coefficient slots add nothing",
+              "extension": "any strides, float64 too; out-of-range experts and zero-coefficient slots add nothing"})
 
 
 def _triton_forward(expert_out, weights, indices, inverse_positions, expert_scale, num_experts):
@@ -195,8 +195,13 @@ def weighted_combine(expert_out: torch.Tensor, weights: torch.Tensor, dispatch: 
     Returns:
         ``[N, D]`` in expert_out's dtype, accumulated in fp32. Slots whose expert is out of
         range (possible only on CUDA, see :func:`~astrea.ops.moe_dispatch`) contribute nothing.
+        A slot whose coefficient ``weights[t, j] * expert_scale[e(t, j)]`` is zero is skipped,
+        the rule of :func:`~astrea.ops.dense_weighted_combine`: its row is not read and adds
+        exactly nothing, even when it holds NaN or Inf (``0 * NaN`` would be NaN).
         Backward gives expert_out, weights and expert_scale gradients, deterministically:
         the expert_scale gradient sums each expert's rows in a fixed order, without atomics.
+        As in the dense combine, the weight and scale gradients are those of the smooth sum:
+        a zero-weight slot still gets ``s * <grad[t], y[pos(t, j)]>`` (NaN for a NaN row).
     """
     dispatch = check_combine_inputs("weighted_combine", expert_out, weights, dispatch, expert_scale)
     return torch.ops.astrea.weighted_combine(expert_out, weights, dispatch.indices, dispatch.inverse_positions,

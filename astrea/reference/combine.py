@@ -21,12 +21,13 @@ def _coefficients(weights, indices, expert_scale, num_experts, dtype):
 def weighted_combine(expert_out: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                      inverse_positions: torch.Tensor, num_experts: int,
                      expert_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``out[t] = sum_j w[t, j] * s[e(t, j)] * y[pos(t, j)]``; out-of-range experts contribute nothing."""
+    """``out[t] = sum_j w[t, j] * s[e(t, j)] * y[pos(t, j)]``; out-of-range experts and slots whose
+    coefficient ``w * s`` is zero contribute exactly nothing (even a NaN/Inf row)."""
     dtype = accumulation_dtype(expert_out, weights, expert_scale)
     num_tokens, top_k = indices.shape
     coefficient, valid = _coefficients(weights, indices, expert_scale, num_experts, dtype)
     rows = expert_out.index_select(0, inverse_positions.reshape(-1).long()).view(num_tokens, top_k, -1).to(dtype)
-    rows = torch.where(valid[..., None], rows, 0)
+    rows = torch.where((valid & (coefficient != 0))[..., None], rows, 0)
     return (coefficient[..., None] * rows).sum(1).to(expert_out.dtype)
 
 

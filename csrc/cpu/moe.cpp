@@ -270,7 +270,7 @@ struct Routing {
   const int32_t* positions() const { return inverse_positions.const_data_ptr<int32_t>(); }
 };
 
-// out[t] = sum_j w[t, j] * s[e(t, j)] * y[pos(t, j)].
+// out[t] = sum_j w[t, j] * s[e(t, j)] * y[pos(t, j)] over the slots of nonzero coefficient.
 at::Tensor weighted_combine_cpu(const at::Tensor& expert_out_in, const at::Tensor& weights,
                                 const at::Tensor& indices, const at::Tensor& inverse_positions,
                                 const std::optional<at::Tensor>& expert_scale, int64_t num_experts) {
@@ -286,7 +286,9 @@ at::Tensor weighted_combine_cpu(const at::Tensor& expert_out_in, const at::Tenso
     const Coefficients<acc_t> c(weights, routing.expert(), expert_scale, num_experts);
     gather_sum_rows<scalar_t, acc_t>(
         y.const_data_ptr<scalar_t>(), y_stride, routing.positions(), num_tokens, top_k, dim,
-        [&](int64_t r) { return c.valid[r] ? std::optional<acc_t>(c.coef[r]) : std::nullopt; },
+        // A zero coefficient skips its slot, as the dense combine does: its row (NaN or Inf
+        // as it may be) is not read and adds exactly nothing.
+        [&](int64_t r) { return c.valid[r] && c.coef[r] != acc_t(0) ? std::optional<acc_t>(c.coef[r]) : std::nullopt; },
         out.data_ptr<scalar_t>());
   });
   return out;
