@@ -157,3 +157,29 @@ def test_sparse_combine_skips_zero_coefficient_slots(impl, zero_in):
         expected = weighted_combine(finite, weights, dispatch, scale)
     assert torch.isfinite(out).all(), f"{impl}: a zero-coefficient NaN/Inf row reached the output"
     assert torch.equal(out, expected)
+
+
+# ---- degenerate loss inputs ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_tokens", [0, -3, torch.tensor(0), torch.tensor(-3), torch.tensor([0])],
+                         ids=["int0", "int-3", "tensor0", "tensor-3", "tensor[0]"])
+def test_load_balancing_loss_rejects_non_positive_num_tokens(num_tokens):
+    from astrea.ops import load_balancing_loss
+
+    out = router_topk(torch.randn(8, 4), 2)
+    with pytest.raises(ValueError, match="load_balancing_loss: num_tokens"):
+        load_balancing_loss(out, num_tokens=num_tokens)
+
+
+def test_losses_of_no_tokens_raise():
+    from astrea.ops import load_balancing_loss, router_z_loss
+
+    out = router_topk(torch.randn(0, 4), 2)
+    with pytest.raises(ValueError, match="load_balancing_loss: .*num_tokens"):
+        load_balancing_loss(out)
+    with pytest.raises(ValueError, match="router_z_loss: .*N = 0"):
+        router_z_loss(out)
+    # A rank without tokens of a global batch: the global count makes the loss defined (0 here).
+    assert load_balancing_loss(out, num_tokens=16).item() == 0.0
+    assert load_balancing_loss(out, num_tokens=torch.tensor(16)).item() == 0.0

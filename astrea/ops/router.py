@@ -168,6 +168,26 @@ def _check_output(op: str, out) -> None:
         raise TypeError(f"{op}: out must be the RouterOutput of router_topk, got {type(out).__name__}")
 
 
+def _check_num_tokens(op: str, num_tokens) -> None:
+    """``num_tokens`` is a positive int, or a tensor of one positive integer: checked here on
+    CPU; on other devices by a device-side assertion, which does not sync the host."""
+    if isinstance(num_tokens, torch.Tensor):
+        if num_tokens.numel() != 1:
+            raise ValueError(f"{op}: num_tokens must hold one value; got shape {tuple(num_tokens.shape)}")
+        if num_tokens.dtype == torch.bool or num_tokens.is_complex():
+            raise TypeError(f"{op}: num_tokens must be a real tensor; got {num_tokens.dtype}")
+        if num_tokens.device.type == "cpu" and not torch.compiler.is_compiling():
+            if not bool(num_tokens > 0):
+                raise ValueError(f"{op}: num_tokens must be positive; got {num_tokens.item()}")
+        else:
+            torch._assert_async(num_tokens.reshape(()) > 0, f"{op}: num_tokens must be positive")
+        return
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
+        raise TypeError(f"{op}: num_tokens must be an int or a tensor; got {type(num_tokens).__name__}")
+    if num_tokens <= 0:
+        raise ValueError(f"{op}: num_tokens must be positive; got {num_tokens}")
+
+
 def load_balancing_loss(out: RouterOutput, *, num_tokens: Union[int, torch.Tensor, None] = None) -> torch.Tensor:
     """Switch Transformer balancing loss ``E * sum_e f_e * P_e`` from a router pass.
 
@@ -175,12 +195,27 @@ def load_balancing_loss(out: RouterOutput, *, num_tokens: Union[int, torch.Tenso
     e and ``P_e = prob_sums_e / num_tokens`` its mean score; the loss is 1 when both are
     uniform. Differentiable w.r.t. the logits through ``prob_sums``; no second read of the
     logits. ``num_tokens`` defaults to the N of ``out``; pass the global token count when
-    ``counts`` and ``prob_sums`` were all-reduced across ranks. N = 0 gives NaN.
+    ``counts`` and ``prob_sums`` were all-reduced across ranks (a rank's own N may then be 0).
+
+    Raises:
+        ValueError: ``num_tokens`` is 0 or negative, or it is not given and ``out`` has
+            N = 0 tokens (the loss of no tokens is undefined). A ``num_tokens`` tensor is
+            checked on the host when it is a CPU tensor; a CUDA tensor is checked by a
+            device-side assertion instead (no host sync), which fails the CUDA stream with a
+            RuntimeError naming num_tokens when the value is not positive.
     """
-    _check_output("load_balancing_loss", out)
+    op = "load_balancing_loss"
+    _check_output(op, out)
     num_experts = out.counts.shape[0]
     k = out.weights.shape[1]
-    tokens = out.lse.shape[0] if num_tokens is None else num_tokens
+    if num_tokens is None:
+        if out.lse.shape[0] == 0:
+            raise ValueError(f"{op}: out has N = 0 tokens, so num_tokens (default: N) would be 0; "
+                             "pass the global num_tokens when other ranks hold the tokens")
+        tokens = out.lse.shape[0]
+    else:
+        _check_num_tokens(op, num_tokens)
+        tokens = num_tokens
     fractions = out.counts.float() / (tokens * k)
     mean_scores = out.prob_sums / tokens
     return num_experts * (fractions * mean_scores).sum()
@@ -188,6 +223,13 @@ def load_balancing_loss(out: RouterOutput, *, num_tokens: Union[int, torch.Tenso
 
 def router_z_loss(out: RouterOutput) -> torch.Tensor:
     """Router z-loss (ST-MoE): the mean over tokens of ``lse**2``, which keeps the logits
-    small; differentiable w.r.t. the logits through ``lse``. N = 0 gives NaN."""
-    _check_output("router_z_loss", out)
+    small; differentiable w.r.t. the logits through ``lse``.
+
+    Raises:
+        ValueError: ``out`` has N = 0 tokens (the mean over no tokens is undefined).
+    """
+    op = "router_z_loss"
+    _check_output(op, out)
+    if out.lse.shape[0] == 0:
+        raise ValueError(f"{op}: out has N = 0 tokens; the mean of lse**2 over no tokens is undefined")
     return out.lse.square().mean()
