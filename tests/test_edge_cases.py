@@ -183,3 +183,29 @@ def test_losses_of_no_tokens_raise():
     # A rank without tokens of a global batch: the global count makes the loss defined (0 here).
     assert load_balancing_loss(out, num_tokens=16).item() == 0.0
     assert load_balancing_loss(out, num_tokens=torch.tensor(16)).item() == 0.0
+
+
+# ---- the MoCo queue ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["cpu", "reference"])
+def test_queue_enqueue_rejects_arguments_overlapping_the_queue(impl):
+    from astrea.ops import queue_enqueue_
+
+    queue = torch.randn(8, 4)
+    with running(impl, "queue_enqueue_"):
+        with pytest.raises(ValueError, match="queue_enqueue_: keys overlaps the memory of queue"):
+            queue_enqueue_(queue, torch.zeros(1, dtype=torch.long), queue[2:5])
+        with pytest.raises(ValueError, match="queue_enqueue_: keys overlaps the memory of queue"):
+            queue_enqueue_(queue, torch.zeros(1, dtype=torch.long), queue[7:8].expand(2, 4))
+        # ptr viewing the queue's memory (its bits reinterpreted as int64).
+        flat = torch.zeros(8 * 4)
+        with pytest.raises(ValueError, match="queue_enqueue_: ptr overlaps the memory of queue"):
+            queue_enqueue_(flat.view(8, 4), flat.view(torch.int64)[:1], torch.randn(2, 4))
+        # Disjoint views of one buffer are fine.
+        buffer = torch.randn(10, 4)
+        ring, keys = buffer[:8], buffer[8:]
+        expected = torch.cat([keys, buffer[2:8]])
+        ptr = torch.zeros(1, dtype=torch.long)
+        queue_enqueue_(ring, ptr, keys)
+        assert torch.equal(ring, expected) and int(ptr) == 2

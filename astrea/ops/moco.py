@@ -108,6 +108,33 @@ def moco_infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperat
     return loss
 
 
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes ``[start, end)`` that tensor ``t`` spans in memory (empty for no elements)."""
+    if t.numel() == 0:
+        return 0, 0
+    item = t.element_size()
+    extents = [(size - 1) * stride * item for size, stride in zip(t.shape, t.stride())]
+    start = t.data_ptr()
+    return start + sum(e for e in extents if e < 0), start + sum(e for e in extents if e > 0) + item
+
+
+def _check_no_overlap(op: str, **tensors: torch.Tensor) -> None:
+    """No two of ``tensors`` share memory: in-place writes through one would change another
+    while it is read. Judged on the byte ranges they span (views of one storage that only
+    interleave count as overlapping)."""
+    if torch.compiler.is_compiling():  # fake tensors have no memory
+        return
+    items = list(tensors.items())
+    for i, (name_a, a) in enumerate(items):
+        for name_b, b in items[i + 1:]:
+            if a.device != b.device:
+                continue
+            (start_a, end_a), (start_b, end_b) = _byte_range(a), _byte_range(b)
+            if start_a < end_b and start_b < end_a:
+                raise ValueError(f"{op}: {name_b} overlaps the memory of {name_a}; pass a tensor of its own "
+                                 f"(e.g. {name_b}.clone())")
+
+
 def queue_enqueue_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None:
     """Ring-buffer write: ``queue[(ptr + i) % K] = keys[i]`` for every key, then ``ptr += B (mod K)``.
 
@@ -116,6 +143,10 @@ def queue_enqueue_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -
         ptr: 1-element int64 tensor on the queue's device (a buffer, so it lives in
             ``state_dict``), advanced in place. On CUDA it is read on the device: no sync.
         keys: ``[B, D]`` with ``B <= K``, any floating dtype (cast to the queue's).
+
+    Raises:
+        ValueError: among the shape checks, when ``ptr`` or ``keys`` shares memory with the
+            queue (or with each other): the write would read what it overwrites.
     """
     op = "queue_enqueue_"
     ENQUEUE_SPEC.check_tensor("queue", queue, ndim=2)
@@ -131,6 +162,7 @@ def queue_enqueue_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -
     check_size(op, "keys", keys, 1, queue.shape[1], "queue.shape[1]")
     if keys.shape[0] > queue.shape[0]:
         raise ValueError(f"{op}: keys has {keys.shape[0]} rows, more than the queue's {queue.shape[0]}")
+    _check_no_overlap(op, queue=queue, ptr=ptr, keys=keys)
     if ENQUEUE_SPEC.choose(device) == "reference":
         reference.queue_enqueue_(queue, ptr, keys)
     else:
