@@ -28,15 +28,26 @@ def _demo(args: argparse.Namespace) -> None:
     from astrea import distributed
     from astrea.train import AlignConfig
     from astrea.train.config import overrides
-    from astrea.train.demo import run_demo, summary_lines
+    from astrea.train.demo import DEMO_EXTRAS, INSTALL_DEMO, require_demo_extras, run_demo, summary_lines
 
+    try:
+        require_demo_extras()
+    except ImportError as exc:
+        raise SystemExit(f"astrea demo: {exc}") from None
     given = overrides(args)
     if args.resume and given:
         raise SystemExit("astrea demo: --resume continues the saved configuration; drop "
                          + ", ".join("--" + k.replace("_", "-") for k in given))
     cfg = None if args.resume else (AlignConfig.quick(**given) if args.quick else AlignConfig(**given))
     distributed.init_from_env("cpu")  # under torchrun: one data-parallel rank of the CPU demo (gloo)
-    final = run_demo(args.out, cfg, resume=args.resume, progress=not args.no_progress, threads=args.threads)
+    try:
+        final = run_demo(args.out, cfg, resume=args.resume, progress=not args.no_progress, threads=args.threads)
+    except ModuleNotFoundError as exc:  # an extra found above but broken on import
+        top = (exc.name or "").partition(".")[0]
+        if top not in DEMO_EXTRAS:
+            raise
+        raise SystemExit(f"astrea demo: {DEMO_EXTRAS[top]} (demo extra) cannot be imported ({exc}); "
+                         f"install the extras with: {INSTALL_DEMO}") from None
     if distributed.is_main():
         print("\n".join(["final metrics:"] + ["  " + line for line in summary_lines(final)]))
         print(f"run folder: {args.out}")

@@ -167,3 +167,19 @@ def test_instruct_steps_draw_disjoint_residual_mask_counters(monkeypatch):
         aligner.train_step()
     assert len(spans) == 3
     assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])), spans
+
+
+def test_demo_without_the_demo_extras_names_the_install_command(tmp_path):
+    """Without scikit-learn (blocked from importing here) the demo stops with a message
+    naming the extra to install, not a ModuleNotFoundError traceback."""
+    import subprocess
+    import sys
+
+    script = ("import sys; sys.modules['sklearn'] = None\n"
+              "from astrea.cli import main\n"
+              f"sys.exit(main(['demo', '--out', {str(tmp_path / 'run')!r}, '--quick', '--no-progress']))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "pip install 'astrea[demo]'" in result.stderr and "scikit-learn" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()

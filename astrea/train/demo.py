@@ -4,6 +4,7 @@ a run folder (metrics per stage, figures, a resumable checkpoint)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -15,7 +16,32 @@ from astrea.train.aligner import ProgressiveAligner
 from astrea.train.config import AlignConfig
 from astrea.train.plots import plot_router_probabilities, plot_stage_metrics
 
+# The modules of the ``demo`` extra (pyproject.toml) the job imports, by their distribution.
+DEMO_EXTRAS = {"tqdm": "tqdm", "matplotlib": "matplotlib", "safetensors": "safetensors", "sklearn": "scikit-learn"}
+INSTALL_DEMO = "pip install 'astrea[demo]'"
 CHECKPOINT = "checkpoint.safetensors"
+
+
+def missing_demo_extras() -> list[str]:
+    """The distributions of the ``demo`` extra that cannot be imported (without importing them)."""
+    missing = []
+    for module, distribution in DEMO_EXTRAS.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(distribution)
+    return missing
+
+
+def require_demo_extras() -> None:
+    """Raises ImportError naming the missing packages and ``pip install 'astrea[demo]'``."""
+    missing = missing_demo_extras()
+    if missing:
+        raise ImportError(f"the demo needs the packages of the demo extra; missing: {', '.join(missing)}. "
+                          f"Install them with: {INSTALL_DEMO}")
+
 SUMMARY_METRICS = ("retrieval_top1", "classification_accuracy", "box_iou", "mask_iou", "caption_token_accuracy",
                    "qa_accuracy", "load_share", "load_cv")
 
