@@ -364,6 +364,56 @@ def test_module_loss_uses_the_queue_before_enqueue_and_enqueues_keys():
     assert_close(state["queue"].norm(dim=1), torch.ones(40), atol=1e-5, rtol=0, what="queue rows are unit vectors")
 
 
+class _LargeAllocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that return a new tensor of at least ``numel`` elements (outputs in
+    the storage of ``exempt``, i.e. in-place writes to it, do not count)."""
+
+    def __init__(self, numel: int, exempt: torch.Tensor):
+        super().__init__()
+        self.numel, self.exempt, self.seen = numel, exempt.untyped_storage().data_ptr(), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if (isinstance(t, torch.Tensor) and t.numel() >= self.numel
+                    and t.untyped_storage().data_ptr() != self.exempt):
+                self.seen.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("impl", ["cpu", "reference"])
+@pytest.mark.parametrize("learnable", [False, True], ids=["fixed-T", "learnable-T"])
+def test_module_step_copies_no_queue_and_keeps_the_gradients(impl, learnable):
+    """A training step (forward, enqueue, backward) allocates nothing queue-sized, and its
+    gradients equal those of the loss on a snapshot of the queue taken before the enqueue."""
+    from tests.utils import running
+
+    moco = MomentumContrast(dim=32, queue_size=4096, temperature=0.1, learnable_temperature=learnable)
+    queue_before, queue_ptr = moco.queue.clone(), moco.queue.data_ptr()
+    q = torch.randn(8, 32, requires_grad=True)
+    key = torch.randn(8, 32, requires_grad=True)
+    with running(impl, "moco_infonce", "queue_enqueue_"):
+        with _LargeAllocations(moco.queue.numel(), moco.queue) as mode:
+            loss = moco(q, key)
+            loss.backward()
+        assert mode.seen == [], f"queue-sized allocations: {mode.seen}"
+        assert moco.queue.data_ptr() == queue_ptr
+        assert not torch.equal(moco.queue, queue_before)  # the enqueue did overwrite rows
+        # The unoptimised computation: the loss on a copy of the queue as it was.
+        qr, kr = q.detach().clone().requires_grad_(), key.detach().clone().requires_grad_()
+        log_t = torch.tensor(0.1).log().requires_grad_()
+        qn = F.normalize(qr, dim=1)
+        expected = ops.moco_infonce(qn / log_t.exp() if learnable else qn, F.normalize(kr, dim=1), queue_before,
+                                    1.0 if learnable else 0.1)
+        expected.backward()
+    assert torch.equal(loss.detach(), expected.detach())
+    # B = 8: the mean's 1/B scales exactly, so the gradients are the op's, bit for bit.
+    assert torch.equal(q.grad, qr.grad)
+    assert torch.equal(key.grad, kr.grad)
+    if learnable:
+        assert torch.equal(moco.log_temperature.grad, log_t.grad)
+
+
 def test_module_learnable_temperature_gets_a_gradient():
     moco = MomentumContrast(dim=8, queue_size=30, temperature=0.2, learnable_temperature=True)
     queue_before = moco.queue.clone()

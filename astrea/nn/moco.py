@@ -27,6 +27,47 @@ def gather_keys(keys: torch.Tensor) -> torch.Tensor:
     return gathered
 
 
+class _RowGradients(torch.autograd.Function):
+    """Per-row losses whose gradients w.r.t. ``q`` and ``k`` were computed already: row i's
+    loss depends on ``q_i``, ``k_i`` and the queue alone, so its gradient for an incoming
+    ``grad_loss_i`` is ``grad_loss_i`` times the gradient for 1."""
+
+    @staticmethod
+    def forward(ctx, q, k, loss, unit_grad_q, unit_grad_k):
+        ctx.save_for_backward(unit_grad_q, unit_grad_k)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        unit_grad_q, unit_grad_k = ctx.saved_tensors
+        scale = grad_loss[:, None]
+        grad_q = (scale * unit_grad_q).to(unit_grad_q.dtype) if ctx.needs_input_grad[0] else None
+        grad_k = (scale * unit_grad_k).to(unit_grad_k.dtype) if ctx.needs_input_grad[1] else None
+        return grad_q, grad_k, None, None, None
+
+
+def _loss_before_enqueue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean InfoNCE loss of ``q``, ``k`` against ``queue``, differentiable w.r.t. ``q`` and ``k``
+    without keeping ``queue`` for the backward.
+
+    The backward of :func:`moco_infonce` reads the queue again (it recomputes ``q . queue``),
+    and the enqueue after the loss overwrites rows of the queue in place. Instead of a copy
+    of the whole ``[K, D]`` queue, the gradients of each row's loss are computed here, while
+    the queue is intact, and saved: ``[B, D]`` each, what the backward needs. The work is
+    the same (the backward's pass over the queue runs now instead of later); the gradients
+    are the op's, scaled by the incoming gradient of each row (exactly so for the mean over
+    a power-of-two batch, else within a rounding)."""
+    q_in = q.detach().requires_grad_(q.requires_grad)
+    k_in = k.detach().requires_grad_(k.requires_grad)
+    inputs = [t for t in (q_in, k_in) if t.requires_grad]
+    with torch.enable_grad():
+        rows = moco_infonce(q_in, k_in, queue, temperature, reduction="none")
+        grads = torch.autograd.grad(rows.sum(), inputs)
+    grads = dict(zip((id(t) for t in inputs), grads))
+    unit_grad_q, unit_grad_k = grads.get(id(q_in)), grads.get(id(k_in))  # None: no gradient wanted
+    return _RowGradients.apply(q, k, rows.detach(), unit_grad_q, unit_grad_k).mean()
+
+
 class MomentumContrast(nn.Module):
     """InfoNCE against a momentum queue of negatives, and the EMA of the key encoder.
 
@@ -45,8 +86,11 @@ class MomentumContrast(nn.Module):
     queue with :func:`astrea.ops.moco_infonce` (fused: nothing of size ``B x K`` is
     allocated), then gathers the keys of all ranks (``torch.distributed``, when a
     process group is initialised) and writes them into the queue in rank order. The
-    loss always uses the queue as it was before this call's keys went in. ``k`` gets a
-    gradient only if it requires one (MoCo's key encoder does not).
+    loss always uses the queue as it was before this call's keys went in, its backward
+    included: the gradients w.r.t. ``q`` and ``k`` are computed in ``forward``, before the
+    enqueue, and kept (``[B, D]`` each), so no copy of the queue is made. ``k`` gets a
+    gradient only if it requires one (MoCo's key encoder does not). The loss supports one
+    backward (no double backward).
 
     Args:
         dim: feature width ``D``.
@@ -105,11 +149,11 @@ class MomentumContrast(nn.Module):
             # q / T is differentiable in T; the op then runs at temperature 1.
             q = q / self.log_temperature.exp()
             temperature = 1.0
-        # The backward recomputes q . queue, so it must see the queue of this step, not
-        # the one the enqueue below overwrites in place: snapshot it when a backward may follow.
         needs_backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-        queue = self.queue.clone() if needs_backward else self.queue
-        loss = moco_infonce(q, k, queue, temperature)
+        if needs_backward:
+            loss = _loss_before_enqueue(q, k, self.queue, temperature)
+        else:
+            loss = moco_infonce(q, k, self.queue, temperature)
         with torch.no_grad():
             queue_enqueue_(self.queue, self.ptr, gather_keys(k.detach()))
         return loss
