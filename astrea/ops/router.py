@@ -200,9 +200,10 @@ def load_balancing_loss(out: RouterOutput, *, num_tokens: Union[int, torch.Tenso
     Raises:
         ValueError: ``num_tokens`` is 0 or negative, or it is not given and ``out`` has
             N = 0 tokens (the loss of no tokens is undefined). A ``num_tokens`` tensor is
-            checked on the host when it is a CPU tensor; a CUDA tensor is checked by a
-            device-side assertion instead (no host sync), which fails the CUDA stream with a
-            RuntimeError naming num_tokens when the value is not positive.
+            checked on the host when it is a CPU tensor (a ValueError, as for an int). A
+            CUDA tensor is checked by a device-side assertion instead (``torch._assert_async``,
+            no host sync): a value that is not positive makes a later CUDA call fail with a
+            device-side assert RuntimeError rather than this ValueError.
     """
     op = "load_balancing_loss"
     _check_output(op, out)
