@@ -99,7 +99,7 @@ def _activation(pre: torch.Tensor, activation: str, gated: bool) -> torch.Tensor
 
 def _activation_backward(pre: torch.Tensor, grad_hidden: torch.Tensor, activation: str, gated: bool,
                          dtype: torch.dtype) -> torch.Tensor:
-    """d pre in ``dtype`` from d hidden (fp32 math), written in place of one output tensor."""
+    """d pre in ``dtype`` from d hidden, gate and up halves written into one output tensor."""
     if not gated:
         return _activation_grad(grad_hidden, pre, activation).to(dtype)
     gate, up = pre.chunk(2, dim=-1)
@@ -110,10 +110,16 @@ def _activation_backward(pre: torch.Tensor, grad_hidden: torch.Tensor, activatio
     return grad_pre
 
 
-def _sum_slots(rows: torch.Tensor, inverse_positions: torch.Tensor) -> torch.Tensor:
-    """``out[t] = sum_j rows[inverse_positions[t, j]]``, j in order."""
+def _sum_slots(rows: torch.Tensor, inverse_positions: torch.Tensor, coef_rows: torch.Tensor,
+               weighted: bool = True) -> torch.Tensor:
+    """``out[t] = sum_j c[r] * rows[r]`` (or ``sum_j rows[r]``) with ``r = inverse_positions[t, j]``,
+    j in order, in c's dtype: the rows are widened as they are read, never copied wide."""
     num_tokens, top_k = inverse_positions.shape
-    return rows.index_select(0, inverse_positions.reshape(-1).long()).view(num_tokens, top_k, rows.shape[1]).sum(1)
+    positions = inverse_positions.reshape(-1).long()
+    gathered = rows.index_select(0, positions).view(num_tokens, top_k, rows.shape[1])
+    if not weighted:
+        return gathered.sum(1, dtype=coef_rows.dtype)
+    return (gathered * coef_rows.index_select(0, positions).view(num_tokens, top_k, 1)).sum(1)
 
 
 def _forward(x, sorted_token_ids, inverse_positions, expert_offsets, gate_up, down, coef_rows, activation, gated,
@@ -121,10 +127,10 @@ def _forward(x, sorted_token_ids, inverse_positions, expert_offsets, gate_up, do
     """(out, pre-activations): the GEMMs in x's dtype, the activation and the weighted sum in fp32."""
     rows = x.index_select(0, sorted_token_ids.long())
     pre = _grouped_mm(rows, gate_up.transpose(-2, -1), expert_offsets, grouped=grouped)
-    hidden = _activation(pre.to(coef_rows.dtype), activation, gated).to(x.dtype)
+    # The activation in x's dtype, as PyTorch computes it (each op in fp32 inside, rounded once).
+    hidden = _activation(pre, activation, gated)
     y = _grouped_mm(hidden, down.transpose(-2, -1), expert_offsets, grouped=grouped)
-    out = _sum_slots(coef_rows[:, None] * y.to(coef_rows.dtype), inverse_positions)
-    return out.to(x.dtype), pre
+    return _sum_slots(y, inverse_positions, coef_rows).to(x.dtype), pre
 
 
 def _backward(grad_out, x, sorted_token_ids, inverse_positions, expert_offsets, gate_up, down, coef_rows, pre,
@@ -133,19 +139,18 @@ def _backward(grad_out, x, sorted_token_ids, inverse_positions, expert_offsets, 
     wide = coef_rows.dtype
     ids = sorted_token_ids.long()
     rows = x.index_select(0, ids)
-    pre_wide = pre.to(wide)
-    hidden = _activation(pre_wide, activation, gated).to(x.dtype)
+    hidden = _activation(pre, activation, gated)  # recomputed, as the forward computed it
     grad_rows = grad_out.index_select(0, ids)
     # d a = c * (g @ down[e]) and d c = <g, down[e] @ a> = <g @ down[e], a>: one GEMM for both.
-    grad_hidden_unscaled = _grouped_mm(grad_rows, down, expert_offsets, grouped=grouped).to(wide)
-    grad_coef = torch.linalg.vecdot(grad_hidden_unscaled, hidden.to(wide))
-    scaled = (coef_rows[:, None] * grad_rows.to(wide)).to(x.dtype)
-    grad_down = _grouped_mm(scaled.t(), hidden, expert_offsets, grouped_k=True, grouped=grouped)
-    grad_pre = _activation_backward(pre_wide, grad_hidden_unscaled.mul_(coef_rows[:, None]), activation, gated,
-                                    x.dtype)
+    grad_hidden_unscaled = _grouped_mm(grad_rows, down, expert_offsets, grouped=grouped)
+    grad_coef = torch.linalg.vecdot(grad_hidden_unscaled.to(wide), hidden.to(wide))
+    column = coef_rows[:, None]
+    grad_down = _grouped_mm((grad_rows * column).to(x.dtype).t(), hidden, expert_offsets, grouped_k=True,
+                            grouped=grouped)
+    grad_pre = _activation_backward(pre, (grad_hidden_unscaled * column).to(x.dtype), activation, gated, x.dtype)
     grad_gate_up = _grouped_mm(grad_pre.t(), rows, expert_offsets, grouped_k=True, grouped=grouped)
     grad_rows_x = _grouped_mm(grad_pre, gate_up, expert_offsets, grouped=grouped)
-    grad_x = _sum_slots(grad_rows_x.to(wide), inverse_positions).to(x.dtype)
+    grad_x = _sum_slots(grad_rows_x, inverse_positions, coef_rows, weighted=False).to(x.dtype)
     return grad_x, grad_gate_up, grad_down, grad_coef
 
 
