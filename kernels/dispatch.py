@@ -30,6 +30,8 @@ INTERPRETER_DISPATCH_BLOCK = 128
 # Tile of the single-program scan over the [num_blocks, E + 1] counts.
 SCAN_BLOCK_B = 32
 SCAN_BLOCK_E = 64
+# Buckets counted per pass of the histogram kernel.
+HISTOGRAM_BINS = 1024
 # Tokens x features per program of the permute.
 PERMUTE_BLOCK_T = 8
 PERMUTE_BLOCK_D = 256
@@ -44,14 +46,18 @@ def _bucket_of(indices_ptr, rows, in_range, num_experts):
 
 @triton.jit
 def _dispatch_histogram_kernel(indices_ptr, counts_ptr, num_rows, num_experts,
-                               BLOCK: tl.constexpr, NUM_BINS: tl.constexpr):
+                               BLOCK: tl.constexpr, BINS: tl.constexpr):
     block = tl.program_id(0)
     rows = block * BLOCK + tl.arange(0, BLOCK)
     in_range = rows < num_rows
     bucket = _bucket_of(indices_ptr, rows, in_range, num_experts)
-    counts = tl.histogram(bucket, NUM_BINS, mask=in_range)
-    bins = tl.arange(0, NUM_BINS)
-    tl.store(counts_ptr + block * (num_experts + 1) + bins, counts, mask=bins <= num_experts)
+    # BINS buckets at a time: a histogram of every bucket at once (E + 1 up to 8193 bins)
+    # would hold more counts per thread than registers do and spill to the stack.
+    for first in range(0, num_experts + 1, BINS):
+        bins = first + tl.arange(0, BINS)
+        in_chunk = in_range & (bucket >= first) & (bucket < first + BINS)
+        counts = tl.histogram(bucket - first, BINS, mask=in_chunk)
+        tl.store(counts_ptr + block * (num_experts + 1) + bins, counts, mask=bins <= num_experts)
 
 
 # num_blocks unspecialised: its divisibility-16 variant spills on sm_80, and the value
@@ -148,7 +154,7 @@ def dispatch_forward(indices: torch.Tensor, num_experts: int, interpreter: bool 
     counts = torch.empty(num_blocks, num_buckets, dtype=torch.int32, device=device)
     block_starts = torch.empty_like(counts)
     _dispatch_histogram_kernel[(num_blocks,)](indices, counts, num_rows, num_experts, BLOCK=block,
-                                              NUM_BINS=triton.next_power_of_2(num_buckets))
+                                              BINS=min(triton.next_power_of_2(num_buckets), HISTOGRAM_BINS))
     _dispatch_scan_kernel[(1,)](counts, block_starts, offsets, num_blocks, num_buckets,
                                 BLOCK_B=SCAN_BLOCK_B, BLOCK_E=SCAN_BLOCK_E)
     _dispatch_scatter_kernel[(num_blocks,)](indices, block_starts, sorted_token_ids, inverse_positions,
