@@ -99,3 +99,66 @@ def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Ten
                          f"bound {b[tuple(i)].item():.3g}" for i in bad.nonzero()[:10].tolist())
         raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements outside the bound; "
                              f"first ones:\n{rows}")
+
+
+def assert_within_torch_error(actual: torch.Tensor, expected64: torch.Tensor, torch_value: torch.Tensor, *,
+                              what: str = "", factor: float = 4.0) -> None:
+    """flash-attention's rule: the largest error of ``actual`` against the float64 oracle
+    ``expected64`` is at most ``factor`` times that of ``torch_value``, PyTorch's own computation
+    of the same formula in the same dtype, plus a floor of 8 ulps of the result's dtype at the
+    result's scale (PyTorch can be exact by luck on a few values)."""
+    assert actual.shape == expected64.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected64.shape)}"
+    if actual.numel() == 0:
+        return
+    expected = expected64.detach().double().cpu()
+    err = (actual.detach().double().cpu() - expected).abs().max().item()
+    torch_err = (torch_value.detach().double().cpu() - expected).abs().max().item()
+    floor = 8 * torch.finfo(actual.dtype).eps * expected.abs().max().item()
+    assert err <= factor * torch_err + floor, (f"{what}: error {err:.3g} against float64, PyTorch's own "
+                                               f"{torch_err:.3g} (allowed {factor} x that + {floor:.3g})")
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Runs the block with ``torch.set_num_threads(count)``, restoring the previous count after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+_SAME_SIZE_INT = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's values as integers of the same width: equal exactly when bitwise equal (-0.0
+    and +0.0 differ, a NaN equals the same NaN)."""
+    if not t.is_floating_point():
+        return t
+    return t.contiguous().view(_SAME_SIZE_INT[t.element_size()])
+
+
+def assert_bitwise_reproducible(run, thread_counts: tuple[int, ...] = (2, 2, 1)) -> None:
+    """``run()`` returns named tensors (a dict); it gives bitwise identical tensors (same dtype and
+    shape) on each of ``thread_counts`` in turn: two runs on 2 threads, then one on 1 thread.
+    A failure names every output that differs, with how many elements and by how much."""
+    results = []
+    for count in thread_counts:
+        with torch_threads(count):
+            results.append({name: t.detach().clone() for name, t in run().items()})
+    first = results[0]
+    differences = []
+    for count, other in zip(thread_counts[1:], results[1:]):
+        assert other.keys() == first.keys()
+        for name, a in first.items():
+            b = other[name]
+            assert a.dtype == b.dtype and a.shape == b.shape, f"{name}: {a.dtype}{tuple(a.shape)} vs " \
+                                                              f"{b.dtype}{tuple(b.shape)}"
+            if not torch.equal(_bits(a), _bits(b)):
+                differing = int((_bits(a) != _bits(b)).sum())
+                largest = (a.double() - b.double()).abs().max().item()
+                differences.append(f"{name} differs between {thread_counts[0]} and {count} threads: "
+                                   f"{differing} of {a.numel()} elements, max |diff| {largest:.3g}")
+    assert not differences, "; ".join(differences)
