@@ -16,6 +16,11 @@ What is global and what is per rank:
   rank's RNG state: :func:`rng_states`);
 * per rank: the data shard (:func:`shard_batch`, :func:`distributed_sampler`), the random
   stream (:func:`seed_rank`), the activations and the per-sample losses.
+
+Expert parallelism (:mod:`astrea.distributed.expert_parallel`): :class:`ExpertParallelMoE`
+shards a MoE layer's experts over the EP dimension of a ``DP x EP`` world
+(:func:`expert_parallel_layout`), :func:`reduce_gradients` replaces DDP for such a model, and
+:func:`save_expert_parallel` / :func:`load_expert_parallel` keep one checkpoint with every expert.
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ from typing import Callable, NamedTuple, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from astrea.distributed.expert_parallel import (  # noqa: F401  (re-exported)
+    ExpertParallelLayout, ExpertParallelMoE, expert_parallel_layout, full_state_dict, load_expert_parallel,
+    reduce_gradients, save_expert_parallel)
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
