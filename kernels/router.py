@@ -3,10 +3,16 @@ balancing losses in one pass over the logits, and the backward to the logits.
 
 Forward, per row ``x`` (fp32 copy of the logits):
     lse = max(x) + log(sum(exp(x - max(x))))
-    score = softmax(x) = exp(x - lse)        or   sigmoid(x)
-    key = x (no bias: same order as the scores)   or   score + bias
+    score = softmax(x) = exp(x - lse)  (softmax, topk_softmax)   or   sigmoid(x)
+    selection = score, or x for topk_softmax
+    key = x (no bias, no groups: same order as the scores), selection (groups, no bias),
+          selection + bias (bias on scores) or x + bias (bias on logits)
+    grouped: group g scored by the sum of its two largest keys (or its largest), the
+          topk_groups best groups kept, every other expert excluded from the selection
     indices = the k largest keys, NaN ranked lowest (below -inf), equal keys to the lower expert index
-    v_j = score[indices_j];  weights = v / sum(v) (renormalize) or v
+    v_j = score[indices_j];  weights = v / sum(v) (renormalize) or v;
+          topk_softmax: weights = softmax(x[indices]) over the k chosen logits
+    weights *= scaling_factor
 Rows whose lse is NaN (a NaN or +Inf logit, or every logit -Inf) get NaN weights.
 
 Backward (derivation). Let g be the gradient reaching the full score row:
@@ -15,6 +21,8 @@ with, for renormalisation w_j = v_j / S, S = sum_i v_i:
     dv_j = (gw_j - sum_i gw_i w_i) / S        (no renormalisation: dv_j = gw_j).
 Softmax Jacobian: dx = p * (g - <g, p>); sigmoid: dx = g * s * (1 - s).
 The lse term adds grad_lse * softmax(x) for both scorings (d lse / dx = softmax(x)).
+A scaling factor s multiplies gw by s first. topk_softmax weights softmax(x[indices]) equal
+the renormalised softmax p_j / sum_i p_i, so they take the softmax + renormalise closed form.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import triton.language as tl
 
 SOFTMAX: tl.constexpr = tl.constexpr(0)
 SIGMOID: tl.constexpr = tl.constexpr(1)
+TOPK_SOFTMAX: tl.constexpr = tl.constexpr(2)
 
 
 @triton.jit
@@ -37,6 +46,8 @@ def _load_logits(logits_ptr, rows, cols, row_ok, col_ok, stride_n, stride_e):
 
 # Marks chosen (and padded) experts in the packed keys: below every packed key.
 TAKEN: tl.constexpr = tl.constexpr(-(2**63))
+# Experts outside a token's chosen groups: above TAKEN (so not counted as routed), below every key.
+EXCLUDED: tl.constexpr = tl.constexpr(-(2**63) + 1)
 # The order-preserving high word of a NaN key: one below that of -inf (0xFF800000 ^ 0x7FFFFFFF),
 # far above TAKEN's.
 NAN_ORDERED: tl.constexpr = tl.constexpr(-2139095041 - 1)
@@ -66,11 +77,39 @@ def _key_of(packed):
 
 
 @triton.jit
+def _group_mask(packed, cols, NUM_GROUPS, TOPK_GROUPS, GROUP_SIZE, GROUP_MAX: tl.constexpr,
+                BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Which experts of each row lie in its TOPK_GROUPS best groups: each group scored by the
+    sum of its two largest keys (or its largest, GROUP_MAX), read off the packed keys, and
+    the groups chosen by the same packed max as the experts (NaN lowest, ties to the lower
+    group)."""
+    group_of = cols // GROUP_SIZE
+    group_ids = tl.arange(0, BLOCK_G)
+    group_scores = tl.zeros([packed.shape[0], BLOCK_G], dtype=tl.float32)
+    for group in range(NUM_GROUPS):
+        members = tl.where((group_of == group)[None, :], packed, TAKEN)
+        best = tl.max(members, axis=1)
+        score = _key_of(best)
+        if not GROUP_MAX:
+            score += _key_of(tl.max(tl.where(members == best[:, None], TAKEN, members), axis=1))
+        group_scores = tl.where(group_ids[None, :] == group, score[:, None], group_scores)
+    group_packed = _packed_keys(group_scores, group_ids, group_ids < NUM_GROUPS, BLOCK_G)
+    allowed = tl.zeros(packed.shape, dtype=tl.int1)
+    for _ in range(TOPK_GROUPS):
+        best = tl.max(group_packed, axis=1)
+        group_packed = tl.where(group_packed == best[:, None], TAKEN, group_packed)
+        chosen = (BLOCK_G - 1) - (best & 0xFFFFFFFF).to(tl.int32)
+        allowed = allowed | (group_of[None, :] == chosen[:, None])
+    return allowed
+
+
+@triton.jit
 def _router_topk_forward_kernel(
     logits_ptr, bias_ptr, weights_ptr, indices_ptr, lse_ptr, count_partials_ptr, prob_partials_ptr,
-    N, E, K, stride_n, stride_e,
-    SCORING: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    N, E, K, stride_n, stride_e, NUM_GROUPS, TOPK_GROUPS, GROUP_SIZE, scaling_factor,
+    SCORING: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_ON_LOGITS: tl.constexpr,
+    GROUPED: tl.constexpr, GROUP_MAX: tl.constexpr, KEY_IS_LOGITS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     # Persistent over row blocks: each program accumulates its rows' counts and score
     # sums and writes one partial row; the partials are summed in a fixed order later.
@@ -91,15 +130,28 @@ def _router_topk_forward_kernel(
         exps = tl.exp(x - row_max[:, None])
         sum_exps = tl.sum(exps, axis=1)
         lse = row_max + tl.log(sum_exps)
-        if SCORING == SOFTMAX:
-            score = exps * (1.0 / sum_exps)[:, None]
-        else:
+        if SCORING == SIGMOID:
             score = tl.where(col_ok[None, :], tl.sigmoid(x), 0.0)
-        prob_acc += tl.sum(tl.where(row_ok[:, None], score, 0.0), axis=0)
-        if HAS_BIAS:
-            packed = _packed_keys(score + bias[None, :], cols, col_ok, BLOCK_E)
         else:
-            packed = _packed_keys(x, cols, col_ok, BLOCK_E)
+            score = exps * (1.0 / sum_exps)[:, None]
+        prob_acc += tl.sum(tl.where(row_ok[:, None], score, 0.0), axis=0)
+        if SCORING == TOPK_SOFTMAX:
+            selection = x
+        else:
+            selection = score
+        if HAS_BIAS:
+            if BIAS_ON_LOGITS:
+                key = x + bias[None, :]
+            else:
+                key = selection + bias[None, :]
+        elif GROUPED:
+            key = selection
+        else:
+            key = x
+        packed = _packed_keys(key, cols, col_ok, BLOCK_E)
+        if GROUPED:
+            allowed = _group_mask(packed, cols, NUM_GROUPS, TOPK_GROUPS, GROUP_SIZE, GROUP_MAX, BLOCK_E, BLOCK_G)
+            packed = tl.where(allowed, packed, EXCLUDED)
         chosen_scores = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         chosen_experts = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
         for slot in range(K):
@@ -107,7 +159,14 @@ def _router_topk_forward_kernel(
             hit = packed == best[:, None]
             packed = tl.where(hit, TAKEN, packed)
             expert = (BLOCK_E - 1) - (best & 0xFFFFFFFF).to(tl.int32)
-            if HAS_BIAS:
+            # The chosen value: read off the key when the keys are the logits, else a masked
+            # sum over the row.
+            if SCORING == TOPK_SOFTMAX:
+                if KEY_IS_LOGITS:
+                    value = _key_of(best)
+                else:
+                    value = tl.sum(tl.where(hit, x, 0.0), axis=1)
+            elif not KEY_IS_LOGITS:
                 value = tl.sum(tl.where(hit, score, 0.0), axis=1)
             elif SCORING == SOFTMAX:
                 value = tl.exp(_key_of(best) - lse)
@@ -116,9 +175,14 @@ def _router_topk_forward_kernel(
             in_slot = slots[None, :] == slot
             chosen_scores = tl.where(in_slot, value[:, None], chosen_scores)
             chosen_experts = tl.where(in_slot, expert[:, None], chosen_experts)
-        if RENORMALIZE:
+        if SCORING == TOPK_SOFTMAX:
+            slot_ok = (slots < K)[None, :]
+            chosen_logits = tl.where(slot_ok, chosen_scores, float("-inf"))
+            chosen_exps = tl.exp(chosen_logits - tl.max(chosen_logits, axis=1)[:, None])
+            chosen_scores = chosen_exps / tl.sum(chosen_exps, axis=1)[:, None]
+        elif RENORMALIZE:
             chosen_scores = chosen_scores / tl.sum(chosen_scores, axis=1)[:, None]
-        chosen_scores = tl.where((lse == lse)[:, None], chosen_scores, float("nan"))
+        chosen_scores = tl.where((lse == lse)[:, None], chosen_scores * scaling_factor, float("nan"))
 
         out_offsets = rows.to(tl.int64)[:, None] * K + slots[None, :]
         out_mask = row_ok[:, None] & (slots[None, :] < K)
@@ -134,7 +198,7 @@ def _router_topk_forward_kernel(
 @triton.jit
 def _router_topk_backward_kernel(
     logits_ptr, indices_ptr, lse_ptr, grad_weights_ptr, grad_prob_sums_ptr, grad_lse_ptr, grad_logits_ptr,
-    N, E, K, stride_n, stride_e,
+    N, E, K, stride_n, stride_e, scaling_factor,
     SCORING: tl.constexpr, RENORMALIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
@@ -156,7 +220,7 @@ def _router_topk_backward_kernel(
     row_offsets = rows.to(tl.int64) * K
     for slot in range(K):
         expert = tl.load(indices_ptr + row_offsets + slot, mask=row_ok, other=-1)
-        grad_w = tl.load(grad_weights_ptr + row_offsets + slot, mask=row_ok, other=0.0)
+        grad_w = tl.load(grad_weights_ptr + row_offsets + slot, mask=row_ok, other=0.0) * scaling_factor
         hit = cols[None, :] == expert[:, None]
         selected = selected | hit
         grad_selected = tl.where(hit, grad_w[:, None], grad_selected)
@@ -193,7 +257,7 @@ INTERPRETER_TILE_ELEMENTS = 1 << 15
 MAX_ROWS_PER_PROGRAM = 256
 
 
-def launch_config(num_experts: int, k: int, interpreter: bool) -> dict[str, int]:
+def launch_config(num_experts: int, k: int, interpreter: bool, num_groups: int = 1) -> dict[str, int]:
     """Block sizes and warps for ``num_experts`` experts and top-``k``. A row never spans
     programs, so any E runs; up to E = 4096 without register spills (AOT_CASES), beyond
     that with some."""
@@ -202,13 +266,15 @@ def launch_config(num_experts: int, k: int, interpreter: bool) -> dict[str, int]
     block_n = max(1, min(MAX_ROWS_PER_PROGRAM, tile // block_e))
     elements = block_n * block_e
     num_warps = min(16, max(4, elements // (32 * ELEMENTS_PER_THREAD)))
-    return {"BLOCK_N": block_n, "BLOCK_E": block_e, "BLOCK_K": triton.next_power_of_2(k), "num_warps": num_warps}
+    return {"BLOCK_N": block_n, "BLOCK_E": block_e, "BLOCK_K": triton.next_power_of_2(k),
+            "BLOCK_G": triton.next_power_of_2(num_groups), "num_warps": num_warps}
 
 
-SCORINGS = {"softmax": SOFTMAX.value, "sigmoid": SIGMOID.value}
+SCORINGS = {"softmax": SOFTMAX.value, "sigmoid": SIGMOID.value, "topk_softmax": TOPK_SOFTMAX.value}
 
 
-def router_topk_forward(logits, k: int, scoring: str, renormalize: bool, bias, interpreter: bool):
+def router_topk_forward(logits, k: int, scoring: str, renormalize: bool, bias, bias_on: str, num_groups: int,
+                        topk_groups: int, group_score: str, scaling_factor: float, interpreter: bool):
     """Launches the forward on validated inputs; returns (weights, indices, counts, prob_sums, lse)."""
     n, e = logits.shape
     device = logits.device
@@ -218,16 +284,18 @@ def router_topk_forward(logits, k: int, scoring: str, renormalize: bool, bias, i
     if n == 0:
         return (weights, indices, torch.zeros(e, dtype=torch.int32, device=device),
                 torch.zeros(e, dtype=torch.float32, device=device), lse)
-    config = launch_config(e, k, interpreter)
+    config = launch_config(e, k, interpreter, num_groups)
     programs = min(triton.cdiv(n, config["BLOCK_N"]), MAX_FORWARD_PROGRAMS)
     count_partials = torch.empty(programs, e, dtype=torch.int32, device=device)
     prob_partials = torch.empty(programs, e, dtype=torch.float32, device=device)
     has_bias = bias is not None
     _router_topk_forward_kernel[(programs,)](
         logits, bias if has_bias else prob_partials, weights, indices, lse, count_partials, prob_partials,
-        n, e, k, logits.stride(0), logits.stride(1),
-        SCORING=SCORINGS[scoring], RENORMALIZE=renormalize, HAS_BIAS=has_bias,
-        BLOCK_N=config["BLOCK_N"], BLOCK_E=config["BLOCK_E"], BLOCK_K=config["BLOCK_K"],
+        n, e, k, logits.stride(0), logits.stride(1), num_groups, topk_groups, e // num_groups, scaling_factor,
+        SCORING=SCORINGS[scoring], RENORMALIZE=renormalize, HAS_BIAS=has_bias, BIAS_ON_LOGITS=bias_on == "logits",
+        GROUPED=num_groups > 1, GROUP_MAX=group_score == "max",
+        KEY_IS_LOGITS=not has_bias and (num_groups == 1 or scoring == "topk_softmax"),
+        BLOCK_N=config["BLOCK_N"], BLOCK_E=config["BLOCK_E"], BLOCK_K=config["BLOCK_K"], BLOCK_G=config["BLOCK_G"],
         num_warps=config["num_warps"],
     )
     counts = count_partials.sum(0, dtype=torch.int32)
@@ -235,7 +303,7 @@ def router_topk_forward(logits, k: int, scoring: str, renormalize: bool, bias, i
 
 
 def router_topk_backward(logits, indices, lse, grad_weights, grad_prob_sums, grad_lse,
-                         scoring: str, renormalize: bool, interpreter: bool):
+                         scoring: str, renormalize: bool, scaling_factor: float, interpreter: bool):
     """Launches the backward on validated inputs; returns grad_logits (contiguous, logits' dtype)."""
     n, e = logits.shape
     k = indices.shape[1]
@@ -245,7 +313,7 @@ def router_topk_backward(logits, indices, lse, grad_weights, grad_prob_sums, gra
     config = launch_config(e, k, interpreter)
     _router_topk_backward_kernel[(triton.cdiv(n, config["BLOCK_N"]),)](
         logits, indices, lse, grad_weights, grad_prob_sums, grad_lse, grad_logits,
-        n, e, k, logits.stride(0), logits.stride(1),
+        n, e, k, logits.stride(0), logits.stride(1), scaling_factor,
         SCORING=SCORINGS[scoring], RENORMALIZE=renormalize,
         BLOCK_N=config["BLOCK_N"], BLOCK_E=config["BLOCK_E"], num_warps=config["num_warps"],
     )
@@ -256,17 +324,18 @@ def router_topk_backward(logits, indices, lse, grad_weights, grad_prob_sums, gra
 _AOT_TOKENS = 4096
 
 
-def _example_forward(dtype: torch.dtype, num_experts: int, k: int, scoring: str, renormalize: bool, has_bias: bool):
+def _example_forward(dtype: torch.dtype, num_experts: int, k: int, scoring: str, renormalize: bool, has_bias: bool,
+                     num_groups: int = 1, topk_groups: int = 1):
     bias = torch.empty(num_experts) if has_bias else None
-    router_topk_forward(torch.empty(_AOT_TOKENS, num_experts, dtype=dtype), k, scoring, renormalize, bias,
-                        interpreter=False)
+    router_topk_forward(torch.empty(_AOT_TOKENS, num_experts, dtype=dtype), k, scoring, renormalize, bias, "scores",
+                        num_groups, topk_groups, "top2_sum", 1.0, interpreter=False)
 
 
 def _example_backward(dtype: torch.dtype, num_experts: int, k: int, scoring: str, renormalize: bool):
     router_topk_backward(torch.empty(_AOT_TOKENS, num_experts, dtype=dtype),
                          torch.empty(_AOT_TOKENS, k, dtype=torch.int32), torch.empty(_AOT_TOKENS),
                          torch.empty(_AOT_TOKENS, k), torch.empty(num_experts), torch.empty(_AOT_TOKENS),
-                         scoring, renormalize, interpreter=False)
+                         scoring, renormalize, 1.0, interpreter=False)
 
 
 AOT_CASES = {
@@ -276,6 +345,8 @@ AOT_CASES = {
     "router.forward_softmax_bias_fp32_e8_k2": lambda: _example_forward(torch.float32, 8, 2, "softmax", False, True),
     "router.forward_sigmoid_bias_fp16_e4096_k8":
         lambda: _example_forward(torch.float16, 4096, 8, "sigmoid", True, True),
+    "router.forward_sigmoid_bias_grouped_bf16_e256_k8":
+        lambda: _example_forward(torch.bfloat16, 256, 8, "sigmoid", True, True, num_groups=8, topk_groups=4),
     "router.backward_softmax_bf16_e64": lambda: _example_backward(torch.bfloat16, 64, 8, "softmax", True),
     "router.backward_sigmoid_fp32_e256": lambda: _example_backward(torch.float32, 256, 8, "sigmoid", True),
     "router.backward_softmax_fp16_e4096": lambda: _example_backward(torch.float16, 4096, 8, "softmax", False),

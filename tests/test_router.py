@@ -8,6 +8,7 @@ import torch
 from astrea import reference
 from astrea.nn import RouterResult, TopKRouter
 from astrea.ops import RouterOutput, load_balancing_loss, router_topk, router_z_loss
+from astrea.ops.router import GROUP_SCORES
 from tests.utils import CHOICE_OF, IMPLEMENTATIONS, assert_close, running, strided
 
 # (N, E, k, scoring, renormalize): together every N in {0, 1, 17, 1000}, E in
@@ -277,6 +278,187 @@ def test_reference_closed_form_backward_matches_autograd(scoring, renormalize):
     assert_close(closed_form, logits.grad, what="closed-form grad_logits")
 
 
+# ---- routing modes: groups, scaling, softmax after top-k, bias on the logits ------------------
+
+# (name, E, k, keyword arguments; "bias" True means a random bias): grouped selection of
+# DeepSeek-V3 (sigmoid + bias on the scores, top-2 sums, scaled) and DeepSeek-V2 (softmax,
+# group max) at E = 160, 256 and 384 in 8 groups, softmax over the top-k logits (gpt-oss),
+# a bias on the logits.
+MODE_CASES = [
+    ("v3-E256", 256, 8, dict(scoring="sigmoid", bias=True, num_groups=8, topk_groups=4, scaling_factor=2.5)),
+    ("v3-E384", 384, 8, dict(scoring="sigmoid", bias=True, num_groups=8, topk_groups=4, scaling_factor=2.827)),
+    ("v2-E160", 160, 6, dict(scoring="softmax", renormalize=False, num_groups=8, topk_groups=3, group_score="max",
+                             scaling_factor=16.0)),
+    ("grouped-no-bias-E160", 160, 6, dict(scoring="sigmoid", num_groups=8, topk_groups=2)),
+    ("topk-softmax-E128", 128, 4, dict(scoring="topk_softmax")),
+    ("topk-softmax-grouped-E384", 384, 8, dict(scoring="topk_softmax", num_groups=8, topk_groups=2)),
+    ("bias-on-logits-E160", 160, 6, dict(scoring="sigmoid", bias=True, bias_on="logits", scaling_factor=0.5)),
+    ("softmax-bias-on-logits-E256", 256, 8, dict(scoring="softmax", bias=True, bias_on="logits",
+                                                  num_groups=8, topk_groups=4, group_score="max")),
+]
+MODE_IDS = [case[0] for case in MODE_CASES]
+
+
+def _mode_kwargs(e: int, kwargs: dict) -> dict:
+    kwargs = dict(kwargs)
+    if kwargs.get("bias"):
+        kwargs["bias"] = torch.randn(e) * 0.5
+    return kwargs
+
+
+def _reference(logits, k, kwargs):
+    """The reference of router_topk with keyword arguments, topk_groups defaulting to 1."""
+    options = dict(scoring="softmax", renormalize=True, bias=None, bias_on="scores", num_groups=1, topk_groups=1,
+                   group_score="top2_sum", scaling_factor=1.0) | kwargs
+    return reference.router_topk(logits, k, *options.values())
+
+
+@pytest.mark.parametrize("name, e, k, kwargs", MODE_CASES, ids=MODE_IDS)
+def test_routing_modes_match_the_float64_reference(kernel, name, e, k, kwargs):
+    kwargs = _mode_kwargs(e, kwargs)
+    logits = torch.randn(64, e) * 2
+    out = router_topk(logits, k, **kwargs)
+    expected = _reference(logits.double(), k, kwargs)
+    # fp32 against float64: a handful of roundings per weight, scaled by the scaling factor.
+    scale = kwargs.get("scaling_factor", 1.0)
+    _compare(out, [t.float() if t.is_floating_point() else t for t in expected], f"{kernel} {name}",
+             atol=1e-6 * scale, rtol=1e-5)
+    assert int(out.counts.sum()) == 64 * k
+    if kwargs.get("renormalize", True) or kwargs["scoring"] == "topk_softmax":
+        assert_close(out.weights.sum(1), torch.full((64,), scale), what="row sums = scaling_factor")
+
+
+def test_grouped_selection_keeps_to_the_best_groups():
+    """Grouped and plain top-k differ on these logits, and every chosen expert lies in one of
+    the topk_groups groups with the largest top-2 sums."""
+    logits = torch.randn(64, 256) * 2
+    bias = torch.randn(256) * 0.5
+    grouped = router_topk(logits, 8, scoring="sigmoid", bias=bias, num_groups=8, topk_groups=4)
+    plain = router_topk(logits, 8, scoring="sigmoid", bias=bias)
+    assert not torch.equal(grouped.indices, plain.indices)
+    keys = torch.sigmoid(logits) + bias
+    group_scores = keys.reshape(64, 8, 32).topk(2, dim=2).values.sum(2)
+    best_groups = group_scores.topk(4, dim=1).indices
+    chosen_groups = grouped.indices.long() // 32
+    assert (chosen_groups[:, :, None] == best_groups[:, None, :]).any(2).all()
+    # Within the kept groups the choice is the plain top-k of the keys.
+    masked = keys.masked_fill(~(torch.arange(256) // 32 == best_groups[:, :, None]).any(1), float("-inf"))
+    assert torch.equal(grouped.indices.long(), masked.topk(8, dim=1).indices)
+
+
+@pytest.mark.parametrize("backend", IMPLEMENTATIONS)
+def test_grouped_ties_go_to_the_lower_index(backend):
+    # 4 groups of 3 experts, all keys equal: the first two groups, then their first experts.
+    equal = torch.zeros(2, 12)
+    # Groups 0, 1 and 3 tie on top-2 sums (and on maxima) above group 2: groups 0 and 1 are
+    # kept, whose experts 0 and 4 tie for the top, then experts 1 and 3.
+    levels = torch.tensor([[2.0, 1.0, 0.0, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 2.0, 1.0, 0.0]]).repeat(2, 1)
+    with running(backend, *OPS_UNDER_TEST):
+        for group_score in GROUP_SCORES:
+            out = router_topk(equal, 3, scoring="sigmoid", num_groups=4, topk_groups=2, group_score=group_score)
+            assert torch.equal(out.indices, torch.tensor([[0, 1, 2]] * 2, dtype=torch.int32)), group_score
+            out = router_topk(levels, 4, scoring="sigmoid", num_groups=4, topk_groups=2, group_score=group_score)
+            assert torch.equal(out.indices, torch.tensor([[0, 4, 1, 3]] * 2, dtype=torch.int32)), group_score
+        # The topk_softmax weights of tied logits are equal.
+        out = router_topk(equal, 4, scoring="topk_softmax")
+        assert torch.equal(out.indices, torch.tensor([[0, 1, 2, 3]] * 2, dtype=torch.int32))
+        assert torch.equal(out.weights, torch.full((2, 4), 0.25))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+@pytest.mark.parametrize("backend", IMPLEMENTATIONS)
+def test_routing_modes_on_non_finite_rows(backend):
+    nan, inf = float("nan"), float("inf")
+    logits = torch.randn(5, 160)
+    logits[1, 3] = nan
+    logits[2, 0] = inf
+    logits[3] = -inf
+    logits[4, :20] = nan  # a whole group of NaN keys: the group ranks last
+    bad = torch.tensor([False, True, True, True, True])
+    bias = torch.randn(160)
+    for name, e, k, kwargs in MODE_CASES:
+        if e != 160:
+            continue
+        kwargs = dict(kwargs, bias=bias) if kwargs.get("bias") else kwargs
+        with running(backend, *OPS_UNDER_TEST):
+            out = router_topk(logits, k, **kwargs)
+        assert out.weights[bad].isnan().all() and out.weights[~bad].isfinite().all(), name
+        assert torch.equal(out.indices, _reference(logits, k, kwargs)[1]), name
+        assert ((out.indices >= 0) & (out.indices < 160)).all() and int(out.counts.sum()) == 5 * k, name
+        if kwargs.get("num_groups", 1) > 1 and kwargs["scoring"] != "softmax":  # a NaN makes every softmax score NaN
+            assert not (out.indices[4] < 20).any(), f"{name}: the NaN group is never kept"
+
+
+@pytest.mark.parametrize("backend", IMPLEMENTATIONS)
+def test_routing_modes_with_strided_logits(backend):
+    base = torch.randn(17, 256) * 2
+    bias = torch.randn(256) * 0.5
+    with running(backend, *OPS_UNDER_TEST):
+        for name, e, k, kwargs in MODE_CASES:
+            if e != 256:
+                continue
+            kwargs = dict(kwargs, bias=bias) if kwargs.get("bias") else kwargs
+            expected = _reference(base, k, kwargs)
+            _compare(router_topk(strided(base), k, **kwargs), expected, f"{backend} {name} strided")
+            _compare(router_topk(base.t().contiguous().t(), k, **kwargs), expected, f"{backend} {name} column-major")
+
+
+@pytest.mark.parametrize("name, e, k, kwargs", MODE_CASES, ids=MODE_IDS)
+def test_routing_modes_backward_matches_reference_autograd(kernel, name, e, k, kwargs):
+    kwargs = _mode_kwargs(e, kwargs)
+    logits = (torch.randn(33, e) * 2).requires_grad_()
+    grads = _loss_weights(33, e, k)
+    _surrogate(router_topk(logits, k, **kwargs), *grads).backward()
+    expected_logits = logits.detach().double().requires_grad_()
+    _surrogate(_reference(expected_logits, k, kwargs), *(g.double() for g in grads)).backward()
+    scale = kwargs.get("scaling_factor", 1.0)
+    assert_close(logits.grad, expected_logits.grad.float(), atol=2e-5 * scale, what=f"{kernel} {name} grad_logits")
+
+
+@pytest.mark.parametrize("scoring", ["topk_softmax", "sigmoid"])
+def test_routing_modes_reference_gradcheck_float64(scoring):
+    logits = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(12)
+
+    def differentiable_outputs(x):
+        weights, _, _, prob_sums, lse = reference.router_topk(x, 3, scoring, True, bias, "scores", 4, 2, "top2_sum",
+                                                              2.5)
+        return weights, prob_sums, lse
+
+    assert torch.autograd.gradcheck(differentiable_outputs, (logits,))
+
+
+@pytest.mark.parametrize("scoring", ["topk_softmax", "sigmoid"])
+def test_cpu_kernel_routing_modes_gradcheck_float64(scoring):
+    logits = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(12)
+
+    def differentiable_outputs(x):
+        weights, _, _, prob_sums, lse = torch.ops.astrea.router_topk(x, 3, scoring, True, bias, "extension",
+                                                                     "scores", 4, 2, "top2_sum", 2.5)
+        return weights, prob_sums, lse
+
+    with running("cpu", *OPS_UNDER_TEST):
+        assert torch.autograd.gradcheck(differentiable_outputs, (logits,))
+
+
+def test_torch_compile_fullgraph_grouped():
+    def step(x, bias):
+        out = router_topk(x, 8, scoring="sigmoid", bias=bias, num_groups=8, topk_groups=4, scaling_factor=2.5)
+        return out.weights, out.indices, load_balancing_loss(out)
+
+    logits = torch.randn(17, 256, requires_grad=True)
+    bias = torch.randn(256) * 0.5
+    weights, indices, loss = torch.compile(step, fullgraph=True)(logits, bias)
+    (weights.square().sum() + loss).backward()
+    expected_logits = logits.detach().clone().requires_grad_()
+    expected = step(expected_logits, bias)
+    (expected[0].square().sum() + expected[2]).backward()
+    assert torch.equal(indices, expected[1])
+    assert_close(weights, expected[0], what="compiled weights")
+    assert_close(logits.grad, expected_logits.grad, what="compiled grad_logits")
+
+
 # ---- losses -------------------------------------------------------------------------------------
 
 
@@ -314,18 +496,23 @@ def test_balancing_loss_is_one_when_balanced_and_takes_global_token_count():
 @pytest.mark.parametrize("backend", IMPLEMENTATIONS)
 def test_opcheck(backend):
     logits = torch.randn(17, 7, requires_grad=True)
+    logits24 = torch.randn(5, 24, requires_grad=True)
     impl = CHOICE_OF[backend]
     with running(backend, *OPS_UNDER_TEST):
-        for args in [(logits, 2, "softmax", True, None), (logits, 3, "sigmoid", False, torch.randn(7))]:
-            torch.library.opcheck(torch.ops.astrea.router_topk.default, (*args, impl))
+        for args, options in [((logits, 2, "softmax", True, None), ()),
+                              ((logits, 3, "sigmoid", False, torch.randn(7)), ()),
+                              ((logits24, 4, "sigmoid", True, torch.randn(24)), ("scores", 6, 2, "top2_sum", 2.5)),
+                              ((logits24, 3, "topk_softmax", True, torch.randn(24)), ("logits", 4, 1, "max", 1.0))]:
+            torch.library.opcheck(torch.ops.astrea.router_topk.default, (*args, impl, *options))
             if backend == "cpu":  # the C++ kernel's own schema, with its fake
-                torch.library.opcheck(torch.ops.astrea.router_topk_cpu.default, (logits.detach(), *args[1:]))
+                torch.library.opcheck(torch.ops.astrea.router_topk_cpu.default,
+                                      (args[0].detach(), *args[1:], *options))
         out = router_topk(logits.detach(), 2)
         grads = [g.contiguous() for g in _loss_weights(17, 7, 2)]
         backward_args = (logits.detach(), out.indices, out.lse, *grads, "softmax", True)
-        torch.library.opcheck(torch.ops.astrea.router_topk_backward.default, (*backward_args, impl))
+        torch.library.opcheck(torch.ops.astrea.router_topk_backward.default, (*backward_args, impl, 0.5))
         if backend == "cpu":
-            torch.library.opcheck(torch.ops.astrea.router_topk_backward_cpu.default, backward_args)
+            torch.library.opcheck(torch.ops.astrea.router_topk_backward_cpu.default, (*backward_args, 0.5))
 
 
 def test_torch_compile_fullgraph_cpu():
@@ -359,11 +546,26 @@ def test_torch_compile_fullgraph_cpu():
     (dict(bias=torch.zeros(6)), ValueError, r"router_topk: bias.shape\[0\] must equal .* = 7; got shape \(6,\)"),
     (dict(bias=torch.zeros(7, dtype=torch.int32)), TypeError, "router_topk: bias must have dtype"),
     (dict(bias=torch.zeros(1, 7)), ValueError, "router_topk: bias must be 1-D"),
-    (dict(scoring="relu"), ValueError, "router_topk: scoring must be one of 'softmax', 'sigmoid'; got 'relu'"),
+    (dict(scoring="relu"), ValueError,
+     "router_topk: scoring must be one of 'softmax', 'sigmoid', 'topk_softmax'; got 'relu'"),
     (dict(renormalize=1), TypeError, "router_topk: renormalize must be a bool"),
+    (dict(bias_on="experts"), ValueError, "router_topk: bias_on must be one of 'scores', 'logits'; got 'experts'"),
+    (dict(num_groups=3, topk_groups=1), ValueError,
+     r"router_topk: num_groups must divide the number of experts logits.shape\[1\] = 8; got 3"),
+    (dict(num_groups=4), ValueError, "router_topk: topk_groups is required with num_groups=4"),
+    (dict(num_groups=4, topk_groups=5), ValueError, r"router_topk: topk_groups must be in \[1, 4\]; got 5"),
+    (dict(topk_groups=2), ValueError, "router_topk: topk_groups=2 needs num_groups > 1"),
+    (dict(num_groups=8, topk_groups=2), ValueError, "router_topk: group_score='top2_sum' needs groups of >= 2"),
+    (dict(num_groups=4, topk_groups=1, k=3), ValueError,
+     r"router_topk: k must be <= topk_groups \* experts per group = 1 \* 2; got 3"),
+    (dict(group_score="mean", num_groups=2, topk_groups=1), ValueError,
+     "router_topk: group_score must be one of 'top2_sum', 'max'; got 'mean'"),
+    (dict(scaling_factor="2"), TypeError, "router_topk: scaling_factor must be a float, got str"),
+    (dict(scaling_factor=float("inf")), ValueError, "router_topk: scaling_factor must be finite; got inf"),
 ])
 def test_bad_inputs_raise_naming_the_argument(kwargs, error, match):
-    args = dict(logits=torch.randn(4, 7), k=2) | kwargs
+    experts = 8 if {"num_groups", "topk_groups", "group_score"} & kwargs.keys() else 7
+    args = dict(logits=torch.randn(4, experts), k=2) | kwargs
     with pytest.raises(error, match=match):
         router_topk(args.pop("logits"), args.pop("k"), **args)
 
@@ -374,10 +576,17 @@ def test_cpu_kernel_checks_direct_calls():
     forward = torch.ops.astrea.router_topk_cpu
     with pytest.raises(ValueError, match=r"router_topk: k must be in \[1, 7\], got 8"):
         forward(logits, 8, "softmax", True, None)
-    with pytest.raises(ValueError, match="router_topk: scoring must be 'softmax' or 'sigmoid', got 'relu'"):
+    with pytest.raises(ValueError,
+                       match="router_topk: scoring must be 'softmax', 'sigmoid' or 'topk_softmax', got 'relu'"):
         forward(logits, 2, "relu", True, None)
     with pytest.raises(ValueError, match=r"router_topk: bias must be \[7\], got \[6\]"):
         forward(logits, 2, "softmax", True, torch.zeros(6))
+    with pytest.raises(ValueError, match="router_topk: num_groups must divide the 7 experts, got 2"):
+        forward(logits, 2, "softmax", True, None, num_groups=2)
+    with pytest.raises(ValueError, match=r"router_topk: topk_groups must be in \[1, 1\], got 2"):
+        forward(logits, 2, "softmax", True, None, topk_groups=2)
+    with pytest.raises(ValueError, match="router_topk: bias_on must be 'scores' or 'logits', got 'x'"):
+        forward(logits, 2, "softmax", True, None, bias_on="x")
     with pytest.raises(TypeError, match="router_topk: logits must be floating"):
         forward(logits.long(), 2, "softmax", True, None)
     out = forward(logits, 2, "softmax", True, None)

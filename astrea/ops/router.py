@@ -6,9 +6,10 @@ both scorings, so the NaN reaches the loss instead of being hidden. Its indices 
 still valid expert ids, chosen deterministically and identically by every implementation:
 NaN keys rank strictly below every number, -Inf included (an expert with a NaN key is
 chosen only after every expert with a -Inf key), and equal keys, two NaNs included, go to
-the lower expert index. With a bias the keys are ``score + bias``, so a NaN bias entry
-makes its expert rank last too. Its scores enter ``prob_sums`` as computed
-(NaN for softmax). -Inf logits in a row with a finite logit are ordinary: probability 0.
+the lower expert index. With a bias the keys are ``score + bias`` (or ``logit + bias``),
+so a NaN bias entry makes its expert rank last too; a group whose score is NaN is kept
+last. Its scores enter ``prob_sums`` as computed (NaN for softmax). -Inf logits in a row
+with a finite logit are ordinary: probability 0.
 
 Implementations: the Triton kernels (kernels/router.py) on CUDA; on CPU tensors the C++
 kernel of ``astrea._C`` (csrc/cpu/router.cpp), else the reference. The custom ops also take
@@ -16,6 +17,7 @@ float64 logits on CPU (outputs float64 then), so that gradcheck can test the C++
 :func:`router_topk` itself takes fp32/fp16/bf16.
 """
 
+import math
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -25,10 +27,13 @@ from astrea._validation import check_choice, check_int, check_same_device, check
 
 SPEC = _backend.declare_op(
     "router_topk", kernel="triton", cpu_kernel="router_topk_cpu",
-    supports={"triton": "any E (a row never spans programs; no register spills up to E = 4096), any k <= E",
-              "extension": "any E and k <= E, float64 logits too (for gradcheck)"})
+    supports={"triton": "any E (a row never spans programs; no register spills up to E = 4096), any k <= E, "
+                        "any group count dividing E",
+              "extension": "any E and k <= E, any group count dividing E, float64 logits too (for gradcheck)"})
 
-SCORINGS = ("softmax", "sigmoid")
+SCORINGS = ("softmax", "sigmoid", "topk_softmax")
+BIAS_ON = ("scores", "logits")
+GROUP_SCORES = ("top2_sum", "max")
 
 
 class RouterOutput(NamedTuple):
@@ -41,17 +46,16 @@ class RouterOutput(NamedTuple):
     lse: torch.Tensor  # [N] fp32 log-sum-exp of each row of fp32 logits
 
 
-def _triton_forward(logits, k, scoring, renormalize, bias):
+def _triton_forward(*args):
     from astrea.kernels.router import router_topk_forward
 
-    return router_topk_forward(logits, k, scoring, renormalize, bias, interpreter=logits.device.type == "cpu")
+    return router_topk_forward(*args, interpreter=args[0].device.type == "cpu")
 
 
-def _triton_backward(logits, indices, lse, grad_weights, grad_prob_sums, grad_lse, scoring, renormalize):
+def _triton_backward(*args):
     from astrea.kernels.router import router_topk_backward
 
-    return router_topk_backward(logits, indices, lse, grad_weights, grad_prob_sums, grad_lse, scoring, renormalize,
-                                interpreter=logits.device.type == "cpu")
+    return router_topk_backward(*args, interpreter=args[0].device.type == "cpu")
 
 
 _FORWARD = _backend.Implementations("router_topk", triton=_triton_forward, extension="router_topk_cpu",
@@ -61,11 +65,16 @@ _BACKWARD = _backend.Implementations("router_topk_backward", triton=_triton_back
                                      reference=lambda *args: reference.router_topk_backward(*args).contiguous())
 
 
+# ``impl`` stays the sixth argument, where the first schema had it, so that calls written for
+# that schema run unchanged; the routing options added since follow it, with defaults.
 @torch.library.custom_op("astrea::router_topk", mutates_args=())
 def _router_topk_op(
-    logits: torch.Tensor, k: int, scoring: str, renormalize: bool, bias: Optional[torch.Tensor], impl: str
+    logits: torch.Tensor, k: int, scoring: str, renormalize: bool, bias: Optional[torch.Tensor], impl: str,
+    bias_on: str = "scores", num_groups: int = 1, topk_groups: int = 1, group_score: str = "top2_sum",
+    scaling_factor: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _FORWARD(impl, logits, k, scoring, renormalize, bias)
+    return _FORWARD(impl, logits, k, scoring, renormalize, bias, bias_on, num_groups, topk_groups, group_score,
+                    scaling_factor)
 
 
 def _router_topk_fake(logits, k, *_):
@@ -88,8 +97,10 @@ _extension.register_fake("router_topk_cpu", _router_topk_fake)
 def _router_topk_backward_op(
     logits: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor, grad_weights: torch.Tensor,
     grad_prob_sums: torch.Tensor, grad_lse: torch.Tensor, scoring: str, renormalize: bool, impl: str,
+    scaling_factor: float = 1.0,
 ) -> torch.Tensor:
-    return _BACKWARD(impl, logits, indices, lse, grad_weights, grad_prob_sums, grad_lse, scoring, renormalize)
+    return _BACKWARD(impl, logits, indices, lse, grad_weights, grad_prob_sums, grad_lse, scoring, renormalize,
+                     scaling_factor)
 
 
 def _router_topk_backward_fake(logits, *_):
@@ -101,7 +112,9 @@ _extension.register_fake("router_topk_backward_cpu", _router_topk_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, _, ctx.scoring, ctx.renormalize, _, ctx.impl = inputs
+    logits, _, scoring, renormalize, _, ctx.impl, _, _, _, _, ctx.scaling_factor = inputs
+    # Softmax over the k chosen logits is the renormalised softmax: the same closed form.
+    ctx.scoring, ctx.renormalize = ("softmax", True) if scoring == "topk_softmax" else (scoring, renormalize)
     _, indices, _, _, lse = output
     ctx.save_for_backward(logits, indices, lse)
 
@@ -116,9 +129,9 @@ def _backward(ctx, grad_weights, _grad_indices, _grad_counts, grad_prob_sums, gr
 
     grad_logits = _router_topk_backward_op(
         logits, indices, lse, values(grad_weights, indices.shape), values(grad_prob_sums, logits.shape[1:]),
-        values(grad_lse, lse.shape), ctx.scoring, ctx.renormalize, ctx.impl,
+        values(grad_lse, lse.shape), ctx.scoring, ctx.renormalize, ctx.impl, ctx.scaling_factor,
     )
-    return grad_logits, None, None, None, None, None
+    return grad_logits, *([None] * 10)
 
 
 _router_topk_op.register_autograd(_backward, setup_context=_setup_context)
@@ -131,6 +144,11 @@ def router_topk(
     scoring: str = "softmax",
     renormalize: bool = True,
     bias: Optional[torch.Tensor] = None,
+    bias_on: str = "scores",
+    num_groups: int = 1,
+    topk_groups: Optional[int] = None,
+    group_score: str = "top2_sum",
+    scaling_factor: float = 1.0,
 ) -> RouterOutput:
     """Routes each of N tokens to its top-``k`` of E experts, reading the logits once.
 
@@ -138,29 +156,77 @@ def router_topk(
         logits: ``[N, E]`` fp32/fp16/bf16 gate logits, any strides; computed in fp32. N may
             be 0 (empty outputs, zero counts and sums).
         k: experts per token, ``1 <= k <= E``.
-        scoring: ``"softmax"`` (probabilities over the experts) or ``"sigmoid"``
-            (independent scores, DeepSeek-V3).
+        scoring: how the weights come from the logits: ``"softmax"`` (probabilities over
+            all experts), ``"sigmoid"`` (independent scores, DeepSeek-V3) or
+            ``"topk_softmax"`` (the k largest logits chosen, then a softmax over those k:
+            gpt-oss, Mixtral's "softmax after top-k"; the weights sum to 1 and
+            ``renormalize`` does not apply). ``prob_sums`` and ``lse`` are those of the full
+            softmax for ``"topk_softmax"``.
         renormalize: divide the k chosen scores by their sum, so each row's weights add to 1.
-        bias: optional ``[E]`` selection bias (aux-loss-free balancing, DeepSeek-V3): experts
-            are ranked by ``score + bias``, but the weights are the unbiased scores. It gets
-            no gradient. Without it experts are ranked by their logits (the scores' order).
+        bias: optional ``[E]`` selection bias (aux-loss-free balancing, DeepSeek-V3): it
+            changes which experts are chosen, never the weights, and gets no gradient.
+        bias_on: where ``bias`` is added: ``"scores"`` (experts ranked by ``score + bias``,
+            DeepSeek-V3) or ``"logits"`` (ranked by ``logit + bias``, before the softmax or
+            sigmoid). For ``"topk_softmax"`` the scores ranked are the logits.
+        num_groups: > 1 splits the E experts into this many equal contiguous groups (it
+            must divide E) and picks the experts among the ``topk_groups`` best groups
+            only (DeepSeek-V2/V3 grouped routing). Experts are then ranked by their
+            selection scores (``score (+ bias)``) rather than their logits.
+        topk_groups: groups kept per token, ``1 <= topk_groups <= num_groups``, with
+            ``k <= topk_groups * E / num_groups``; required when ``num_groups > 1``.
+        group_score: what ranks the groups: ``"top2_sum"``, the sum of the group's two
+            largest selection scores (DeepSeek-V3 ``noaux_tc``; groups of >= 2 experts), or
+            ``"max"``, its largest (DeepSeek-V2 ``group_limited_greedy``).
+        scaling_factor: multiplies the weights after renormalisation (DeepSeek's
+            ``routed_scaling_factor``).
 
-    Equal keys go to the lower expert index. Non-finite logits: see the module docstring.
-    Differentiable w.r.t. ``logits`` through ``weights``, ``prob_sums`` and ``lse`` (so
-    :func:`load_balancing_loss` and :func:`router_z_loss` are too).
+    Equal keys (and equal group scores) go to the lower index. Non-finite logits: see the
+    module docstring. Differentiable w.r.t. ``logits`` through ``weights``, ``prob_sums``
+    and ``lse`` (so :func:`load_balancing_loss` and :func:`router_z_loss` are too).
     """
     op = "router_topk"
     SPEC.check_tensor("logits", logits, ndim=2)
-    check_int(op, "k", k, low=1, high=logits.shape[1])
+    num_experts = logits.shape[1]
+    check_int(op, "k", k, low=1, high=num_experts)
     check_choice(op, "scoring", scoring, SCORINGS)
     if not isinstance(renormalize, bool):
         raise TypeError(f"{op}: renormalize must be a bool, got {type(renormalize).__name__}")
+    check_choice(op, "bias_on", bias_on, BIAS_ON)
     if bias is not None:
         SPEC.check_tensor("bias", bias, ndim=1)
-        check_size(op, "bias", bias, 0, logits.shape[1], "the number of experts logits.shape[1]")
+        check_size(op, "bias", bias, 0, num_experts, "the number of experts logits.shape[1]")
         check_same_device(op, logits=logits, bias=bias)
         bias = bias.detach().float().contiguous()
-    return RouterOutput(*_router_topk_op(logits, k, scoring, renormalize, bias, SPEC.choose(logits.device)))
+    _check_groups(op, num_experts, k, num_groups, topk_groups, group_score)
+    if isinstance(scaling_factor, bool) or not isinstance(scaling_factor, (int, float)):
+        raise TypeError(f"{op}: scaling_factor must be a float, got {type(scaling_factor).__name__}")
+    if not math.isfinite(scaling_factor):
+        raise ValueError(f"{op}: scaling_factor must be finite; got {scaling_factor}")
+    return RouterOutput(*_router_topk_op(logits, k, scoring, renormalize, bias, SPEC.choose(logits.device), bias_on,
+                                         num_groups, topk_groups or 1, group_score, float(scaling_factor)))
+
+
+def _check_groups(op: str, num_experts: int, k: int, num_groups: int, topk_groups: Optional[int],
+                  group_score: str) -> None:
+    check_int(op, "num_groups", num_groups, low=1, high=num_experts)
+    check_choice(op, "group_score", group_score, GROUP_SCORES)
+    if num_groups == 1:
+        if topk_groups not in (None, 1):
+            raise ValueError(f"{op}: topk_groups={topk_groups} needs num_groups > 1; got num_groups=1")
+        return
+    if num_experts % num_groups:
+        raise ValueError(f"{op}: num_groups must divide the number of experts logits.shape[1] = {num_experts}; "
+                         f"got {num_groups}")
+    if topk_groups is None:
+        raise ValueError(f"{op}: topk_groups is required with num_groups={num_groups}")
+    check_int(op, "topk_groups", topk_groups, low=1, high=num_groups)
+    group_size = num_experts // num_groups
+    if group_score == "top2_sum" and group_size < 2:
+        raise ValueError(f"{op}: group_score='top2_sum' needs groups of >= 2 experts; got {num_experts} experts "
+                         f"in {num_groups} groups")
+    if k > topk_groups * group_size:
+        raise ValueError(f"{op}: k must be <= topk_groups * experts per group = {topk_groups} * {group_size}; "
+                         f"got {k}")
 
 
 def _check_output(op: str, out) -> None:

@@ -16,13 +16,14 @@ def _row_lse(x: torch.Tensor) -> torch.Tensor:
 
 
 def _scores(x: torch.Tensor, lse: torch.Tensor, scoring: str) -> torch.Tensor:
-    return torch.exp(x - lse[:, None]) if scoring == "softmax" else torch.sigmoid(x)
+    """The full score row: sigmoid(x), else softmax(x) (also for topk_softmax, whose
+    prob_sums and lse are those of the full softmax)."""
+    return torch.sigmoid(x) if scoring == "sigmoid" else torch.exp(x - lse[:, None])
 
 
-def select_experts(x: torch.Tensor, scores: torch.Tensor, k: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """The k experts of each row with the largest keys (logits, or scores + bias), NaN keys
-    ranked lowest (below -inf), equal keys to the lower expert index (stable sorts)."""
-    key = x if bias is None else scores + bias.to(scores.dtype)
+def _top(key: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest keys of each row, best first: NaN keys ranked lowest (below
+    -inf), equal keys to the lower index (stable sorts)."""
     is_nan = torch.isnan(key)
     order = torch.sort(key.masked_fill(is_nan, float("-inf")), dim=1, descending=True, stable=True).indices
     # Then the NaN keys after every number, keeping the order within each group.
@@ -30,31 +31,79 @@ def select_experts(x: torch.Tensor, scores: torch.Tensor, k: int, bias: torch.Te
     return order.gather(1, last)[:, :k]
 
 
+def selection_keys(x: torch.Tensor, scores: torch.Tensor, scoring: str, bias: torch.Tensor | None,
+                   bias_on: str, grouped: bool) -> torch.Tensor:
+    """What experts are ranked by. The selection scores are the scores (softmax or sigmoid),
+    the logits for topk_softmax; with a bias, ``scores + bias`` (bias_on="scores") or
+    ``logits + bias`` (bias_on="logits"). Without a bias or groups the logits, which rank
+    as the scores do."""
+    selection = x if scoring == "topk_softmax" else scores
+    if bias is not None:
+        return (x if bias_on == "logits" else selection) + bias.to(x.dtype)
+    return selection if grouped else x
+
+
+def _top_allowed(key: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`_top` among the ``allowed`` experts only (every row allows at least k)."""
+    order = _top(key, key.shape[1])
+    excluded_last = torch.sort((~allowed).gather(1, order).to(torch.uint8), dim=1, stable=True).indices
+    return order.gather(1, excluded_last)[:, :k]
+
+
+def select_experts(key: torch.Tensor, k: int, num_groups: int = 1, topk_groups: int = 1,
+                   group_score: str = "top2_sum") -> torch.Tensor:
+    """The k experts of each row with the largest keys, among the experts of its
+    ``topk_groups`` best groups when ``num_groups > 1`` (E split into equal contiguous
+    groups, each scored by the sum of its two largest keys, or by its largest key for
+    ``group_score="max"``); NaN keys and NaN group scores rank lowest, equal ones go to
+    the lower index."""
+    if num_groups == 1:
+        return _top(key, k)
+    rows, experts = key.shape
+    members = key.reshape(rows * num_groups, experts // num_groups)
+    best = members.gather(1, _top(members, 2 if group_score == "top2_sum" else 1))
+    group_scores = best.sum(1).reshape(rows, num_groups)
+    chosen_groups = _top(group_scores, topk_groups)
+    allowed = torch.zeros(rows, num_groups, dtype=torch.bool, device=key.device).scatter(1, chosen_groups, True)
+    return _top_allowed(key, allowed.repeat_interleave(experts // num_groups, dim=1), k)
+
+
 def router_topk(logits: torch.Tensor, k: int, scoring: str = "softmax", renormalize: bool = True,
-                bias: torch.Tensor | None = None):
+                bias: torch.Tensor | None = None, bias_on: str = "scores", num_groups: int = 1,
+                topk_groups: int = 1, group_score: str = "top2_sum", scaling_factor: float = 1.0):
     """(weights [N,k], indices [N,k] int32, counts [E] int32, prob_sums [E], lse [N]), computed in
-    fp32 (fp64 for fp64 logits) and differentiable w.r.t. ``logits`` through plain autograd."""
+    fp32 (fp64 for fp64 logits) and differentiable w.r.t. ``logits`` through plain autograd.
+    The arguments are those of :func:`astrea.ops.router_topk`."""
     x = logits.to(_compute_dtype(logits))
     lse = _row_lse(x)
     scores = _scores(x, lse, scoring)
-    indices = select_experts(x.detach(), scores.detach(), k, bias)
-    weights = scores.gather(1, indices)
-    if renormalize:
-        weights = weights / weights.sum(dim=1, keepdim=True)
+    key = selection_keys(x.detach(), scores.detach(), scoring, bias, bias_on, num_groups > 1)
+    indices = select_experts(key, k, num_groups, topk_groups, group_score)
+    if scoring == "topk_softmax":
+        weights = torch.softmax(x.gather(1, indices), dim=1)
+    else:
+        weights = scores.gather(1, indices)
+        if renormalize:
+            weights = weights / weights.sum(dim=1, keepdim=True)
+    weights = weights * scaling_factor
     weights = torch.where(torch.isnan(lse)[:, None], float("nan"), weights)
     counts = torch.bincount(indices.flatten(), minlength=x.shape[1]).to(torch.int32)
     return weights, indices.to(torch.int32), counts, scores.sum(dim=0), lse
 
 
 def router_topk_backward(logits, indices, lse, grad_weights, grad_prob_sums, grad_lse, scoring: str,
-                         renormalize: bool) -> torch.Tensor:
-    """grad_logits (logits' dtype) of :func:`router_topk`, by the closed form the kernel uses."""
+                         renormalize: bool, scaling_factor: float = 1.0) -> torch.Tensor:
+    """grad_logits (logits' dtype) of :func:`router_topk`, by the closed form the kernel uses.
+    topk_softmax weights are the renormalised softmax weights (the same function of the
+    logits), so they take the softmax-renormalised closed form."""
+    if scoring == "topk_softmax":
+        scoring, renormalize = "softmax", True
     x = logits.to(_compute_dtype(logits))
     lse = lse.to(x.dtype)
     probs = torch.exp(x - lse[:, None])
     scores = probs if scoring == "softmax" else torch.sigmoid(x)
     indices = indices.long()
-    grad_weights = grad_weights.to(x.dtype)
+    grad_weights = grad_weights.to(x.dtype) * scaling_factor
     if renormalize:
         chosen = scores.gather(1, indices)
         total = chosen.sum(dim=1, keepdim=True)

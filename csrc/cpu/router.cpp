@@ -23,16 +23,32 @@
 namespace astrea {
 namespace {
 
-// logits [N, E] floating, 1 <= k <= E, scoring softmax or sigmoid, optional bias [E] floating
-// on the logits' device.
+// logits [N, E] floating, 1 <= k <= E, scoring softmax, sigmoid or topk_softmax, optional bias
+// [E] floating on the logits' device added to the scores or the logits; num_groups dividing E,
+// 1 <= topk_groups <= num_groups, groups of >= 2 experts for top2_sum, k experts in the kept groups.
 void check_router_topk_args(const at::Tensor& logits, int64_t k, c10::string_view scoring,
-                            const std::optional<at::Tensor>& bias) {
+                            const std::optional<at::Tensor>& bias, c10::string_view bias_on, int64_t num_groups,
+                            int64_t topk_groups, c10::string_view group_score) {
   TORCH_CHECK_VALUE(logits.dim() == 2, "router_topk: logits must be 2-D [N, E], got ", logits.dim(), "-D");
   TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()), "router_topk: logits must be floating, got ",
                    logits.scalar_type());
-  TORCH_CHECK_VALUE(k >= 1 && k <= logits.size(1), "router_topk: k must be in [1, ", logits.size(1), "], got ", k);
-  TORCH_CHECK_VALUE(scoring == "softmax" || scoring == "sigmoid",
-                    "router_topk: scoring must be 'softmax' or 'sigmoid', got '", scoring, "'");
+  const int64_t experts = logits.size(1);
+  TORCH_CHECK_VALUE(k >= 1 && k <= experts, "router_topk: k must be in [1, ", experts, "], got ", k);
+  TORCH_CHECK_VALUE(scoring == "softmax" || scoring == "sigmoid" || scoring == "topk_softmax",
+                    "router_topk: scoring must be 'softmax', 'sigmoid' or 'topk_softmax', got '", scoring, "'");
+  TORCH_CHECK_VALUE(bias_on == "scores" || bias_on == "logits",
+                    "router_topk: bias_on must be 'scores' or 'logits', got '", bias_on, "'");
+  TORCH_CHECK_VALUE(group_score == "top2_sum" || group_score == "max",
+                    "router_topk: group_score must be 'top2_sum' or 'max', got '", group_score, "'");
+  TORCH_CHECK_VALUE(num_groups >= 1 && experts % num_groups == 0, "router_topk: num_groups must divide the ",
+                    experts, " experts, got ", num_groups);
+  TORCH_CHECK_VALUE(topk_groups >= 1 && topk_groups <= num_groups, "router_topk: topk_groups must be in [1, ",
+                    num_groups, "], got ", topk_groups);
+  const int64_t group_size = experts / num_groups;
+  TORCH_CHECK_VALUE(num_groups == 1 || group_score != "top2_sum" || group_size >= 2,
+                    "router_topk: group_score 'top2_sum' needs groups of >= 2 experts, got ", group_size);
+  TORCH_CHECK_VALUE(num_groups == 1 || k <= topk_groups * group_size, "router_topk: k must be <= topk_groups * ",
+                    "experts per group = ", topk_groups * group_size, ", got ", k);
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == logits.size(1), "router_topk: bias must be [",
                       logits.size(1), "], got ", bias->sizes());
@@ -174,10 +190,13 @@ bool ranks_above(acc_t a, acc_t b) {
 // The k experts with the largest keys, best first, into chosen[0, k): NaN keys rank
 // below -inf and equal keys go to the lower index. Experts are visited in index order and
 // a key displaces only keys it ranks strictly above, so ties keep the earlier expert first.
+// With `allowed`, only the experts it marks compete (at least k of them).
 template <typename acc_t>
-void top_k(const acc_t* key, int64_t experts, int64_t k, acc_t* best_keys, int32_t* chosen) {
+void top_k(const acc_t* key, int64_t experts, int64_t k, acc_t* best_keys, int32_t* chosen,
+           const uint8_t* allowed = nullptr) {
   int64_t filled = 0;
   for (int64_t e = 0; e < experts; ++e) {
+    if (allowed != nullptr && !allowed[e]) continue;
     const acc_t value = key[e];
     if (filled == k && !ranks_above(value, best_keys[k - 1])) continue;
     int64_t slot = filled < k ? filled++ : k - 1;
@@ -187,6 +206,28 @@ void top_k(const acc_t* key, int64_t experts, int64_t k, acc_t* best_keys, int32
     }
     best_keys[slot] = value;
     chosen[slot] = static_cast<int32_t>(e);
+  }
+}
+
+// Grouped selection: marks in allowed[0, E) the experts of the topk_groups best of the
+// num_groups contiguous groups of `key`, each scored by the sum of its two largest keys
+// (or its largest), ranked by top_k like the experts. scratch holds 2 * num_groups + 2
+// values and group_ids num_groups + 2 ints.
+template <typename acc_t>
+void allowed_experts(const acc_t* key, int64_t experts, int64_t num_groups, int64_t topk_groups, bool group_max,
+                     acc_t* scratch, int32_t* group_ids, uint8_t* allowed) {
+  const int64_t group_size = experts / num_groups;
+  const int64_t best_per_group = group_max ? 1 : 2;
+  acc_t* group_scores = scratch;
+  acc_t* best = scratch + num_groups;
+  for (int64_t group = 0; group < num_groups; ++group) {
+    top_k(key + group * group_size, group_size, best_per_group, best, group_ids);
+    group_scores[group] = group_max ? best[0] : best[0] + best[1];
+  }
+  top_k(group_scores, num_groups, topk_groups, best, group_ids);
+  std::fill(allowed, allowed + experts, uint8_t(0));
+  for (int64_t slot = 0; slot < topk_groups; ++slot) {
+    std::fill_n(allowed + group_ids[slot] * group_size, group_size, uint8_t(1));
   }
 }
 
@@ -219,8 +260,9 @@ void sum_partials(const T* partials, int64_t blocks, int64_t experts, T* out) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_topk_cpu(
     const at::Tensor& logits, int64_t k, c10::string_view scoring, bool renormalize,
-    const std::optional<at::Tensor>& bias_in) {
-  check_router_topk_args(logits, k, scoring, bias_in);
+    const std::optional<at::Tensor>& bias_in, c10::string_view bias_on, int64_t num_groups, int64_t topk_groups,
+    c10::string_view group_score, double scaling_factor) {
+  check_router_topk_args(logits, k, scoring, bias_in, bias_on, num_groups, topk_groups, group_score);
   const int64_t rows = logits.size(0);
   const int64_t experts = logits.size(1);
   const auto acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -234,7 +276,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
   at::Tensor counts = at::empty({experts}, logits.options().dtype(at::kInt));
   at::Tensor prob_sums = at::empty({experts}, acc_options);
   const at::Tensor bias = bias_in.has_value() ? bias_in->to(acc_type).contiguous() : at::Tensor();
-  const bool softmax = is_softmax(scoring);
+  const bool sigmoid = scoring == "sigmoid";
+  const bool topk_softmax = scoring == "topk_softmax";
+  const bool bias_on_logits = bias_on == "logits";
+  const bool grouped = num_groups > 1;
+  const bool group_max = group_score == "max";
   const int64_t tile = tile_rows(experts);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "router_topk", [&] {
@@ -247,18 +293,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
     const int64_t stride_n = logits.stride(0), stride_e = logits.stride(1);
     at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
       // Tiles: the fp32 logits, their exponentials, the sigmoid scores; then one row of
-      // biased keys and the k best keys.
+      // keys, the k best keys and the scratch of the grouped selection.
       const Tiles<acc_t> tiles(3, experts, acc_options);
-      std::vector<acc_t> row_scratch(experts + k);
-      acc_t* biased = row_scratch.data();
-      acc_t* best_keys = biased + experts;
+      std::vector<acc_t> row_scratch(experts + k + 2 * num_groups + 2);
+      acc_t* keys = row_scratch.data();
+      acc_t* best_keys = keys + experts;
+      acc_t* group_scratch = best_keys + k;
+      std::vector<int32_t> group_ids(grouped ? num_groups + 2 : 0);
+      std::vector<uint8_t> allowed(grouped ? experts : 0);
       for (int64_t block = block_begin; block < block_end; ++block) {
         int32_t* block_counts = count_partials.data_ptr<int32_t>() + block * experts;
         acc_t* block_prob_sums = prob_partials.data_ptr<acc_t>() + block * experts;
         const int64_t block_end_row = std::min(rows, (block + 1) * kRowsPerBlock);
         for (int64_t tile_begin = block * kRowsPerBlock; tile_begin < block_end_row; tile_begin += tile) {
           const int64_t tile_end = std::min(block_end_row, tile_begin + tile);
-          score_tile(logits_data, tile_begin, tile_end, stride_n, stride_e, experts, softmax, tiles,
+          score_tile(logits_data, tile_begin, tile_end, stride_n, stride_e, experts, !sigmoid, tiles,
                      [&](int64_t row, const acc_t* x_row) {
                        return lse_data[row] = row_max(x_row, experts);  // the row max until the lse is known
                      });
@@ -266,35 +315,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
           acc_t* exps = tiles[1];
           for (int64_t row = tile_begin; row < tile_end; ++row) {
             const int64_t offset = (row - tile_begin) * experts;
-            acc_t* score = (softmax ? exps : tiles[2]) + offset;
+            const acc_t* x_row = x + offset;
+            acc_t* score = (sigmoid ? tiles[2] : exps) + offset;
             const acc_t sum_exps = row_sum(exps + offset, experts);
             const acc_t row_lse = lse_data[row] + std::log(sum_exps);
             lse_data[row] = row_lse;
-            if (softmax) {
+            if (!sigmoid) {
               const acc_t inv_sum = acc_t(1) / sum_exps;
               for (int64_t e = 0; e < experts; ++e) score[e] *= inv_sum;
             }
             for (int64_t e = 0; e < experts; ++e) block_prob_sums[e] += score[e];
-            const acc_t* key = x + offset;  // without a bias the logits rank as the scores do
+            // The keys (kernels/router.py): the logits rank as the scores do without a bias
+            // or groups; grouped selection ranks the selection scores (the logits for
+            // topk_softmax), a bias adds to those or to the logits.
+            const acc_t* selection = topk_softmax ? x_row : score;
+            const acc_t* key = x_row;
             if (bias_data != nullptr) {
-              for (int64_t e = 0; e < experts; ++e) biased[e] = score[e] + bias_data[e];
-              key = biased;
+              const acc_t* base = bias_on_logits ? x_row : selection;
+              for (int64_t e = 0; e < experts; ++e) keys[e] = base[e] + bias_data[e];
+              key = keys;
+            } else if (grouped) {
+              key = selection;
+            }
+            if (grouped) {
+              allowed_experts(key, experts, num_groups, topk_groups, group_max, group_scratch, group_ids.data(),
+                              allowed.data());
             }
             int32_t* chosen = indices_data + row * k;
             acc_t* row_weights = weights_data + row * k;
-            top_k(key, experts, k, best_keys, chosen);
-            acc_t total = 0;
+            top_k(key, experts, k, best_keys, chosen, grouped ? allowed.data() : nullptr);
+            const acc_t* values = topk_softmax ? x_row : score;
+            acc_t top = -std::numeric_limits<acc_t>::infinity();
             for (int64_t slot = 0; slot < k; ++slot) {
-              row_weights[slot] = score[chosen[slot]];
-              total += row_weights[slot];
+              row_weights[slot] = values[chosen[slot]];
+              top = std::max(top, row_weights[slot]);
               ++block_counts[chosen[slot]];
             }
+            if (topk_softmax) {
+              for (int64_t slot = 0; slot < k; ++slot) row_weights[slot] = std::exp(row_weights[slot] - top);
+            }
+            acc_t total = 0;
+            for (int64_t slot = 0; slot < k; ++slot) total += row_weights[slot];
+            const acc_t scale = (renormalize || topk_softmax) ? static_cast<acc_t>(scaling_factor) / total
+                                                              : static_cast<acc_t>(scaling_factor);
             // A non-finite row (NaN lse) gets NaN weights; its indices stay valid.
             const bool finite_row = row_lse == row_lse;
             for (int64_t slot = 0; slot < k; ++slot) {
-              row_weights[slot] = !finite_row ? std::numeric_limits<acc_t>::quiet_NaN()
-                                  : renormalize ? row_weights[slot] / total
-                                                : row_weights[slot];
+              row_weights[slot] = finite_row ? row_weights[slot] * scale : std::numeric_limits<acc_t>::quiet_NaN();
             }
           }
         }
@@ -311,7 +378,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
 at::Tensor router_topk_backward_cpu(const at::Tensor& logits, const at::Tensor& indices_in,
                                     const at::Tensor& lse_in, const at::Tensor& grad_weights_in,
                                     const at::Tensor& grad_prob_sums_in, const at::Tensor& grad_lse_in,
-                                    c10::string_view scoring, bool renormalize) {
+                                    c10::string_view scoring, bool renormalize, double scaling_factor) {
   check_router_topk_backward_args(logits, indices_in, lse_in, grad_weights_in, grad_prob_sums_in, grad_lse_in,
                                   scoring);
   const int64_t rows = logits.size(0);
@@ -357,6 +424,7 @@ at::Tensor router_topk_backward_cpu(const at::Tensor& logits, const at::Tensor& 
           const acc_t* score = (softmax ? probs : tiles[2]) + offset;
           const int32_t* chosen = indices_data + row * k;
           const acc_t* grad_w = grad_weights_data + row * k;
+          const acc_t scale = static_cast<acc_t>(scaling_factor);
           for (int64_t slot = 0; slot < k; ++slot) {
             TORCH_CHECK_VALUE(chosen[slot] >= 0 && chosen[slot] < experts, "router_topk_backward: indices[", row,
                               ", ", slot, "] = ", chosen[slot], " is outside [0, ", experts, ")");
@@ -368,11 +436,13 @@ at::Tensor router_topk_backward_cpu(const at::Tensor& logits, const at::Tensor& 
             total = 0;
             for (int64_t slot = 0; slot < k; ++slot) {
               total += score[chosen[slot]];
-              weighted += grad_w[slot] * score[chosen[slot]];
+              weighted += scale * grad_w[slot] * score[chosen[slot]];
             }
             weighted /= total;
           }
-          for (int64_t slot = 0; slot < k; ++slot) grad_score[chosen[slot]] += (grad_w[slot] - weighted) / total;
+          for (int64_t slot = 0; slot < k; ++slot) {
+            grad_score[chosen[slot]] += (scale * grad_w[slot] - weighted) / total;
+          }
           const acc_t row_grad_lse = grad_lse_data[row];
           scalar_t* grad_row = grad_data + row * experts;
           if (softmax) {
@@ -397,16 +467,21 @@ at::Tensor router_topk_backward_cpu(const at::Tensor& logits, const at::Tensor& 
 
 TORCH_LIBRARY_FRAGMENT(astrea, m) {
   // Fused MoE router on CPU tensors (the Python op astrea::router_topk runs it under the
-  // auto backend): top-k of softmax or sigmoid scores with an optional selection bias;
-  // weights [N, k], indices [N, k] int32, counts [E] int32, prob_sums [E], lse [N], all
-  // floating outputs fp32 (float64 for float64 logits).
-  m.def("router_topk_cpu(Tensor logits, int k, str scoring, bool renormalize, Tensor? bias) "
+  // auto backend): top-k of softmax or sigmoid scores (or softmax over the top-k logits)
+  // with an optional selection bias on the scores or the logits, optionally within the
+  // best groups of experts, weights scaled after renormalisation; weights [N, k], indices
+  // [N, k] int32, counts [E] int32, prob_sums [E], lse [N], all floating outputs fp32
+  // (float64 for float64 logits).
+  m.def("router_topk_cpu(Tensor logits, int k, str scoring, bool renormalize, Tensor? bias, "
+        "str bias_on='scores', int num_groups=1, int topk_groups=1, str group_score='top2_sum', "
+        "float scaling_factor=1.0) "
         "-> (Tensor weights, Tensor indices, Tensor counts, Tensor prob_sums, Tensor lse)");
   // grad_logits (logits' dtype, contiguous) of sum(grad_weights * weights) +
   // sum(grad_prob_sums * prob_sums) + sum(grad_lse * lse), by the closed form of
   // kernels/router.py.
   m.def("router_topk_backward_cpu(Tensor logits, Tensor indices, Tensor lse, Tensor grad_weights, "
-        "Tensor grad_prob_sums, Tensor grad_lse, str scoring, bool renormalize) -> Tensor");
+        "Tensor grad_prob_sums, Tensor grad_lse, str scoring, bool renormalize, float scaling_factor=1.0) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(astrea, CPU, m) {
