@@ -83,7 +83,11 @@ def _layer_rank(ep_size: int, skip_experts: int = 0) -> dict:
     layer = ExpertParallelMoE.from_sparse_moe(_moe(detached_router=True, skip_experts=skip_experts), layout.ep_group)
     x, grad = (_this_ranks(t[0]) for t in _batch(distributed.world_size()))
     got = _forward_backward(layer, x, grad)
-    return {**got, "first_expert": layer.first_expert, "rows_sent": layer.rows_sent}
+    for parameter in layer.parameters():
+        parameter.grad = None
+    again = _forward_backward(layer, x, grad)
+    return {**got, "first_expert": layer.first_expert, "rows_sent": layer.rows_sent,
+            "deterministic": all(torch.equal(again[name], value) for name, value in got.items())}
 
 
 def _magnitudes(moe: SparseMoE, x: torch.Tensor, grad: torch.Tensor) -> dict:
@@ -125,6 +129,7 @@ def _check_layer_equals_one_process(ranks: list[dict], skip_experts: int = 0) ->
         tokens = slice(r * TOKENS_PER_RANK, (r + 1) * TOKENS_PER_RANK)
         experts = slice(got["first_expert"], got["first_expert"] + local)
         assert got["first_expert"] == r * local
+        assert got["deterministic"], f"rank {r}: a second forward and backward differ from the first"
         for name, rows in (("out", tokens), ("grad_x", tokens), ("grad_gate_up", experts), ("grad_down", experts)):
             bound = _bound(terms[name][rows], length, expected[name][rows])
             assert_within(got[name], expected[name][rows], bound, what=f"rank {r} of {world}: {name}")
@@ -360,6 +365,14 @@ def test_checkpoint_refusals(tmp_path, four_ranks):
     with pytest.raises(ValueError, match=r"load_expert_parallel: .*other.safetensors is not a "
                                          r"astrea-expert-parallel-1 checkpoint \(format 'something else'\)"):
         distributed.load_expert_parallel(tmp_path / "other.safetensors", _moe())
+    distributed.save_expert_parallel(tmp_path / "eight.safetensors", ExpertParallelMoE.from_sparse_moe(_moe()),
+                                     distributed.expert_parallel_layout(1))
+    with pytest.raises(ValueError, match=r"load_expert_parallel: experts\.(gate_up|down) holds 8 experts; the layer "
+                                         r"has 6"):
+        distributed.load_expert_parallel(tmp_path / "eight.safetensors", ExpertParallelMoE.from_sparse_moe(_moe(6)))
+    with pytest.raises(ValueError, match=r"load_expert_parallel: .*eight.safetensors holds no optimizer state"):
+        layer = ExpertParallelMoE.from_sparse_moe(_moe())
+        distributed.load_expert_parallel(tmp_path / "eight.safetensors", layer, _adam(layer))
 
 
 # ---------------------------------------------------------------- single process

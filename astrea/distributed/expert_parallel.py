@@ -209,6 +209,9 @@ class ExpertParallelMoE(nn.Module):
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)  # [source rank, local expert]
         splits = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()  # the host sync
         send_splits, recv_splits = splits
+        if sum(send_splits) != dispatch.sorted_token_ids.shape[0]:  # CUDA dispatch sets them apart, see moe_dispatch
+            raise ValueError(f"ExpertParallelMoE: router indices must lie in [0, {self.num_experts}); "
+                             f"{dispatch.sorted_token_ids.shape[0] - sum(send_splits)} routing slots are out of range")
         self.rows_sent = sum(send_splits) - send_splits[self.ep_rank]
         received = _ExchangeRows.apply(ops.permute(tokens, dispatch), recv_splits, send_splits, self.group)
         # The received rows come by source rank, then local expert: each is a token with one slot.
