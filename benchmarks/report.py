@@ -1,11 +1,15 @@
 """Markdown report of pytest-benchmark JSON files, and the README's performance section.
 
     python benchmarks/report.py bench.json [more.json ...] > report.md
-    python benchmarks/report.py --store bench.json
+    python benchmarks/report.py --output report.md bench.json [more.json ...]
+    python benchmarks/report.py --store bench.json [more.json ...]
+    python benchmarks/report.py --store-gpu-run OUTDIR
     python benchmarks/report.py --readme README.md
 
-``--store`` keeps a run: it copies the JSON and writes its report.md under
-``benchmarks/results/<device>/<date>_<commit>/``.
+``--store`` keeps a run: it merges the JSON files and writes their report.md under
+``benchmarks/results/<device>/<date>_<commit>/``. ``--store-gpu-run`` keeps a whole
+``scripts/gpu_check.sh`` output folder there (phases, versions, smoke and test results, the
+logs' ends, the benchmarks).
 
 The second form rewrites the README between the ``benchmarks:start`` / ``benchmarks:end``
 markers from the newest ``report.md`` of each device folder under benchmarks/results/
@@ -22,8 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 from collections import defaultdict
 from pathlib import Path
+from typing import Sequence
 
 PROVIDERS = ("astrea", "eager", "compile")
 
@@ -158,18 +164,55 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def store(json_path: Path, results: Path = RESULTS) -> Path:
-    """Copies a run's JSON and its report into results/<device>/<date>_<commit>/; returns that folder."""
-    benchmarks, machine = load([json_path])
-    device = benchmarks[0]["extra_info"]["device"]
-    device_dir = "cpu-" + _slug(device.split("(")[1].split(",")[0]) if device.startswith("CPU") else _slug(device)
-    run_dir = results / device_dir / f"{str(machine.get('datetime'))[:10]}_{str(machine.get('commit'))[:10]}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    data = json.loads(json_path.read_text())
-    for bench in data["benchmarks"]:
+def _device_dir(device: str) -> str:
+    return "cpu-" + _slug(device.split("(")[1].split(",")[0]) if device.startswith("CPU") else _slug(device)
+
+
+def _write_benchmarks(json_paths: Sequence[Path], run_dir: Path) -> None:
+    """One benchmarks.json of every run in ``json_paths`` (raw timings dropped) and its report.md."""
+    benchmarks, machine = load(list(json_paths))
+    merged = json.loads(json_paths[0].read_text())
+    merged["benchmarks"] = benchmarks
+    for bench in benchmarks:
         bench["stats"].pop("data", None)  # every raw timing: megabytes, and the report needs none
-    (run_dir / "benchmarks.json").write_text(json.dumps(data, indent=1) + "\n")
+    (run_dir / "benchmarks.json").write_text(json.dumps(merged, indent=1) + "\n")
     (run_dir / "report.md").write_text(render(benchmarks, machine))
+
+
+def store(json_paths: Sequence[Path], results: Path = RESULTS) -> Path:
+    """Keeps one benchmark run (one or more JSON files of one commit on one device) under
+    results/<device>/<date>_<commit>/ as benchmarks.json and report.md; returns that folder."""
+    benchmarks, machine = load(list(json_paths))
+    device = benchmarks[0]["extra_info"]["device"]
+    run_dir = results / _device_dir(device) / f"{str(machine.get('datetime'))[:10]}_{str(machine.get('commit'))[:10]}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_benchmarks(json_paths, run_dir)
+    return run_dir
+
+
+# What a scripts/gpu_check.sh OUTDIR keeps whole; of its logs only the last LOG_TAIL_LINES lines.
+GPU_RUN_FILES = ("phases.json", "smoke.json", "tests.xml")
+LOG_TAIL_LINES = 400
+
+
+def store_gpu_run(outdir: Path, results: Path = RESULTS) -> Path:
+    """Keeps a whole ``scripts/gpu_check.sh OUTDIR`` run, whatever phases finished, under
+    results/<device>/<date>_<commit>/: phases.json (commit, device, versions, each phase's
+    status and seconds), the smoke records, the test results, each log's end, and the
+    benchmarks of the bench phase as :func:`store` keeps them. Returns that folder."""
+    phases = json.loads((outdir / "phases.json").read_text())
+    run_dir = results / _device_dir(phases.get("device") or "unknown") / (
+        f"{str(phases.get('started'))[:10]}_{str(phases.get('commit'))[:10]}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in GPU_RUN_FILES:
+        if (outdir / name).exists():
+            shutil.copyfile(outdir / name, run_dir / name)
+    for log in sorted(outdir.glob("*.log")):
+        lines = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        (run_dir / f"{log.name}.tail").write_text("\n".join(lines) + "\n")
+    benchmark_files = sorted((outdir / "bench").glob("*.json"))
+    if benchmark_files:
+        _write_benchmarks(benchmark_files, run_dir)
     return run_dir
 
 
@@ -186,13 +229,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("json", nargs="*", type=Path, help="pytest-benchmark --benchmark-json files")
     parser.add_argument("--store", action="store_true", help="keep the run under benchmarks/results/")
+    parser.add_argument("--store-gpu-run", type=Path, metavar="OUTDIR",
+                        help="keep a scripts/gpu_check.sh OUTDIR under benchmarks/results/")
     parser.add_argument("--readme", type=Path, help="rewrite this README's performance section instead")
+    parser.add_argument("--output", type=Path, help="write the report to this file (default: standard output)")
     args = parser.parse_args()
     if args.readme:
         update_readme(args.readme)
+    elif args.store_gpu_run:
+        print(store_gpu_run(args.store_gpu_run))
     elif args.store:
-        for path in args.json:
-            print(store(path))
+        print(store(args.json))
+    elif args.json and args.output:
+        args.output.write_text(render(*load(args.json)))
     elif args.json:
         print(render(*load(args.json)), end="")
     else:

@@ -1,6 +1,7 @@
 """benchmarks/report.py turns pytest-benchmark JSON into the markdown table of the README."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +76,7 @@ def test_store_files_a_run_by_device_and_date(tmp_path):
     path = tmp_path / "bench.json"
     path.write_text(json.dumps({"datetime": "2026-03-04T05:06:07", "commit_info": {"id": "feedbeef00112233"},
                                 "benchmarks": [_bench("astrea", 1e-3, 8, device="NVIDIA H100 80GB HBM3")]}))
-    run_dir = report.store(path, tmp_path / "results")
+    run_dir = report.store([path], tmp_path / "results")
     assert run_dir == tmp_path / "results" / "nvidia-h100-80gb-hbm3" / "2026-03-04_feedbeef00"
     assert json.loads((run_dir / "benchmarks.json").read_text())["benchmarks"][0]["stats"]["median"] == 1e-3
     assert "## test_op" in (run_dir / "report.md").read_text()
@@ -87,3 +88,69 @@ def test_case_labels_flatten_dict_params_and_name_dtypes():
 
     params = {"mode": "forward", "case": {"tokens": 512, "dtype": "UNSERIALIZABLE[torch.bfloat16]"}, "provider": "eager"}
     assert report._case_label(params) == "mode=forward, tokens=512, dtype=bfloat16"
+
+
+def test_store_merges_several_files_of_one_run(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import report
+
+    paths = []
+    for name, provider in (("a", "astrea"), ("b", "eager")):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"datetime": "2026-03-04T05:06:07", "commit_info": {"id": "feedbeef00112233"},
+                                    "benchmarks": [_bench(provider, 1e-3, 8)]}))
+        paths.append(path)
+    run_dir = report.store(paths, tmp_path / "results")
+    kept = json.loads((run_dir / "benchmarks.json").read_text())["benchmarks"]
+    assert sorted(b["params"]["provider"] for b in kept) == ["astrea", "eager"]
+
+
+def test_store_gpu_run_keeps_what_every_finished_phase_wrote(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import report
+
+    out = tmp_path / "out"
+    (out / "bench").mkdir(parents=True)
+    (out / "phases.json").write_text(json.dumps({"commit": "cafe0123456789", "started": "2026-03-04T05:06:07Z",
+                                                 "device": "NVIDIA H200", "torch": "2.11.0",
+                                                 "phases": [{"phase": "smoke", "status": "ok"}]}))
+    (out / "smoke.json").write_text("[]")
+    (out / "tests.log").write_text("\n".join(f"line {i}" for i in range(1000)))
+    (out / "bench" / "test_bench_router.json").write_text(json.dumps(
+        {"datetime": "2026-03-04T05:10:00", "commit_info": {"id": "cafe0123456789"},
+         "benchmarks": [_bench("astrea", 1e-3, 8, device="NVIDIA H200")]}))
+    run_dir = report.store_gpu_run(out, tmp_path / "results")
+    assert run_dir == tmp_path / "results" / "nvidia-h200" / "2026-03-04_cafe012345"
+    assert json.loads((run_dir / "phases.json").read_text())["torch"] == "2.11.0"
+    assert (run_dir / "smoke.json").exists() and not (run_dir / "tests.xml").exists()
+    tail = (run_dir / "tests.log.tail").read_text().splitlines()
+    assert len(tail) == report.LOG_TAIL_LINES and tail[-1] == "line 999"
+    assert "## test_op" in (run_dir / "report.md").read_text()
+    # A run whose bench phase wrote nothing still keeps its phases.
+    (out / "bench" / "test_bench_router.json").unlink()
+    (out / "phases.json").write_text(json.dumps({"commit": "0000aaaa", "started": "2026-03-05T00:00:00Z",
+                                                 "device": "NVIDIA H200", "phases": []}))
+    assert not (report.store_gpu_run(out, tmp_path / "results") / "report.md").exists()
+
+
+def test_headline_keeps_each_benchmarks_first_case_with_every_provider_and_mode(tmp_path):
+    (tmp_path / "test_bench_fake.py").write_text(
+        "import pytest\n"
+        "@pytest.mark.parametrize('case', [1, 2, 3])\n"
+        "@pytest.mark.parametrize('mode', ['forward', 'forward_backward'])\n"
+        "@pytest.mark.parametrize('provider', ['astrea', 'eager', 'compile'])\n"
+        "def test_a(provider, mode, case): pass\n"
+        "@pytest.mark.parametrize('k', [8, 2])\n"
+        "@pytest.mark.parametrize('provider', ['astrea', 'eager'])\n"
+        "def test_b(provider, k): pass\n")
+
+    def collected(*options):
+        result = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path), "--collect-only", "-q",
+                                 "-p", "no:cacheprovider", "-p", "benchmarks.conftest", *options],
+                                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+        return sorted(line.split("::")[1] for line in result.stdout.splitlines() if "::" in line)
+
+    assert len(collected()) == 18 + 4
+    assert collected("--headline") == sorted(
+        [f"test_a[{p}-{m}-1]" for p in ("astrea", "eager", "compile") for m in ("forward", "forward_backward")]
+        + ["test_b[astrea-8]", "test_b[eager-8]"])
