@@ -3,16 +3,18 @@
 ``ASTREA_BACKEND`` (read at each call) or the :func:`backend` context manager picks:
 
 * ``auto`` (default): CUDA tensors run the kernels (Triton, or the compiled extension
-  ``astrea._C``); CPU tensors run the C++ CPU kernel where ``_C`` has one, otherwise
-  the plain-PyTorch reference in :mod:`astrea.reference`.
+  ``astrea._C``); CPU tensors run the C++ CPU kernel where ``_C`` has one, torch's own
+  kernels where the op names them as its CPU implementation (``cpu_impl="torch"``, e.g.
+  ``F.grouped_mm`` for the grouped experts), otherwise the plain-PyTorch reference in
+  :mod:`astrea.reference`.
 * ``triton``: the Triton kernels run on every tensor. On CPU tensors this needs the
   Triton interpreter (``TRITON_INTERPRET=1`` set before ``import triton``); the test
   suite runs the kernels this way on machines without a GPU. Ops whose kernel lives in
   ``_C`` use ``_C``.
 * ``reference``: every op runs its plain-PyTorch reference.
 
-An op whose kernels are torch's own (``kernel="torch"``, e.g. ``F.grouped_mm`` for the
-grouped experts) runs them under ``auto`` and ``triton`` alike.
+An op whose kernels are torch's own on every device (``kernel="torch"``) runs them under
+``auto`` and ``triton`` alike.
 
 The choice is made once per forward call, by :meth:`OpSpec.choose`, and travels with the
 call: it is an argument of the registered op, saved on the autograd context, and the
@@ -108,6 +110,9 @@ class OpSpec:
         kernel: ``"triton"`` (kernels in :mod:`astrea.kernels`), ``"extension"`` (in ``_C``) or
             ``"torch"`` (torch's own kernels, on every device).
         cpu_kernel: the ``_C`` op (``astrea::<cpu_kernel>``) holding the C++ CPU kernel, if any.
+        cpu_impl: what runs a Triton op's CPU tensors under ``auto`` when it is not a ``_C``
+            kernel: ``"torch"`` (torch's own CPU kernels, the op's ``torch`` implementation), or
+            None (the reference). The ``triton`` backend still runs the Triton kernels there.
         dtypes: the floating dtypes accepted, by device type (``"cpu"``, ``"cuda"``).
         limits: sizes the kernels bound, by argument (e.g. ``{"num_experts": 8192}``).
         supports: what each implementation covers, by implementation, for the report.
@@ -116,6 +121,7 @@ class OpSpec:
     name: str
     kernel: Kernel
     cpu_kernel: str | None = None
+    cpu_impl: Literal["torch"] | None = None
     dtypes: Mapping[str, tuple[torch.dtype, ...]] = dataclasses.field(default_factory=lambda: _DEFAULT_DTYPES)
     limits: Mapping[str, int] = dataclasses.field(default_factory=dict)
     supports: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -160,13 +166,16 @@ class OpSpec:
 OPS: dict[str, OpSpec] = {}
 
 
-def declare_op(name: str, kernel: Kernel, *, cpu_kernel: str | None = None,
+def declare_op(name: str, kernel: Kernel, *, cpu_kernel: str | None = None, cpu_impl: Literal["torch"] | None = None,
                dtypes: Mapping[str, tuple[torch.dtype, ...]] | None = None, limits: Mapping[str, int] | None = None,
                supports: Mapping[str, str] | None = None) -> OpSpec:
     """Declares an op's capabilities (see :class:`OpSpec`) and registers it for dispatch and the report."""
     if kernel not in ("triton", "extension", "torch"):
         raise ValueError(f"declare_op({name!r}): kernel must be 'triton', 'extension' or 'torch'; got {kernel!r}")
-    spec = OpSpec(name, kernel, cpu_kernel, MappingProxyType(dict(dtypes or _DEFAULT_DTYPES)),
+    if cpu_impl is not None and (cpu_impl != "torch" or kernel != "triton" or cpu_kernel is not None):
+        raise ValueError(f"declare_op({name!r}): cpu_impl must be 'torch', on a Triton op without a cpu_kernel; "
+                         f"got cpu_impl={cpu_impl!r} with kernel={kernel!r}, cpu_kernel={cpu_kernel!r}")
+    spec = OpSpec(name, kernel, cpu_kernel, cpu_impl, MappingProxyType(dict(dtypes or _DEFAULT_DTYPES)),
                   MappingProxyType(dict(limits or {})), MappingProxyType(dict(supports or {})))
     OPS[name] = spec
     return spec
@@ -189,6 +198,8 @@ def _resolve(op: str, mode: str, device_type: str) -> tuple[str, str | None, str
         why = _extension.missing_kernel(op, spec.cpu_kernel if on_cpu else op, device_type)
         return ("extension", None, None) if why is None else ("", *why)
     if mode == "auto" and on_cpu:
+        if spec.cpu_impl is not None:
+            return spec.cpu_impl, None, None
         has_cpu_kernel = spec.cpu_kernel is not None and _extension.has_kernel(spec.cpu_kernel, "CPU")
         return ("extension" if has_cpu_kernel else "reference"), None, None
     reason = triton_import_error()

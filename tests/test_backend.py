@@ -75,6 +75,29 @@ def test_triton_op_with_a_cpu_kernel_in_the_extension(cpu_op, expected):
         del _backend.OPS[spec.name]
 
 
+def test_triton_op_with_torch_kernels_on_cpu(monkeypatch):
+    """cpu_impl="torch": CPU tensors run torch's own kernels under auto, the Triton kernels
+    under the triton backend (interpreter), CUDA tensors Triton."""
+    spec = _backend.declare_op("_test_triton_op_with_torch_cpu", kernel="triton", cpu_impl="torch")
+    try:
+        cpu = torch.device("cpu")
+        assert spec.choose(cpu) == "torch"
+        assert spec.describe("cpu") == "torch"
+        assert spec.choose(torch.device("cuda")) == "triton"
+        with astrea.backend("triton"):
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+            assert spec.choose(cpu) == "triton"
+        with astrea.backend("reference"):
+            assert spec.choose(cpu) == "reference"
+    finally:
+        del _backend.OPS[spec.name]
+    for kwargs in (dict(kernel="triton", cpu_impl="reference"), dict(kernel="extension", cpu_impl="torch"),
+                   dict(kernel="triton", cpu_impl="torch", cpu_kernel="moco_logits")):
+        with pytest.raises(ValueError, match="cpu_impl must be 'torch', on a Triton op without a cpu_kernel"):
+            _backend.declare_op("_bad_cpu_impl", **kwargs)
+    assert "_bad_cpu_impl" not in _backend.OPS
+
+
 def test_declared_capabilities_drive_validation_and_the_report():
     spec = _backend.declare_op("_test_capabilities", kernel="triton", dtypes={"cpu": (torch.float64,)},
                                limits={"num_experts": 4}, supports={"triton": "tiles of 4"})

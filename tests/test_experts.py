@@ -1,5 +1,6 @@
 """The grouped experts op (astrea.ops.moe_experts), GroupedExperts and SparseMoE on it: against a
-float64 reference, with errors judged against PyTorch's own computation in the same dtype."""
+float64 reference, with errors judged against PyTorch's own computation in the same dtype. The
+Triton kernels run on CPU tensors under the interpreter: their cases keep few programs."""
 
 import pytest
 import torch
@@ -12,13 +13,14 @@ from astrea.ops import experts as experts_op
 from tests.utils import CHOICE_OF, assert_close, running, strided
 
 OPS_UNDER_TEST = ("moe_experts",)
-# The op's implementations: torch's grouped GEMMs, and the reference (one matmul per expert).
-IMPLS = ("torch", "reference")
+# The op's implementations: the Triton kernels, torch's grouped GEMMs (what CPU tensors run
+# under auto), and the reference (one matmul per expert).
+IMPLS = ("triton", "torch", "reference")
 
 
 def make_case(num_tokens, hidden, intermediate, num_experts, top_k, dtype=torch.float32, *, gated=True,
               skew=False, scale=True):
-    """Inputs of one layer: routing by a real router, weights of nn.Linear scale."""
+    """Inputs of one layer: softmax top-k routing, weights of nn.Linear scale."""
     x = torch.randn(num_tokens, hidden).to(dtype)
     rows = 2 * intermediate if gated else intermediate
     gate_up = (torch.randn(num_experts, rows, hidden) / hidden**0.5).to(dtype)
@@ -27,10 +29,9 @@ def make_case(num_tokens, hidden, intermediate, num_experts, top_k, dtype=torch.
     if skew:  # every token prefers expert 0, and the last experts get none
         logits[:, 0] += 100
         logits[:, num_experts // 2:] -= 100
-    routing = ops.router_topk(logits, top_k)
-    weights = routing.weights
+    weights, indices = logits.softmax(-1).topk(top_k)
     expert_scale = torch.rand(num_experts) + 0.5 if scale else None
-    return x, routing.indices, gate_up, down, weights, expert_scale
+    return x, indices.to(torch.int32), gate_up, down, weights, expert_scale
 
 
 def run(case, activation="silu", gated=True):
@@ -82,10 +83,12 @@ def _grads(fn, case, grad):
 # (N, H, I, E, k): odd and aligned sizes, N = 1, k = 1 and 8, E not a power of two; H = 33
 # and I = 200 are not 16-byte aligned in fp32 rows for grouped_mm (the per-expert path).
 SHAPES = [(1, 32, 64, 6, 1), (37, 32, 64, 6, 2), (50, 33, 200, 60, 8), (40, 64, 32, 160, 2), (64, 48, 16, 8, 8)]
+# Under the interpreter E = 160 would cost hundreds of weight-gradient programs for no new path.
+IMPL_SHAPES = [(impl, shape) for impl in IMPLS for shape in SHAPES if impl != "triton" or shape[3] <= 60]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-H{}-I{}-E{}-k{}".format(*s))
+@pytest.mark.parametrize("impl, shape", IMPL_SHAPES,
+                         ids=lambda p: p if isinstance(p, str) else "N{}-H{}-I{}-E{}-k{}".format(*p))
 def test_forward_backward_fp32_against_float64(impl, shape):
     case = make_case(*shape)
     grad = torch.randn(shape[0], shape[1], dtype=torch.float64)
@@ -99,56 +102,81 @@ def test_forward_backward_fp32_against_float64(impl, shape):
         assert_within_torch_error(g, e, t, f"grad {name}")
 
 
+@pytest.mark.parametrize("impl", ("triton", "torch"))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("activation, gated", [("silu", True), ("gelu", False)])
-def test_low_precision_against_pytorchs_own_error(dtype, activation, gated):
+def test_low_precision_against_pytorchs_own_error(impl, dtype, activation, gated):
+    """16-bit operands (widened before the interpreter's dot, as its 16-bit product is wrong)."""
     case = make_case(48, 32, 64, 8, 2, dtype, gated=gated)
     grad = torch.randn(48, 32, dtype=torch.float64)
     expected, expected_grads = _grads(lambda c: float64_reference(c, activation, gated), case, grad)
     eager, eager_grads = _grads(lambda c: torch_eager(c, activation, gated), case, grad)
-    out, got_grads = _grads(lambda c: run(c, activation, gated), case, grad)
+    with running(impl, *OPS_UNDER_TEST):
+        out, got_grads = _grads(lambda c: run(c, activation, gated), case, grad)
     assert out.dtype == dtype
     assert_within_torch_error(out, expected, eager, f"{dtype} out")
     for name, g, e, t in zip(("x", "gate_up", "down", "weights", "scale"), got_grads, expected_grads, eager_grads):
         assert_within_torch_error(g, e, t, f"{dtype} grad {name}")
 
 
+@pytest.mark.parametrize("impl", ("triton", "torch"))
 @pytest.mark.parametrize("activation", sorted(experts_op.ACTIVATIONS))
 @pytest.mark.parametrize("gated", [True, False])
-def test_every_activation(activation, gated):
+def test_every_activation(impl, activation, gated):
     case = make_case(30, 32, 16, 4, 2, gated=gated)
     grad = torch.randn(30, 32, dtype=torch.float64)
     expected, expected_grads = _grads(lambda c: float64_reference(c, activation, gated), case, grad)
     eager, eager_grads = _grads(lambda c: torch_eager(c, activation, gated), case, grad)
-    out, got_grads = _grads(lambda c: run(c, activation, gated), case, grad)
+    with running(impl, *OPS_UNDER_TEST):
+        out, got_grads = _grads(lambda c: run(c, activation, gated), case, grad)
     assert_within_torch_error(out, expected, eager, f"{activation} out")
     for g, e, t in zip(got_grads, expected_grads, eager_grads):
         assert_within_torch_error(g, e, t, f"{activation} grads")
 
 
-def test_one_expert_takes_every_token_and_others_none():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_one_expert_takes_every_token_and_others_none(impl):
     case = make_case(40, 32, 64, 6, 2, skew=True)
     grad = torch.randn(40, 32, dtype=torch.float64)
     expected, expected_grads = _grads(float64_reference, case, grad)
     eager, eager_grads = _grads(torch_eager, case, grad)
-    out, got_grads = _grads(run, case, grad)
+    with running(impl, *OPS_UNDER_TEST):
+        out, got_grads = _grads(run, case, grad)
     assert_within_torch_error(out, expected, eager, "out")
     assert not got_grads[1][3:].any() and not got_grads[2][3:].any(), "experts without tokens get zero gradients"
     for g, e, t in zip(got_grads, expected_grads, eager_grads):
         assert_within_torch_error(g, e, t, "grads")
 
 
-def test_strided_x_and_weights():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_strided_x_and_weights(impl):
     x, indices, gate_up, down, weights, scale = make_case(37, 32, 64, 6, 2)
-    expected = run((x, indices, gate_up, down, weights, scale))
-    got = run((strided(x), indices, gate_up, down, strided(weights), scale))
+    grad = torch.randn(37, 32, dtype=torch.float64)
+    with running(impl, *OPS_UNDER_TEST):
+        expected, expected_grads = _grads(run, (x, indices, gate_up, down, weights, scale), grad)
+        got, got_grads = _grads(run, (strided(x), indices, gate_up, down, strided(weights), scale), grad)
     assert_close(got, expected, what="strided x")
+    for g, e in zip(got_grads, expected_grads):
+        assert_close(g, e, what="grads of strided x")
 
 
-def test_empty_batch():
+def test_weight_stacks_are_taken_in_their_strides_by_the_kernels():
+    """transformers' layout as given: a transposed view of the stacks runs without a copy."""
+    x, indices, gate_up, down, weights, scale = make_case(20, 32, 16, 4, 2)
+    gate_up_t = gate_up.transpose(1, 2).contiguous().transpose(1, 2)
+    down_t = down.transpose(1, 2).contiguous().transpose(1, 2)
+    with running("triton", *OPS_UNDER_TEST):
+        expected = run((x, indices, gate_up, down, weights, scale))
+        got = run((x, indices, gate_up_t, down_t, weights, scale))
+    assert_close(got, expected, what="transposed weight stacks")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_batch(impl):
     x, indices, gate_up, down, weights, scale = make_case(0, 32, 64, 6, 2)
     x.requires_grad_()
-    out = run((x, indices, gate_up, down, weights, scale))
+    with running(impl, *OPS_UNDER_TEST):
+        out = run((x, indices, gate_up, down, weights, scale))
     assert out.shape == (0, 32)
     out.sum().backward()
     assert x.grad.shape == (0, 32)
@@ -159,12 +187,16 @@ def test_gradcheck_float64(impl):
     x, indices, gate_up, down, weights, scale = make_case(9, 5, 6, 3, 2, torch.float64)
     dispatch = ops.moe_dispatch(indices, 3)
     leaves = [t.requires_grad_() for t in (x, gate_up, down, weights.double(), scale.double())]
+    # The interpreter runs each Triton program in milliseconds: gradcheck's fast mode (a few
+    # random directions) keeps the kernels' float64 check short.
     with running(impl, *OPS_UNDER_TEST):
         assert torch.autograd.gradcheck(
-            lambda x, g, d, w, s: ops.moe_experts(x, dispatch, g, d, w, expert_scale=s), leaves)
+            lambda x, g, d, w, s: ops.moe_experts(x, dispatch, g, d, w, expert_scale=s), leaves,
+            fast_mode=impl == "triton")
 
 
-def test_bitwise_reproducible_across_runs_and_thread_counts():
+@pytest.mark.parametrize("impl", ("triton", "torch"))
+def test_bitwise_reproducible_across_runs_and_thread_counts(impl):
     case = make_case(64, 32, 64, 8, 2)
     grad = torch.randn(64, 32, dtype=torch.float64)
     threads = torch.get_num_threads()
@@ -172,7 +204,8 @@ def test_bitwise_reproducible_across_runs_and_thread_counts():
     try:
         for count in (1, 2, 2):
             torch.set_num_threads(count)
-            out, grads = _grads(run, case, grad)
+            with running(impl, *OPS_UNDER_TEST):
+                out, grads = _grads(run, case, grad)
             results.append((out, *grads))
     finally:
         torch.set_num_threads(threads)
@@ -254,3 +287,53 @@ def test_backend_reference_runs_the_per_expert_path(monkeypatch):
     assert not calls
     run(case)
     assert calls, "aligned shapes run torch's grouped_mm"
+
+
+def test_cpu_tensors_run_torch_under_auto_and_the_kernels_under_triton():
+    cpu = torch.device("cpu")
+    with astrea.backend("auto"):
+        assert experts_op.SPEC.choose(cpu) == "torch"
+        assert experts_op.SPEC.describe("cuda") == "triton"
+    with astrea.backend("triton"):
+        assert experts_op.SPEC.choose(cpu) == "triton"
+
+
+def test_triton_slots_of_out_of_range_experts_add_nothing():
+    """On CUDA the dispatch places slots of out-of-range experts after expert_offsets[E]
+    instead of syncing to reject them: the kernels compute no row for them and sum none."""
+    from astrea.kernels.dispatch import dispatch_forward
+
+    x, indices, gate_up, down, weights, scale = make_case(24, 32, 16, 4, 2)
+    dropped = indices.clone()
+    dropped[::3, 1] = 4  # expert 4 of 4: out of range
+    dispatch = ops.Dispatch(*dispatch_forward(dropped, 4), dropped)
+    assert int(dispatch.expert_offsets[-1]) < dropped.numel()
+    kept = weights * (dropped < 4)
+    expected = reference.moe_experts(x.double(), indices, gate_up.double(), down.double(), kept.double(), "silu",
+                                     True, scale.double())
+    leaves = [t.clone().requires_grad_() for t in (x, weights)]
+    with running("triton", *OPS_UNDER_TEST):
+        out = ops.moe_experts(leaves[0], dispatch, gate_up, down, leaves[1], expert_scale=scale)
+        out.sum().backward()
+    assert_close(out, expected.float(), what="out with dropped slots")
+    assert not leaves[1].grad[dropped >= 4].any(), "dropped slots get no weight gradient"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_triton_on_cuda_syncs_nothing_and_captures_in_a_cuda_graph():
+    case = [t.cuda() if t is not None else None for t in make_case(256, 64, 128, 8, 2)]
+    x, indices, gate_up, down, weights, scale = case
+    dispatch = ops.moe_dispatch(indices, 8)
+    leaves = [t.clone().requires_grad_() for t in (x, gate_up, down, weights)]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = ops.moe_experts(leaves[0], dispatch, *leaves[1:], expert_scale=scale)
+        out.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = ops.moe_experts(x, dispatch, gate_up, down, weights, expert_scale=scale)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(replayed, out.detach())

@@ -8,12 +8,20 @@ For routing slot ``(t, j)`` with expert ``e``::
     pre = gate_up[e] @ x[t];   a = act(pre[:I]) * pre[I:]   (gated)  or  act(pre)
     out[t] = sum_j  w[t, j] * s[e] * (down[e] @ a)          (j in slot order, fp32)
 
-Implementation (``kernel="torch"``): the rows gathered in expert order (``index_select``),
-``F.grouped_mm`` for both projections with the group offsets read on the device, and fixed-order
-sums; shapes whose strides are not 16-byte aligned (or float64, for gradcheck) run the same
-steps as one matmul per expert. The backward keeps the pre-activations of the forward and
-recomputes the activation from them; it runs four grouped GEMMs (d rows, d gate_up, d down,
-d a) and sums each token's slots in a fixed order: no atomics, bitwise reproducible.
+Implementations, all keeping the pre-activations of the forward for the backward, which
+recomputes the activation from them and sums each token's slots in a fixed order (no atomics,
+bitwise reproducible):
+
+* ``triton`` (CUDA tensors under ``auto``; CPU tensors under the ``triton`` backend, through
+  the interpreter): the grouped-GEMM kernels of :mod:`astrea.kernels.experts`, the token rows
+  gathered inside the first GEMM's tile loads, the activation in its epilogue, the routing
+  coefficient in the second's, tiles scheduled from the offsets on the device.
+* ``torch`` (CPU tensors under ``auto``): the rows gathered in expert order (``index_select``),
+  ``F.grouped_mm`` for both projections with the group offsets read on the device, and
+  fixed-order sums; shapes whose strides are not 16-byte aligned (or float64, for gradcheck)
+  run the same steps as one matmul per expert. The backward runs four grouped GEMMs (d rows,
+  d gate_up, d down, d a).
+* ``reference``: the torch steps with one plain matmul per expert.
 """
 
 from __future__ import annotations
@@ -29,10 +37,12 @@ from astrea.ops.dispatch import Dispatch, check_dispatch
 from astrea.reference.experts import ACTIVATIONS
 
 SPEC = _backend.declare_op(
-    "moe_experts", kernel="torch",
+    "moe_experts", kernel="triton", cpu_impl="torch",
     dtypes={"cpu": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
             "cuda": (torch.float32, torch.float16, torch.bfloat16)},
-    supports={"torch": "F.grouped_mm on 16-byte-aligned shapes, one matmul per expert otherwise (float64 too); "
+    supports={"triton": "grouped GEMMs gathering token rows through the dispatch, activation and routing weight "
+                        "fused, any strides, no host sync; float64 only under the interpreter",
+              "torch": "F.grouped_mm on 16-byte-aligned shapes, one matmul per expert otherwise (float64 too); "
                        "no host sync on aligned shapes"})
 
 __all__ = ["ACTIVATIONS", "moe_experts"]
@@ -154,10 +164,22 @@ def _backward(grad_out, x, sorted_token_ids, inverse_positions, expert_offsets, 
     return grad_x, grad_gate_up, grad_down, grad_coef
 
 
-# The reference runs the same steps with one plain matmul per expert.
-_FORWARD = _backend.Implementations("moe_experts", triton=None, torch=_forward,
+def _triton_forward(*args):
+    from astrea.kernels.experts import experts_forward
+
+    return experts_forward(*args)
+
+
+def _triton_backward(*args):
+    from astrea.kernels.experts import experts_backward
+
+    return experts_backward(*args)
+
+
+# The reference runs the torch steps with one plain matmul per expert.
+_FORWARD = _backend.Implementations("moe_experts", triton=_triton_forward, torch=_forward,
                                     reference=functools.partial(_forward, grouped=False))
-_BACKWARD = _backend.Implementations("moe_experts_backward", triton=None, torch=_backward,
+_BACKWARD = _backend.Implementations("moe_experts_backward", triton=_triton_backward, torch=_backward,
                                      reference=functools.partial(_backward, grouped=False))
 
 
@@ -213,7 +235,7 @@ def moe_experts(x: torch.Tensor, dispatch: Dispatch, gate_up: torch.Tensor, down
     """The experts of a MoE layer on stacked weights: ``out[t] = sum_j w[t, j] * s[e] * FFN_e(x[t])``.
 
     Args:
-        x: ``[N, H]`` token features, fp32/fp16/bf16 (float64 too, on the per-expert path).
+        x: ``[N, H]`` token features, fp32/fp16/bf16 (float64 too, on CPU tensors).
         dispatch: the :class:`~astrea.ops.Dispatch` of the routing indices ``[N, k]`` of these tokens.
         gate_up: ``[E, 2I, H]`` gate rows then up rows (gated), or ``[E, I, H]`` (``gated=False``);
             x's dtype. transformers' ``gate_up_proj`` as it is.
