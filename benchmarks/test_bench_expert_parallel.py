@@ -3,7 +3,9 @@
 process holding every expert (:class:`~astrea.nn.SparseMoE` on :class:`~astrea.nn.GroupedExperts`)
 over the same global batch, forward and forward+backward, with the bytes exchanged per token.
 
-Provider ``astrea`` is the single process (all the machine's threads); ``expert_parallel_2`` is
+Provider ``astrea`` is the single process with all the machine's threads, ``astrea_1_thread`` the
+same with one thread (on a busy machine torch's threads wait for each other: the two can differ
+by more than the thread count suggests); ``expert_parallel_2`` is
 2 gloo ranks of one thread each on the CPU, nccl ranks on 2 GPUs: this process is rank 0 and times
 the step, a spawned process is rank 1 and runs the same steps in lockstep (a 1-element broadcast
 before each round, outside the timing, tells it to go on). Each step's time on rank 0 includes
@@ -33,7 +35,7 @@ else:
     CASES = [dict(tokens=1024, hidden=512, intermediate=1024, experts=8, top_k=2, dtype=torch.float32),
              dict(tokens=1024, hidden=512, intermediate=256, experts=64, top_k=8, dtype=torch.float32)]
 MODES = ("forward", "forward_backward")
-PROVIDERS = ("astrea", "expert_parallel_2")
+PROVIDERS = ("astrea", "astrea_1_thread", "expert_parallel_2")
 EP_SIZE = 2
 ROUNDS, WARMUP_ROUNDS = (20, 3) if ON_GPU else (8, 2)
 RANK_TIMEOUT_S = 300.0
@@ -124,7 +126,7 @@ def _record(benchmark, case: dict, provider: str, mode: str, threads: int, **ext
     info = benchmark.extra_info
     info.update(environment())
     info.update(op="expert_parallel_moe", provider=provider, mode=mode, threads_per_process=threads,
-                processes=EP_SIZE if provider != "astrea" else 1, **case, **extra)
+                processes=EP_SIZE if provider == "expert_parallel_2" else 1, **case, **extra)
     stats = getattr(benchmark, "stats", None)
     if stats is not None:  # --benchmark-disable: ran once, nothing timed
         median = statistics.median(stats.stats.data)
@@ -137,18 +139,25 @@ def _record(benchmark, case: dict, provider: str, mode: str, threads: int, **ext
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_expert_parallel_moe(benchmark, provider, mode, case):
     backward = mode == "forward_backward"
-    if provider == "astrea":
-        layer = _moe(case, DEVICE)
-        step = _step_fn(layer, *_inputs(case, DEVICE, backward), backward)
-        benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
-        _record(benchmark, case, provider, mode, torch.get_num_threads())
+    threads = torch.get_num_threads()
+    if provider != "expert_parallel_2":
+        if provider == "astrea_1_thread":
+            if ON_GPU:
+                pytest.skip("the thread count matters on the CPU only")
+            torch.set_num_threads(1)
+        try:
+            layer = _moe(case, DEVICE)
+            step = _step_fn(layer, *_inputs(case, DEVICE, backward), backward)
+            benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
+            _record(benchmark, case, provider, mode, torch.get_num_threads())
+        finally:
+            torch.set_num_threads(threads)
         return
     if ON_GPU and torch.cuda.device_count() < EP_SIZE:
         pytest.skip(f"expert parallelism on GPUs needs {EP_SIZE} of them; {torch.cuda.device_count()} here")
     port = _free_port()
     follower = mp.start_processes(_follower, args=(port, case, backward), nprocs=1, join=False,
                                   start_method="spawn")
-    threads = torch.get_num_threads()
     try:
         _init(0, port)
         layer, step = _ep_step(case, 0, backward)
