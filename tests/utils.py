@@ -77,16 +77,27 @@ def strided(x: torch.Tensor) -> torch.Tensor:
 UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
 
-def accumulation_bound(abs_sum: torch.Tensor, length: int, expected: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Worst-case error of a sum of ``length`` products accumulated in fp32 and rounded to
-    ``dtype`` (Higham: |error| <= length * u * sum |terms|), with ``abs_sum`` = sum |terms|
-    computed in float64: the bound that holds whatever order a BLAS or kernel sums in. The
-    final rounding adds half an ulp: relative for normal values, half the subnormal spacing
-    below them (fp16 gradients often land there)."""
+def accumulation_bound(abs_sum: torch.Tensor, length: int, expected: torch.Tensor, dtype: torch.dtype, *,
+                       accumulation: torch.dtype = torch.float32) -> torch.Tensor:
+    """Worst-case error of a sum of ``length`` products accumulated in ``accumulation`` (fp32;
+    float64 for float64 kernels) and rounded to ``dtype`` (Higham: |error| <= length * u *
+    sum |terms|), with ``abs_sum`` = sum |terms| computed in float64: the bound that holds
+    whatever order a BLAS or kernel sums in. The final rounding adds half an ulp: relative for
+    normal values, half the subnormal spacing below them (fp16 gradients often land there)."""
     info = torch.finfo(dtype)
     half_subnormal_spacing = info.tiny * info.eps / 2
-    return (length * UNIT_ROUNDOFF[torch.float32] * abs_sum + UNIT_ROUNDOFF[dtype] * expected.abs()
+    return (length * UNIT_ROUNDOFF[accumulation] * abs_sum + UNIT_ROUNDOFF[dtype] * expected.abs()
             + half_subnormal_spacing)
+
+
+def float64_leaves(*tensors: torch.Tensor | None, magnitude: bool = False) -> list[torch.Tensor | None]:
+    """Each tensor detached and widened to float64 (``|t|`` when ``magnitude``), as a leaf
+    that requires grad; None stays None. A sum of products with nonnegative coefficients
+    (a matmul, a combine) evaluated on the magnitudes gives each output's sum |terms|, and
+    ``torch.autograd.grad`` of that with ``|grad|`` each gradient's: the ``abs_sum`` of
+    :func:`accumulation_bound`."""
+    return [None if t is None else (t.detach().double().abs() if magnitude else t.detach().double()).requires_grad_()
+            for t in tensors]
 
 
 def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor, *, what: str = "") -> None:
@@ -102,18 +113,20 @@ def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Ten
 
 
 def assert_within_torch_error(actual: torch.Tensor, expected64: torch.Tensor, torch_value: torch.Tensor, *,
-                              what: str = "", factor: float = 4.0) -> None:
+                              what: str = "", factor: float = 4.0, scale: float | None = None) -> None:
     """flash-attention's rule: the largest error of ``actual`` against the float64 oracle
     ``expected64`` is at most ``factor`` times that of ``torch_value``, PyTorch's own computation
     of the same formula in the same dtype, plus a floor of 8 ulps of the result's dtype at the
-    result's scale (PyTorch can be exact by luck on a few values)."""
+    result's scale (PyTorch can be exact by luck on a few values). ``scale`` replaces the
+    result's largest magnitude there for a result that is a difference of larger values (a
+    log-sum-exp minus one of its logits): one rounding of those is that big."""
     assert actual.shape == expected64.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected64.shape)}"
     if actual.numel() == 0:
         return
     expected = expected64.detach().double().cpu()
     err = (actual.detach().double().cpu() - expected).abs().max().item()
     torch_err = (torch_value.detach().double().cpu() - expected).abs().max().item()
-    floor = 8 * torch.finfo(actual.dtype).eps * expected.abs().max().item()
+    floor = 8 * torch.finfo(actual.dtype).eps * (expected.abs().max().item() if scale is None else scale)
     assert err <= factor * torch_err + floor, (f"{what}: error {err:.3g} against float64, PyTorch's own "
                                                f"{torch_err:.3g} (allowed {factor} x that + {floor:.3g})")
 
