@@ -243,6 +243,21 @@ def test_sparse_moe_with_grouped_experts_compiles_fullgraph():
         assert_close(g, e, atol=1e-5, rtol=1e-4, what="compiled grads")
 
 
+def test_moe_experts_with_expert_scale_compiles_fullgraph():
+    """The scale's fixed-order backward (a segment sum over dispatch rows) traces whole too."""
+    x, indices, gate_up, down, weights, scale = make_case(24, 32, 16, 4, 2)
+    dispatch = ops.moe_dispatch(indices, 4)
+
+    def layer(x, gate_up, down, weights, scale):
+        return ops.moe_experts(x, dispatch, gate_up, down, weights, expert_scale=scale)
+
+    leaves = [t.requires_grad_() for t in (x, gate_up, down, weights, scale)]
+    expected = torch.autograd.grad(layer(*leaves).sum(), leaves)
+    got = torch.autograd.grad(torch.compile(layer, fullgraph=True, backend="aot_eager")(*leaves).sum(), leaves)
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
+
+
 def test_grouped_experts_equal_a_module_list_of_the_same_experts():
     torch.manual_seed(0)
     grouped = GroupedExperts(4, 16, 24, activation="gelu", gated=False)

@@ -229,6 +229,29 @@ def _autograd_backward(ctx, grad_out, _grad_pre):
 _moe_experts_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
+class _SlotScale(torch.autograd.Function):
+    """``expert_scale[e(t, j)]`` for every slot ``(t, j)``. The backward sums each expert's slot
+    gradients as one segment of dispatch rows (``torch.segment_reduce``, a fixed order) where
+    indexing's backward would scatter-add them in an order CUDA does not fix."""
+
+    @staticmethod
+    def forward(expert_scale, experts, inverse_positions, expert_offsets):
+        return expert_scale[experts]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[2], inputs[3])
+
+    @staticmethod
+    def backward(ctx, grad):
+        inverse_positions, expert_offsets = ctx.saved_tensors
+        num_rows = inverse_positions.numel()
+        rows = grad.new_zeros(num_rows).scatter(0, inverse_positions.reshape(-1).long(), grad.reshape(-1))
+        # One more segment takes the rows past offsets[E] (slots of out-of-range experts): dropped.
+        bounds = torch.cat([expert_offsets, expert_offsets.new_full((1,), num_rows)])
+        return torch.segment_reduce(rows, "sum", offsets=bounds, unsafe=True)[:-1], None, None, None
+
+
 def moe_experts(x: torch.Tensor, dispatch: Dispatch, gate_up: torch.Tensor, down: torch.Tensor,
                 weights: torch.Tensor, *, activation: str = "silu", gated: bool = True,
                 expert_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -279,14 +302,16 @@ def moe_experts(x: torch.Tensor, dispatch: Dispatch, gate_up: torch.Tensor, down
         check_size(op, "expert_scale", expert_scale, 0, num_experts, "the number of experts E of dispatch")
     device = check_same_device(op, x=x, gate_up=gate_up, down=down, weights=weights, expert_scale=expert_scale,
                                indices=dispatch.indices)
-    # The weight of each row of the dispatch layout: plain torch ops, so autograd carries its
-    # gradient to the routing weights and the scale. Out-of-range slots weigh 0.
+    # The weight of each row of the dispatch layout: torch ops, so autograd carries its gradient
+    # to the routing weights and (by _SlotScale, in a fixed order) the scale. Out-of-range slots
+    # weigh 0.
     indices = dispatch.indices.long()
     in_range = (indices >= 0) & (indices < num_experts)
     wide = torch.float64 if x.dtype == torch.float64 else torch.float32
     coef = torch.where(in_range, weights.to(wide), 0)
     if expert_scale is not None:
-        coef = coef * expert_scale.to(wide)[indices.clamp(0, num_experts - 1)]
+        coef = coef * _SlotScale.apply(expert_scale.to(wide), indices.clamp(0, num_experts - 1),
+                                       dispatch.inverse_positions, dispatch.expert_offsets)
     coef_rows = coef.new_zeros(num_tokens * indices.shape[1]).scatter(
         0, dispatch.inverse_positions.reshape(-1).long(), coef.reshape(-1))
     out, _ = torch.ops.astrea.moe_experts(x, dispatch.sorted_token_ids, dispatch.inverse_positions,
