@@ -9,6 +9,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from astrea.models.coordination import ExpertCoordination
 from astrea.models.experts import EXPERTS, BoxHead, CaptionHead, LabelHead, MaskHead, default_experts
 from astrea.models.layers import Resampler
 
@@ -63,11 +64,15 @@ class Astrea(nn.Module):
         top_k: experts combined per sample.
         residual_p: keep probability of the caption expert's stochastic residual.
         seed: seed of the residual's Philox mask stream; ``fuse``'s ``offset`` places a batch in it.
+        coordination: couple the experts' adapted tokens through the learned E x E coordination
+            matrix before routing and fusion (:class:`~astrea.models.coordination.ExpertCoordination`:
+            ``Y_e = X_e + sum_j C[e, j] (X_j W)``); ``False`` is the ablation without it.
     """
 
     def __init__(self, vocab_size: int, pad_id: int, *, experts: dict[str, nn.Module] | None = None,
                  image_size: int = 32, num_classes: int = 13, dim: int = 64, num_tokens: int = 16,
-                 top_k: int = 2, residual_p: float = 0.5, seed: int = 0, heads: int = 4):
+                 top_k: int = 2, residual_p: float = 0.5, seed: int = 0, heads: int = 4,
+                 coordination: bool = True):
         super().__init__()
         experts = default_experts(image_size) if experts is None else experts
         if sorted(experts) != sorted(EXPERTS):
@@ -75,6 +80,10 @@ class Astrea(nn.Module):
         if not 0.0 < residual_p <= 1.0:
             raise ValueError(f"Astrea: residual_p must be in (0, 1]; got {residual_p}")
         self.names = EXPERTS
+        # the constructor's arguments other than the experts: what rebuilds this model around saved weights
+        self.config = dict(vocab_size=vocab_size, pad_id=pad_id, image_size=image_size, num_classes=num_classes,
+                           dim=dim, num_tokens=num_tokens, top_k=top_k, residual_p=residual_p, seed=seed, heads=heads,
+                           coordination=coordination)
         self.residual_p, self.seed, self.top_k = residual_p, seed, top_k
         self.experts = nn.ModuleDict({name: experts[name] for name in EXPERTS})
         widths = {name: _token_width(module, image_size) for name, module in self.experts.items()}
@@ -92,6 +101,14 @@ class Astrea(nn.Module):
         # top-k, so the router is this gate plus astrea.ops.router_topk (as the allocator documents).
         self.router = nn.Linear(dim, len(EXPERTS), bias=False)
         self.allocator = AdaptiveWeightAllocator(len(EXPERTS))
+        # built last, so that every other parameter draws the same initial values with or without it
+        self.coordination = ExpertCoordination(len(EXPERTS), dim) if coordination else None
+
+    def fusion_modules(self) -> list[nn.Module]:
+        """The modules of fusion a trainer tunes with the experts frozen (the Instruct stage):
+        instruction projection, coordination matrix (when on), router gate and weight allocator."""
+        modules = [self.instruction_proj, self.coordination, self.router, self.allocator]
+        return [module for module in modules if module is not None]
 
     def encode(self, images: torch.Tensor, names=EXPERTS) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Each named expert's raw tokens ``[B, T_e, D_e]`` and adapted tokens ``[B, T, D]``."""
@@ -100,8 +117,9 @@ class Astrea(nn.Module):
 
     def fuse(self, adapted: dict[str, torch.Tensor], instruction: torch.Tensor | None = None,
              offset: int = 0) -> AstreaOutput:
-        """Routes on the pooled adapted features (plus the instruction embedding ``[B, D]``)
-        and combines the experts, with the caption expert as the stochastic-residual base.
+        """Couples the experts' adapted tokens through the coordination matrix (when on), routes
+        on their pooled features (plus the instruction embedding ``[B, D]``) and combines the
+        experts, with the (coordinated) caption expert as the stochastic-residual base.
 
         ``offset``: Philox counter of this batch's first token row. Token row ``i`` of the
         batch draws its residual mask from counter ``offset + i``, so batches that must
@@ -109,6 +127,8 @@ class Astrea(nn.Module):
         from astrea import ops
 
         stacked = torch.stack([adapted[name] for name in self.names])  # [E, B, T, D]
+        if self.coordination is not None:
+            stacked = self.coordination(stacked)
         pooled = stacked.mean(dim=(0, 2))
         if instruction is not None:
             pooled = pooled + self.instruction_proj(instruction)
@@ -116,7 +136,8 @@ class Astrea(nn.Module):
         routed = ops.router_topk(logits, self.top_k, bias=self.allocator.bias)
         dense = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
         dense = dense.scatter(1, routed.indices.long(), routed.weights)
-        tokens = ops.combine_residual(stacked, dense, adapted[BASE_EXPERT], self.residual_p, seed=self.seed,
+        base = stacked[self.names.index(BASE_EXPERT)]
+        tokens = ops.combine_residual(stacked, dense, base, self.residual_p, seed=self.seed,
                                       offset=offset, training=self.training, expert_scale=self.allocator.scale)
         return AstreaOutput(tokens=tokens, router_probs=logits.float().softmax(-1), expert_weights=dense,
                             counts=routed.counts, aux_loss=ops.load_balancing_loss(routed),
