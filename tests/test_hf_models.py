@@ -131,3 +131,182 @@ def test_vision_expert_from_timm():
         tokens = expert(torch.rand(1, 3, 64, 64))
     assert tokens.dim() == 3 and tokens.shape[0] == 1
     assert all(n.startswith("blocks.11.") for n in expert.trainable_names)
+
+
+# -- the coordination matrix ----------------------------------------------------------------
+
+def _pair(**kwargs):
+    """The same Astrea with and without the coordination matrix (equal other parameters)."""
+    torch.manual_seed(0)
+    on = Astrea(20, 0, dim=32, num_tokens=4, heads=4, **kwargs)
+    torch.manual_seed(0)
+    off = Astrea(20, 0, dim=32, num_tokens=4, heads=4, coordination=False, **kwargs)
+    return on, off
+
+
+def test_coordination_equation_and_ablation_changes_the_output():
+    from astrea.models.coordination import ExpertCoordination
+
+    on, off = _pair()
+    assert off.coordination is None and isinstance(on.coordination, ExpertCoordination)
+    shared = off.state_dict()
+    assert all(torch.equal(value, on.state_dict()[key]) for key, value in shared.items())
+    assert set(on.state_dict()) - set(shared) == {"coordination.coupling", "coordination.contribution.weight"}
+    E = len(EXPERTS)
+    assert torch.equal(on.coordination.coupling, (1 - torch.eye(E)) / (E - 1))
+    on.eval(), off.eval()
+    images, instruction = torch.rand(3, 3, 32, 32), torch.randn(3, 32)
+    with torch.no_grad():
+        _, adapted = on.encode(images)
+        stacked = torch.stack([adapted[name] for name in EXPERTS]).double()
+        coupling, weight = on.coordination.coupling.double(), on.coordination.contribution.weight.double()
+        expected = stacked + torch.einsum("ej,jbtd->ebtd", coupling, stacked @ weight.T)
+        assert torch.allclose(on.coordination(stacked.float()).double(), expected, atol=1e-5, rtol=1e-5)
+        with_matrix, without = on.fuse(adapted, instruction), off.fuse(adapted, instruction)
+    assert not torch.allclose(with_matrix.tokens, without.tokens, atol=1e-3), "the ablation changes the tokens"
+    with pytest.raises(ValueError, match=r"stacked \[E=4, B, T, D\]"):
+        on.coordination(torch.zeros(3, 1, 4, 32))
+
+
+def test_coordination_matrix_trains():
+    """With everything else frozen, the coupling alone fits the fused tokens to a target that
+    needs the experts' tokens mixed differently: gradient reaches C and W, the loss falls."""
+    model, _ = _pair()
+    model.eval()  # no residual draw: the loss is a function of the parameters only
+    with torch.no_grad():
+        _, adapted = model.encode(torch.rand(4, 3, 32, 32))
+    target = adapted["detection"] - adapted["classification"]
+    model.requires_grad_(False)
+    model.coordination.requires_grad_(True)
+    assert model.fusion_modules()[1] is model.coordination
+    optimizer = torch.optim.Adam(model.coordination.parameters(), lr=3e-2)
+    losses = []
+    for _ in range(40):
+        loss = (model.fuse(adapted).tokens - target).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        assert model.coordination.coupling.grad.abs().sum() > 0
+        assert model.coordination.contribution.weight.grad.abs().sum() > 0
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+# -- the LLaVA-style language model -----------------------------------------------------------
+
+VOCAB_SIZE, IMAGE_TOKEN, PAD = 48, 47, 0
+
+
+def _tiny_vlm(lm="qwen2"):
+    from astrea.models.llava import AstreaForCausalLM
+
+    torch.manual_seed(0)
+    configs = {
+        "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config),
+        "qwen3": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config),
+        "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig),
+    }
+    model_class, config_class = configs[lm]
+    config = config_class(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=PAD,
+                          bos_token_id=1, eos_token_id=2, max_position_embeddings=64)
+    vision = Astrea(VOCAB_SIZE, PAD, experts=tiny_experts(32), dim=32, num_tokens=4, heads=4)
+    return AstreaForCausalLM(vision, model_class(config), IMAGE_TOKEN)
+
+
+def _prompts():
+    """Two prompts "<bos> <image> question <sep> answer <eos>" of unequal length, right-padded."""
+    rows = [[1, IMAGE_TOKEN, 5, 6, 7, 3, 9, 10, 2], [1, IMAGE_TOKEN, 5, 8, 3, 11, 2, PAD, PAD]]
+    input_ids = torch.tensor(rows)
+    attention = (input_ids != PAD).long()
+    answer = torch.zeros_like(input_ids, dtype=torch.bool)
+    answer[0, 6:9] = True
+    answer[1, 5:7] = True
+    return input_ids, attention, answer
+
+
+@pytest.mark.parametrize("lm", ["qwen2", "qwen3", "llama"])
+def test_llava_loss_equals_the_lm_loss_on_the_spliced_embeddings(lm):
+    from astrea.models.llava import IGNORE_INDEX, answer_labels
+
+    model = _tiny_vlm(lm).eval()
+    images = torch.rand(2, 3, 32, 32)
+    input_ids, attention, answer = _prompts()
+    labels = answer_labels(input_ids, answer)
+    out = model(images, input_ids, attention, labels)
+    T = 4
+    assert out.logits.shape == (2, input_ids.shape[1] - 1 + T, VOCAB_SIZE)
+    # the splice by hand: text before the placeholder, the projected visual tokens, the rest
+    fused, visual = model.encode(images, input_ids, attention)
+    embed = model.language_model.get_input_embeddings()
+    spliced = torch.cat([embed(input_ids[:, :1]), visual, embed(input_ids[:, 2:])], dim=1)
+    mask = torch.cat([attention[:, :1], torch.ones(2, T, dtype=torch.long), attention[:, 2:]], dim=1)
+    expected_labels = torch.cat([labels[:, :1], torch.full((2, T), IGNORE_INDEX), labels[:, 2:]], dim=1)
+    assert torch.equal(out.labels, expected_labels), "labels -100 on the visual and prompt positions"
+    reference = model.language_model(inputs_embeds=spliced, attention_mask=mask, labels=expected_labels)
+    assert torch.equal(out.loss, reference.loss)
+    # and that loss is the mean next-token cross-entropy over the answer tokens
+    logits = reference.logits[:, :-1].double()
+    target = expected_labels[:, 1:]
+    scored = target != IGNORE_INDEX
+    manual = torch.nn.functional.cross_entropy(logits[scored], target[scored])
+    assert scored.sum() == answer.sum() and torch.allclose(out.loss.double(), manual, atol=1e-6, rtol=1e-5)
+    out.loss.backward()
+    assert model.language.projector[0].weight.grad.abs().sum() > 0, "the loss trains the projector"
+    assert any(p.grad is not None for p in model.vision.experts["caption"].parameters())
+
+
+def test_llava_splice_rejects_prompts_without_one_image_token():
+    model = _tiny_vlm()
+    input_ids, attention, _ = _prompts()
+    with pytest.raises(ValueError, match="exactly once; found"):
+        model(torch.rand(2, 3, 32, 32), input_ids.masked_fill(input_ids == IMAGE_TOKEN, 5), attention)
+    with pytest.raises(ValueError, match="image_token_id must be a token"):
+        type(model)(model.vision, model.language, VOCAB_SIZE)
+
+
+def test_llava_generate_uses_the_kv_cache_and_matches_greedy_decoding():
+    model = _tiny_vlm().eval()
+    images = torch.rand(2, 3, 32, 32)
+    input_ids = torch.tensor([[1, IMAGE_TOKEN, 5, 6, 3], [1, IMAGE_TOKEN, 7, 8, 3]])
+    new = model.generate(images, input_ids, max_new_tokens=5, do_sample=False, eos_token_id=None)
+    assert new.shape == (2, 5) and new.dtype == torch.long
+    cached = model.generate(images, input_ids, max_new_tokens=5, do_sample=False, eos_token_id=None,
+                            return_dict_in_generate=True)
+    assert cached.past_key_values is not None and cached.past_key_values.get_seq_length() == 4 + 4 + 4
+    assert torch.equal(cached.sequences, new)
+    # greedy decoding without a cache, one full forward per token, gives the same tokens
+    _, visual = model.encode(images, input_ids)
+    embeds, mask, _ = model.splice(visual, input_ids)
+    embed = model.language_model.get_input_embeddings()
+    tokens = []
+    with torch.no_grad():
+        for _ in range(5):
+            logits = model.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
+            step = logits[:, -1].argmax(-1)
+            tokens.append(step)
+            embeds = torch.cat([embeds, embed(step)[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+    assert torch.equal(new, torch.stack(tokens, 1))
+
+
+def test_llava_save_pretrained_round_trip_gives_identical_logits(tmp_path):
+    from astrea.models.llava import AstreaForCausalLM
+
+    model = _tiny_vlm().eval()
+    model.vision.experts["detection"].set_trainable(["vision_model.encoder.layers.1.*"])
+    with torch.no_grad():  # weights away from their initial values
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "language_model" / "config.json").is_file()
+    assert (tmp_path / "experts" / "segmentation" / "config.json").is_file()
+    loaded = AstreaForCausalLM.from_pretrained(tmp_path).eval()
+    images = torch.rand(2, 3, 32, 32)
+    input_ids, attention, _ = _prompts()
+    with torch.no_grad():
+        assert torch.equal(loaded(images, input_ids, attention).logits, model(images, input_ids, attention).logits)
+    assert loaded.vision.experts["detection"].trainable_names == model.vision.experts["detection"].trainable_names
+    assert torch.equal(loaded.vision.experts["caption"].image_mean, model.vision.experts["caption"].image_mean)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        AstreaForCausalLM.from_pretrained(tmp_path / "language_model")

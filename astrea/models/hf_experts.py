@@ -150,6 +150,25 @@ class VisionExpert(nn.Module):
         kwargs.setdefault("image_size", data["input_size"][-1])
         return cls(backbone, call="forward_features", **kwargs)
 
+    def settings(self) -> dict:
+        """The arguments that rebuild this expert around its backbone's config
+        (:meth:`from_settings`); JSON-serialisable."""
+        if self.call != "transformers":
+            raise ValueError("VisionExpert.settings: only transformers backbones are rebuilt from a config; "
+                             f"this one is called through {self.call!r}")
+        names = [name for name, _ in self.backbone.named_parameters()]
+        trainable = self.trainable_names
+        return {"model_class": type(self.backbone).__name__, "image_mean": self.image_mean.flatten().tolist(),
+                "image_std": self.image_std.flatten().tolist(), "image_size": self.image_size,
+                "feature_map": self.feature_map, "skip_tokens": self.skip_tokens,
+                "trainable": True if len(trainable) == len(names) else (trainable or False)}
+
+    @classmethod
+    def from_settings(cls, config, settings: dict) -> "VisionExpert":
+        """The expert :meth:`settings` describe, with a randomly initialised backbone from ``config``."""
+        settings = dict(settings)
+        return cls.from_config(config, model_class=settings.pop("model_class"), **settings)
+
     # -- trainable stages -----------------------------------------------------------------
 
     def set_trainable(self, trainable: bool | Sequence[str]) -> None:
