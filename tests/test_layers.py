@@ -72,7 +72,7 @@ BELOW = {
     "astrea.kernels": {"astrea.kernels"},
     "astrea.reference": {"astrea.reference", "astrea._validation"},
     "astrea.ops": {"astrea.ops", "astrea.kernels", "astrea.reference", "astrea._backend", "astrea._extension",
-                   "astrea._errors", "astrea._validation", "astrea._residual_draw"},
+                   "astrea._errors", "astrea._validation", "astrea._residual_draw", "astrea._blas"},
 }
 
 

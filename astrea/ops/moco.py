@@ -17,12 +17,14 @@ scored by one GEMM of the BLAS torch links (csrc/cpu/moco.cpp).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
 import torch
 
 from astrea import _backend, _extension, reference
+from astrea._blas import single_thread_blas
 from astrea._validation import (FLOAT_DTYPES, accumulation_dtype, check_choice, check_same_device, check_size,
                                 check_tensor)
 
@@ -199,7 +201,10 @@ if _extension.available():
         positive = grad[:, :1] * inv_t
         grad_q = grad_k = None
         if ctx.needs_input_grad[0]:
-            grad_q = (positive * k.to(grad.dtype) + (grad[:, 1:] * inv_t) @ queue.to(grad.dtype)).to(q.dtype)
+            # The product sums over the K queue keys: on one BLAS thread it sums in one order.
+            with single_thread_blas() if grad.device.type == "cpu" else contextlib.nullcontext():
+                negatives = (grad[:, 1:] * inv_t) @ queue.to(grad.dtype)
+            grad_q = (positive * k.to(grad.dtype) + negatives).to(q.dtype)
         if ctx.needs_input_grad[1]:
             grad_k = (positive * q.to(grad.dtype)).to(k.dtype)
         return grad_q, grad_k, None, None
