@@ -2,15 +2,25 @@
 # (building astrea._C), then runs its job.
 VENV ?= .venv
 
-.PHONY: demo test benchmark info clean
+.PHONY: demo test test-main test-compat benchmark info clean
 
 demo:
 	bash scripts/bootstrap.sh
 	$(VENV)/bin/astrea demo --out runs/demo
 
+# The suite, then its second pass under triton 3.6 / ATEN_CPU_CAPABILITY=avx2 / one thread.
 test:
 	bash scripts/bootstrap.sh
 	bash scripts/run_tests.sh
+	bash scripts/run_compat_tests.sh
+
+test-main:
+	bash scripts/bootstrap.sh
+	bash scripts/run_tests.sh
+
+test-compat:
+	bash scripts/bootstrap.sh
+	bash scripts/run_compat_tests.sh
 
 benchmark:
 	bash scripts/bootstrap.sh

@@ -32,6 +32,28 @@ def _importable(module: str) -> str:
     return f"available ({_version(module.replace('_', '-'))})"
 
 
+# The oldest releases astrea runs on, and what sets each bound.
+MINIMUM_VERSIONS = {
+    "torch": ("2.10", "torch.nn.functional.grouped_mm (moe_experts on CPU tensors); torch.library custom ops"),
+    "triton": ("3.6", "the oldest Triton the kernel tests run under (the second pass of `make test`)"),
+}
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as '2.13.0+cpu' or '3.6.0'."""
+    return tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+
+
+def minimum_version_rows() -> list[tuple[str, str]]:
+    rows = []
+    for dist, (minimum, why) in MINIMUM_VERSIONS.items():
+        installed = _version(dist)
+        status = ("not installed" if installed == "not installed"
+                  else "met" if _release(installed) >= _release(minimum) else f"NOT met by {installed}")
+        rows.append((f"{dist} minimum", f">= {minimum}: {status} ({why})"))
+    return rows
+
+
 def collect() -> list[tuple[str, str]]:
     """The report as (key, value) rows."""
     rows = [
@@ -44,6 +66,7 @@ def collect() -> list[tuple[str, str]]:
         ("triton", _backend.triton_import_error() or _version("triton")),
         ("TRITON_INTERPRET", "1" if _backend.triton_interpreter_enabled() else "0"),
         ("backend ($ASTREA_BACKEND)", _backend.current_backend()),
+        *minimum_version_rows(),
     ]
     err = _extension.load_error()
     if err is None:
