@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
 
@@ -21,6 +22,10 @@ def _add_demo(sub) -> None:
     demo.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint.safetensors")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: reproducible numbers)")
+    demo.add_argument("--experts", choices=("astrea", "transformers"), default="astrea",
+                      help="astrea: the tiny built-in experts and decoder (default); transformers: small random "
+                           "OWLv2/SegFormer/DINOv2/SigLIP experts and a Qwen2 LM (needs transformers); a resumed "
+                           "run keeps the kind of its checkpoint")
     config.add_arguments(demo)
 
 
@@ -34,6 +39,9 @@ def _demo(args: argparse.Namespace) -> None:
         require_demo_extras()
     except ImportError as exc:
         raise SystemExit(f"astrea demo: {exc}") from None
+    if args.experts == "transformers" and importlib.util.find_spec("transformers") is None:
+        raise SystemExit("astrea demo: --experts transformers needs transformers; install it with: "
+                         "pip install transformers")
     given = overrides(args)
     if args.resume and given:
         raise SystemExit("astrea demo: --resume continues the saved configuration; drop "
@@ -41,7 +49,8 @@ def _demo(args: argparse.Namespace) -> None:
     cfg = None if args.resume else (AlignConfig.quick(**given) if args.quick else AlignConfig(**given))
     distributed.init_from_env("cpu")  # under torchrun: one data-parallel rank of the CPU demo (gloo)
     try:
-        final = run_demo(args.out, cfg, resume=args.resume, progress=not args.no_progress, threads=args.threads)
+        final = run_demo(args.out, cfg, resume=args.resume, progress=not args.no_progress, threads=args.threads,
+                         experts=args.experts)
     except ModuleNotFoundError as exc:  # an extra found above but broken on import
         top = (exc.name or "").partition(".")[0]
         if top not in DEMO_EXTRAS:

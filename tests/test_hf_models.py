@@ -310,3 +310,46 @@ def test_llava_save_pretrained_round_trip_gives_identical_logits(tmp_path):
     assert torch.equal(loaded.vision.experts["caption"].image_mean, model.vision.experts["caption"].image_mean)
     with pytest.raises(FileNotFoundError, match="not found"):
         AstreaForCausalLM.from_pretrained(tmp_path / "language_model")
+
+
+# -- the whole pipeline on transformers models -------------------------------------------------
+
+@pytest.mark.parametrize("stop_after", [3, 9], ids=["mid-alignment", "mid-instruct"])
+def test_transformers_aligner_resumes_exactly(tmp_path, stop_after):
+    from astrea.models.hf_experts import VisionExpert
+    from astrea.models.llava import LlavaLanguageModel
+    from astrea.train import AlignConfig
+    from astrea.train.demo import TransformersAligner, checkpoint_experts
+
+    config = AlignConfig.quick(steps_instruct=4, queue_size=20, train_scenes=32, eval_scenes=8)
+    uninterrupted = TransformersAligner(config)
+    assert isinstance(uninterrupted.net["decoder"], LlavaLanguageModel)
+    assert all(isinstance(uninterrupted.model.experts[name], VisionExpert) for name in EXPERTS)
+    for _ in range(stop_after):
+        uninterrupted.train_step()
+    path = tmp_path / "ckpt.safetensors"
+    uninterrupted.save(path)
+    assert checkpoint_experts(path) == "transformers"
+    position = (uninterrupted.stage_index, uninterrupted.step, uninterrupted.global_step)
+    expected = [uninterrupted.train_step() for _ in range(2)]
+    resumed = TransformersAligner.load(path)
+    assert (resumed.stage_index, resumed.step, resumed.global_step) == position
+    assert [resumed.train_step() for _ in range(2)] == expected
+    for key, value in uninterrupted.net.state_dict().items():
+        assert torch.equal(value, resumed.net.state_dict()[key]), key
+
+
+def test_demo_command_on_transformers_models(tmp_path):
+    import json
+
+    from astrea.cli import main
+    from astrea.train.demo import checkpoint_experts
+
+    out = tmp_path / "run"
+    assert main(["demo", "--out", str(out), "--quick", "--no-progress", "--experts", "transformers",
+                 "--train-scenes", "32", "--eval-scenes", "8"]) == 0
+    assert len(list((out / "metrics").iterdir())) == 6
+    assert (out / "coordination_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    coupling = json.loads((out / "coordination.json").read_text())["coupling"]
+    assert len(coupling) == len(EXPERTS) and all(len(row) == len(EXPERTS) for row in coupling)
+    assert checkpoint_experts(out / "checkpoint.safetensors") == "transformers"

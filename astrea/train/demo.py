@@ -1,5 +1,10 @@
 """The main job: train a small Astrea through every stage on the generated scenes and write
-a run folder (metrics per stage, figures, a resumable checkpoint)."""
+a run folder (metrics per stage, figures, a resumable checkpoint).
+
+``experts="transformers"`` runs the same pipeline on small random transformers models: OWLv2
+vision (detection), SegFormer (segmentation), DINOv2 (classification) and SigLIP vision
+(captioning) experts, and a Qwen2 causal LM in the LLaVA-style wrapper in place of the tiny
+decoder (:class:`TransformersAligner`)."""
 
 from __future__ import annotations
 
@@ -12,6 +17,9 @@ from pathlib import Path
 import torch
 
 from astrea import distributed
+from astrea.data import PROMPT_LEN
+from astrea.data.text import CLASS_NAMES
+from astrea.models import EXPERTS, Astrea
 from astrea.train.aligner import ProgressiveAligner
 from astrea.train.config import AlignConfig
 from astrea.train.plots import plot_router_probabilities, plot_stage_metrics
@@ -42,6 +50,54 @@ def require_demo_extras() -> None:
         raise ImportError(f"the demo needs the packages of the demo extra; missing: {', '.join(missing)}. "
                           f"Install them with: {INSTALL_DEMO}")
 
+EXPERT_KINDS = ("astrea", "transformers")
+
+
+class TransformersAligner(ProgressiveAligner):
+    """:class:`ProgressiveAligner`, unchanged, on transformers models: small random experts
+    (:func:`astrea.models.tiny_experts`) and a small random Qwen2 causal LM read through
+    :class:`~astrea.models.llava.LlavaLanguageModel`. Its checkpoints load with
+    :meth:`TransformersAligner.load`."""
+
+    def __init__(self, config: AlignConfig):
+        super().__init__(config)
+        import transformers
+
+        from astrea.models.hf_experts import tiny_experts
+        from astrea.models.llava import LlavaLanguageModel
+
+        vocab, dim = self.vocab, config.dim
+        model = Astrea(len(vocab), vocab.pad, experts=tiny_experts(config.image_size, width=dim),
+                       image_size=config.image_size, num_classes=len(CLASS_NAMES), dim=dim,
+                       num_tokens=config.num_tokens, top_k=config.top_k, residual_p=config.residual_p,
+                       seed=config.seed)
+        lm = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            vocab_size=len(vocab), hidden_size=2 * dim, intermediate_size=4 * dim, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=config.num_tokens + PROMPT_LEN,
+            pad_token_id=vocab.pad, bos_token_id=vocab.bos, eos_token_id=vocab.eos))
+        self.net["model"] = model
+        self.net["decoder"] = LlavaLanguageModel(lm, dim, pad_id=vocab.pad)
+        distributed.global_batchnorm(self.net)
+        self.optimizer = self._make_optimizer()
+
+
+def aligner_class(experts: str = "astrea") -> type[ProgressiveAligner]:
+    """The aligner of an expert kind: ``"astrea"`` (the default tiny experts and decoder) or
+    ``"transformers"`` (:class:`TransformersAligner`)."""
+    if experts not in EXPERT_KINDS:
+        raise ValueError(f"experts must be one of {', '.join(EXPERT_KINDS)}; got {experts!r}")
+    return TransformersAligner if experts == "transformers" else ProgressiveAligner
+
+
+def checkpoint_experts(path) -> str:
+    """The expert kind a checkpoint was trained with (from its tensor names)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        transformers_lm = any(key.startswith("net.decoder.language_model.") for key in handle.keys())
+    return "transformers" if transformers_lm else "astrea"
+
+
 SUMMARY_METRICS = ("retrieval_top1", "classification_accuracy", "box_iou", "mask_iou", "caption_token_accuracy",
                    "qa_accuracy", "load_share", "load_cv")
 
@@ -52,32 +108,40 @@ def _write_json(path: Path, value) -> None:
 
 
 def run_demo(out, config: AlignConfig | None = None, *, resume=None, progress: bool = True,
-             threads: int | None = 1) -> dict:
+             threads: int | None = 1, experts: str = "astrea") -> dict:
     """Trains (or resumes from the checkpoint ``resume``) and writes into ``out``:
 
     * ``config.json``; ``metrics/NN_<stage>.json`` after each stage (and ``00_init.json``
       for the untrained model); ``metrics.json`` with all of them;
     * ``metrics_across_stages.png`` (as the paper's Fig. 3) and
       ``router_probabilities.png`` (as Fig. 2);
+    * ``coordination_matrix.png`` and ``coordination.json``: the learned expert coordination
+      matrix (when the model has one);
     * ``checkpoint.safetensors``, rewritten after each stage (resume with ``resume=``).
 
     ``threads`` sets torch's CPU threads for the run (``None`` leaves them): one by default,
     which keeps the numbers independent of the machine's core count and is the fastest on
     a busy or 2-core CPU for models this small.
 
+    ``experts``: ``"astrea"`` (default) or ``"transformers"`` (:class:`TransformersAligner`);
+    a resumed run continues with the kind its checkpoint was trained with.
+
     Returns the final evaluation.
     """
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads or previous_threads)
     try:
-        return _train_and_report(Path(out), config, resume, progress)
+        return _train_and_report(Path(out), config, resume, progress, experts)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _train_and_report(out: Path, config: AlignConfig | None, resume, progress: bool) -> dict:
+def _train_and_report(out: Path, config: AlignConfig | None, resume, progress: bool, experts: str) -> dict:
+    if resume is not None:
+        experts = checkpoint_experts(resume)
+    kind = aligner_class(experts)
     (out / "metrics").mkdir(parents=True, exist_ok=True)
-    aligner = ProgressiveAligner.load(resume) if resume is not None else ProgressiveAligner(config or AlignConfig())
+    aligner = kind.load(resume) if resume is not None else kind(config or AlignConfig())
     _write_json(out / "config.json", dataclasses.asdict(aligner.config))
     clock = [time.perf_counter()]
 
@@ -99,7 +163,35 @@ def _train_and_report(out: Path, config: AlignConfig | None, resume, progress: b
     if distributed.is_main():
         plot_stage_metrics(aligner.history, out / "metrics_across_stages.png")
         plot_router_probabilities(final["router_probs"], out / "router_probabilities.png")
+        if aligner.model.coordination is not None:
+            coupling = aligner.model.coordination.coupling.detach().cpu()
+            _write_json(out / "coordination.json", {"experts": list(EXPERTS), "coupling": coupling.tolist()})
+            plot_coordination(coupling, out / "coordination_matrix.png")
     return final
+
+
+def plot_coordination(coupling: torch.Tensor, path) -> None:
+    """Heat map of the coordination matrix ``C`` (row ``e``: what expert ``e`` takes from each expert)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    bound = max(float(coupling.abs().max()), 1e-6)
+    image = ax.imshow(coupling.numpy(), cmap="RdBu_r", vmin=-bound, vmax=bound)
+    ax.set_xticks(range(len(EXPERTS)), EXPERTS, rotation=30)
+    ax.set_yticks(range(len(EXPERTS)), EXPERTS)
+    ax.set_xlabel("from expert j")
+    ax.set_ylabel("to expert e")
+    for e in range(len(EXPERTS)):
+        for j in range(len(EXPERTS)):
+            ax.text(j, e, f"{float(coupling[e, j]):.2f}", ha="center", va="center", fontsize=8)
+    ax.set_title("Expert coordination matrix C[e, j]")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def summary_lines(final: dict) -> list[str]:
