@@ -12,6 +12,18 @@ if not HAS_CUDA:
 
 import astrea  # noqa: E402  (after TRITON_INTERPRET)
 
+try:
+    from hypothesis import settings
+except ImportError:  # hypothesis comes with the test extra; only tests/test_fuzz.py needs it
+    settings = None
+if settings is not None:
+    # Reproducible fuzzing, on CI too: examples derived from each test's name, not from a random
+    # seed or a database of earlier failures; no per-example deadline (the first call of an op
+    # includes its dispatch set-up); 200 examples unless a test says otherwise (tests/test_fuzz.py).
+    settings.register_profile("astrea", derandomize=True, deadline=None, database=None, max_examples=200,
+                              print_blob=False)
+    settings.load_profile("astrea")
+
 
 def pytest_addoption(parser):
     parser.addoption(

@@ -113,20 +113,23 @@ def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Ten
 
 
 def assert_within_torch_error(actual: torch.Tensor, expected64: torch.Tensor, torch_value: torch.Tensor, *,
-                              what: str = "", factor: float = 4.0, scale: float | None = None) -> None:
+                              what: str = "", factor: float = 4.0, scale: float | None = None,
+                              dtype: torch.dtype | None = None, floor: float = 0.0) -> None:
     """flash-attention's rule: the largest error of ``actual`` against the float64 oracle
     ``expected64`` is at most ``factor`` times that of ``torch_value``, PyTorch's own computation
     of the same formula in the same dtype, plus a floor of 8 ulps of the result's dtype at the
     result's scale (PyTorch can be exact by luck on a few values). ``scale`` replaces the
     result's largest magnitude there for a result that is a difference of larger values (a
-    log-sum-exp minus one of its logits): one rounding of those is that big."""
+    log-sum-exp minus one of its logits): one rounding of those is that big. ``dtype`` replaces
+    the result's dtype there when the values were computed in a coarser one (fp32 gradients of
+    bf16 products), and ``floor`` adds a caller's derived absolute allowance."""
     assert actual.shape == expected64.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected64.shape)}"
     if actual.numel() == 0:
         return
     expected = expected64.detach().double().cpu()
     err = (actual.detach().double().cpu() - expected).abs().max().item()
     torch_err = (torch_value.detach().double().cpu() - expected).abs().max().item()
-    floor = 8 * torch.finfo(actual.dtype).eps * (expected.abs().max().item() if scale is None else scale)
+    floor += 8 * torch.finfo(dtype or actual.dtype).eps * (expected.abs().max().item() if scale is None else scale)
     assert err <= factor * torch_err + floor, (f"{what}: error {err:.3g} against float64, PyTorch's own "
                                                f"{torch_err:.3g} (allowed {factor} x that + {floor:.3g})")
 
