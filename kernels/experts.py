@@ -112,12 +112,12 @@ def _expert_matmul(a_ptr, a_rows, stride_ak, row_ok, b_ptr, second_b_offset, str
         if UPCAST:
             a = a.to(ACC)
             b = b.to(ACC)
-        first = tl.dot(a, b, first, input_precision="ieee")
+        first = tl.dot(a, b, first, input_precision="ieee", out_dtype=ACC)
         if PAIR:
             b = tl.load(b_ptr + second_b_offset + b_offsets, mask=b_ok, other=0.0)
             if UPCAST:
                 b = b.to(ACC)
-            second = tl.dot(a, b, second, input_precision="ieee")
+            second = tl.dot(a, b, second, input_precision="ieee", out_dtype=ACC)
     return first, second
 
 
@@ -283,7 +283,7 @@ def _expert_weight_grad_kernel(p_ptr, q_ptr, token_ids_ptr, coef_ptr, offsets_pt
         if UPCAST:
             p = p.to(ACC)
             q = q.to(ACC)
-        acc = tl.dot(tl.trans(p), q, acc, input_precision="ieee")
+        acc = tl.dot(tl.trans(p), q, acc, input_precision="ieee", out_dtype=ACC)
     tl.store(out_ptr + expert.to(tl.int64) * out_rows * out_cols + m[:, None] * out_cols + n[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -325,7 +325,8 @@ def weight_grad_config(dtype: torch.dtype, interpreter: bool, out_rows: int, out
                     num_warps=4, num_stages=1)
     if dtype in (torch.float16, torch.bfloat16):
         return dict(BLOCK_M=128, BLOCK_N=_fit(128, out_cols), BLOCK_K=64, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=_fit(64, out_cols), BLOCK_K=32, num_warps=4, num_stages=2)
+    # 8 warps: with 4, ptxas spills the fp32 tile's registers under some Triton versions (3.6).
+    return dict(BLOCK_M=64, BLOCK_N=_fit(64, out_cols), BLOCK_K=32, num_warps=8, num_stages=2)
 
 
 def _precision(dtype: torch.dtype, interpreter: bool) -> dict:
