@@ -26,6 +26,10 @@ def _add_demo(sub) -> None:
                       help="astrea: the tiny built-in experts and decoder (default); transformers: small random "
                            "OWLv2/SegFormer/DINOv2/SigLIP experts and a Qwen2 LM (needs transformers); a resumed "
                            "run keeps the kind of its checkpoint")
+    demo.add_argument("--data", metavar="FOLDER",
+                      help="train on a folder of images with annotations.jsonl / annotations.json (records or "
+                           "COCO-style) instead of the generated scenes; give it again with --resume")
+    demo.add_argument("--annotations", metavar="FILE", help="the annotation file of --data, when not the default")
     config.add_arguments(demo)
 
 
@@ -50,7 +54,7 @@ def _demo(args: argparse.Namespace) -> None:
     distributed.init_from_env("cpu")  # under torchrun: one data-parallel rank of the CPU demo (gloo)
     try:
         final = run_demo(args.out, cfg, resume=args.resume, progress=not args.no_progress, threads=args.threads,
-                         experts=args.experts)
+                         experts=args.experts, data=args.data, annotations=args.annotations)
     except ModuleNotFoundError as exc:  # an extra found above but broken on import
         top = (exc.name or "").partition(".")[0]
         if top not in DEMO_EXTRAS:

@@ -9,6 +9,7 @@ import torch
 
 from astrea.data.folder import ImageFolderDataset, read_annotations, to_scenes, vocabulary_for
 from astrea.data.shapes import CAPTION_LEN, PROMPT_LEN, TASKS
+from tests.test_model import _one_thread  # noqa: F401  (autouse fixture: single-threaded torch)
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -116,3 +117,39 @@ def test_user_data_becomes_the_aligners_scenes(jsonl_folder):
     answers = [vocabulary.decode(p[m].tolist()) for p, m in zip(scenes.prompts[1], scenes.answer_mask[1])]
     assert answers == ["a blue square", "top right", "yes", "top right"], "caption, then the QA pairs cycled"
     assert scenes.masks[0].sum() == 8 * 16 + 10 * 24, "without masks: the boxes filled (64x32 squeezed to 32x32)"
+
+
+def test_aligner_trains_on_a_folder_and_resumes_exactly(jsonl_folder, tmp_path):
+    from astrea.train import AlignConfig
+    from astrea.train.demo import aligner_class
+
+    kind = aligner_class("astrea", jsonl_folder)
+    config = AlignConfig.quick(steps_caption=1, steps_classification=1, steps_detection=1, steps_segmentation=1,
+                               steps_instruct=3, queue_size=20, train_scenes=8, eval_scenes=4)
+    uninterrupted = kind(config)
+    assert len(uninterrupted.train_set) == 2 and uninterrupted.classes == ("ghost", "square")
+    assert uninterrupted.model.heads["caption"].vocab_size == len(uninterrupted.vocab)
+    for _ in range(5):  # into the Instruct stage: every head, encoder and the decoder has trained
+        uninterrupted.train_step()
+    path = tmp_path / "ckpt.safetensors"
+    uninterrupted.save(path)
+    expected = [uninterrupted.train_step() for _ in range(2)]
+    resumed = kind.load(path)
+    assert [resumed.train_step() for _ in range(2)] == expected
+    assert set(resumed.history[-1]["eval"]["qa_accuracy"]) == set(TASKS[1:])
+    with pytest.raises(ValueError, match="give data too"):
+        aligner_class("astrea", annotations="a.json")
+
+
+def test_demo_command_on_a_data_folder(jsonl_folder, tmp_path):
+    from astrea.cli import main
+
+    out = tmp_path / "run"
+    steps = [f"--steps-{stage}=1" for stage in ("caption", "classification", "detection", "segmentation", "instruct")]
+    assert main(["demo", "--out", str(out), "--quick", "--no-progress", "--data", str(jsonl_folder),
+                 "--train-scenes", "8", "--eval-scenes", "4", *steps]) == 0
+    final = json.loads((out / "metrics" / "05_instruct.json").read_text())["eval"]
+    assert set(final["qa_accuracy"]) == set(TASKS[1:])
+    resumed = main(["demo", "--out", str(out), "--no-progress", "--resume", str(out / "checkpoint.safetensors"),
+                    "--data", str(jsonl_folder)])
+    assert resumed == 0, "a finished run resumes (and stops at once) on the same data"

@@ -61,32 +61,88 @@ class TransformersAligner(ProgressiveAligner):
 
     def __init__(self, config: AlignConfig):
         super().__init__(config)
-        import transformers
-
         from astrea.models.hf_experts import tiny_experts
-        from astrea.models.llava import LlavaLanguageModel
 
         vocab, dim = self.vocab, config.dim
-        model = Astrea(len(vocab), vocab.pad, experts=tiny_experts(config.image_size, width=dim),
-                       image_size=config.image_size, num_classes=len(CLASS_NAMES), dim=dim,
-                       num_tokens=config.num_tokens, top_k=config.top_k, residual_p=config.residual_p,
-                       seed=config.seed)
-        lm = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-            vocab_size=len(vocab), hidden_size=2 * dim, intermediate_size=4 * dim, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=config.num_tokens + PROMPT_LEN,
-            pad_token_id=vocab.pad, bos_token_id=vocab.bos, eos_token_id=vocab.eos))
-        self.net["model"] = model
-        self.net["decoder"] = LlavaLanguageModel(lm, dim, pad_id=vocab.pad)
+        self.net["model"] = Astrea(len(vocab), vocab.pad, experts=tiny_experts(config.image_size, width=dim),
+                                   image_size=config.image_size, num_classes=len(CLASS_NAMES), dim=dim,
+                                   num_tokens=config.num_tokens, top_k=config.top_k, residual_p=config.residual_p,
+                                   seed=config.seed)
+        self.net["decoder"] = _decoder(TransformersAligner, vocab, config)
         distributed.global_batchnorm(self.net)
         self.optimizer = self._make_optimizer()
 
 
-def aligner_class(experts: str = "astrea") -> type[ProgressiveAligner]:
-    """The aligner of an expert kind: ``"astrea"`` (the default tiny experts and decoder) or
-    ``"transformers"`` (:class:`TransformersAligner`)."""
+class _FolderData:
+    """Mixed into an aligner class: trains and evaluates on a folder of user data
+    (:mod:`astrea.data.folder`) instead of the generated scenes. The vocabulary and the class
+    names come from the data, so the caption and classification heads, the text encoders and
+    the decoder are rebuilt for them. Every tenth image is held out for evaluation (all of
+    them are, besides training, when there are fewer than ten)."""
+
+    data_folder: str
+    annotations: str | None = None
+
+    def __init__(self, config: AlignConfig):
+        super().__init__(config)
+        import copy
+
+        from astrea.data.folder import ImageFolderDataset, to_scenes, vocabulary_for
+        from astrea.data.shapes import CAPTION_LEN
+        from astrea.models.experts import CaptionHead, LabelHead
+        from astrea.models.language import TextEncoder
+
+        dataset = ImageFolderDataset(self.data_folder, self.annotations, image_size=config.image_size)
+        vocab, classes = vocabulary_for(dataset)
+        held_out = [i for i in range(len(dataset)) if i % 10 == 9]
+        kept = [i for i in range(len(dataset)) if i % 10 != 9] if held_out else list(range(len(dataset)))
+        self.vocab, self.classes = vocab, classes
+        self.train_set = to_scenes(dataset, vocab, classes, kept)
+        self.eval_set = to_scenes(dataset, vocab, classes, held_out or kept)
+        model = self.net["model"]
+        width = {name: head.classify[0].normalized_shape[0] for name, head in model.heads.items()
+                 if name in ("caption", "classification")}
+        model.heads["caption"] = CaptionHead(width["caption"], len(vocab), vocab.pad)
+        model.heads["classification"] = LabelHead(width["classification"], len(classes))
+        model.config.update(vocab_size=len(vocab), pad_id=vocab.pad, num_classes=len(classes))
+        text = TextEncoder(len(vocab), config.dim, CAPTION_LEN, vocab.pad)
+        self.net["text"], self.net["text_key"] = text, copy.deepcopy(text).requires_grad_(False)
+        self.net["decoder"] = _decoder(type(self), vocab, config)
+        distributed.global_batchnorm(self.net)
+        self.optimizer = self._make_optimizer()
+
+
+def _decoder(kind: type, vocab, config: AlignConfig) -> torch.nn.Module:
+    """The language side of an aligner class for ``vocab``."""
+    from astrea.models.language import TinyDecoder
+
+    if not issubclass(kind, TransformersAligner):
+        return TinyDecoder(len(vocab), config.dim, config.num_tokens + PROMPT_LEN, vocab.pad)
+    import transformers
+
+    from astrea.models.llava import LlavaLanguageModel
+
+    dim = config.dim
+    lm = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=len(vocab), hidden_size=2 * dim, intermediate_size=4 * dim, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=config.num_tokens + PROMPT_LEN,
+        pad_token_id=vocab.pad, bos_token_id=vocab.bos, eos_token_id=vocab.eos))
+    return LlavaLanguageModel(lm, dim, pad_id=vocab.pad)
+
+
+def aligner_class(experts: str = "astrea", data=None, annotations=None) -> type[ProgressiveAligner]:
+    """The aligner of an expert kind, ``"astrea"`` (the default tiny experts and decoder) or
+    ``"transformers"`` (:class:`TransformersAligner`), on the generated scenes or, with
+    ``data`` (a folder, and optionally its ``annotations`` file), on user data."""
     if experts not in EXPERT_KINDS:
         raise ValueError(f"experts must be one of {', '.join(EXPERT_KINDS)}; got {experts!r}")
-    return TransformersAligner if experts == "transformers" else ProgressiveAligner
+    if annotations is not None and data is None:
+        raise ValueError("annotations name the annotation file of a data folder; give data too")
+    base = TransformersAligner if experts == "transformers" else ProgressiveAligner
+    if data is None:
+        return base
+    attributes = {"data_folder": str(data), "annotations": None if annotations is None else str(annotations)}
+    return type(f"Folder{base.__name__}", (_FolderData, base), attributes)
 
 
 def checkpoint_experts(path) -> str:
@@ -108,7 +164,7 @@ def _write_json(path: Path, value) -> None:
 
 
 def run_demo(out, config: AlignConfig | None = None, *, resume=None, progress: bool = True,
-             threads: int | None = 1, experts: str = "astrea") -> dict:
+             threads: int | None = 1, experts: str = "astrea", data=None, annotations=None) -> dict:
     """Trains (or resumes from the checkpoint ``resume``) and writes into ``out``:
 
     * ``config.json``; ``metrics/NN_<stage>.json`` after each stage (and ``00_init.json``
@@ -124,22 +180,23 @@ def run_demo(out, config: AlignConfig | None = None, *, resume=None, progress: b
     a busy or 2-core CPU for models this small.
 
     ``experts``: ``"astrea"`` (default) or ``"transformers"`` (:class:`TransformersAligner`);
-    a resumed run continues with the kind its checkpoint was trained with.
+    a resumed run continues with the kind its checkpoint was trained with. ``data``: a folder
+    of user data (:mod:`astrea.data.folder`; ``annotations``, its annotation file when not the
+    default) to train on instead of the generated scenes; a resumed run needs it again.
 
     Returns the final evaluation.
     """
+    kind = aligner_class(checkpoint_experts(resume) if resume is not None else experts, data, annotations)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads or previous_threads)
     try:
-        return _train_and_report(Path(out), config, resume, progress, experts)
+        return _train_and_report(Path(out), config, resume, progress, kind)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _train_and_report(out: Path, config: AlignConfig | None, resume, progress: bool, experts: str) -> dict:
-    if resume is not None:
-        experts = checkpoint_experts(resume)
-    kind = aligner_class(experts)
+def _train_and_report(out: Path, config: AlignConfig | None, resume, progress: bool,
+                      kind: type[ProgressiveAligner]) -> dict:
     (out / "metrics").mkdir(parents=True, exist_ok=True)
     aligner = kind.load(resume) if resume is not None else kind(config or AlignConfig())
     _write_json(out / "config.json", dataclasses.asdict(aligner.config))
