@@ -12,6 +12,7 @@ from astrea.models import EXPERTS
 from astrea.train import STAGES, AlignConfig, ProgressiveAligner
 from astrea.train.config import add_arguments, overrides
 from tests.test_model import _one_thread  # noqa: F401  (autouse fixture: single-threaded torch)
+from tests.utils import UNIT_ROUNDOFF
 
 ONE_STEP = dict(steps_caption=1, steps_classification=1, steps_detection=1, steps_segmentation=1, steps_instruct=1)
 
@@ -74,7 +75,9 @@ def test_one_step_per_stage_trains_what_the_stage_owns():
             assert int(aligner.net["contrast"][stage].ptr) == batch % aligner.config.queue_size
     final = aligner.history[-1]["eval"]
     assert set(final["retrieval_top1"]) == set(EXPERTS)
-    assert sum(final["load_share"].values()) == pytest.approx(1.0)
+    # E shares count_e / total, each rounded once in fp32, summed by Python in float64.
+    share_error = len(EXPERTS) * UNIT_ROUNDOFF[torch.float32] + len(EXPERTS) * UNIT_ROUNDOFF[torch.float64]
+    assert abs(sum(final["load_share"].values()) - 1.0) <= share_error, final["load_share"]
     assert set(final["router_probs"]) == {"caption", "color", "shape", "position"}
 
 
