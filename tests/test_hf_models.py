@@ -353,3 +353,44 @@ def test_demo_command_on_transformers_models(tmp_path):
     coupling = json.loads((out / "coordination.json").read_text())["coupling"]
     assert len(coupling) == len(EXPERTS) and all(len(row) == len(EXPERTS) for row in coupling)
     assert checkpoint_experts(out / "checkpoint.safetensors") == "transformers"
+
+
+def test_astrea_from_named_checkpoints(tmp_path):
+    """The from_pretrained path, on checkpoints written here (a hub name loads the same way)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from astrea.models.llava import AstreaForCausalLM
+
+    torch.manual_seed(0)
+    t = transformers
+    words = ["<pad>", "<s>", "</s>", "a", "red", "square", "what", "is", "it"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = t.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                          eos_token="</s>")
+    lm = t.LlamaForCausalLM(t.LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                          pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    lm.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    backbones = {"detection": t.Owlv2VisionModel(t.Owlv2VisionConfig(**VIT)),
+                 "segmentation": t.SegformerModel(t.SegformerConfig(
+                     num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+                     patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2])),
+                 "classification": t.Dinov2Model(t.Dinov2Config(**VIT)),
+                 "caption": t.SiglipVisionModel(t.SiglipVisionConfig(**VIT))}
+    for role, backbone in backbones.items():
+        backbone.save_pretrained(tmp_path / role)
+    t.SiglipImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(tmp_path / "caption")
+    checkpoints = {role: str(tmp_path / role) for role in backbones}
+    checkpoints["caption"] = {"name_or_path": checkpoints["caption"], "model_class": "SiglipVisionModel"}
+    checkpoints["detection"] = {"name_or_path": checkpoints["detection"], "model_class": "Owlv2VisionModel"}
+    model, tok = AstreaForCausalLM.from_named_checkpoints(checkpoints, str(tmp_path / "lm"), dim=32, num_tokens=4,
+                                                          heads=4, image_size=32)
+    assert model.image_token_id == len(words) and len(tok) == len(words) + 1, "<image> added"
+    assert model.language_model.get_input_embeddings().num_embeddings == len(tok)
+    assert model.vision.experts["caption"].image_mean.flatten().tolist() == [0.5] * 3, "the processor's statistics"
+    prompt = tok(["<s> <image> what is it"], return_tensors="pt")
+    new = model.eval().generate(torch.rand(1, 3, 32, 32), prompt["input_ids"], prompt["attention_mask"],
+                                max_new_tokens=3, do_sample=False)
+    assert new.shape == (1, 3)

@@ -120,6 +120,36 @@ class AstreaForCausalLM(nn.Module):
         self.vision, self.language = vision, language
         self.image_token_id = image_token_id
 
+    @classmethod
+    def from_named_checkpoints(cls, experts: dict[str, str | dict], language_model: str, *,
+                               image_token: str = "<image>", dim: int = 256, num_tokens: int = 64, heads: int = 8,
+                               image_size: int = 224, vocab_size: int | None = None, lm_kwargs: dict | None = None,
+                               **astrea_kwargs):
+        """Astrea on pretrained checkpoints (hub names or local folders): ``experts`` maps each
+        role to a vision checkpoint (see :func:`~astrea.models.hf_experts.pretrained_experts`),
+        ``language_model`` names a causal LM and its tokenizer. ``image_token`` is added to the
+        tokenizer (and the LM's embeddings resized) when missing. Returns ``(model, tokenizer)``.
+
+        ``vocab_size``: the caption head's bag-of-words size for pre-alignment (default the
+        tokenizer's); other keyword arguments go to :class:`~astrea.models.Astrea`.
+        """
+        import transformers
+
+        from astrea.models.hf_experts import pretrained_experts
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(language_model)
+        if image_token not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
+        lm = transformers.AutoModelForCausalLM.from_pretrained(language_model, **(lm_kwargs or {}))
+        if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
+            lm.resize_token_embeddings(len(tokenizer))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        vision = Astrea(vocab_size or len(tokenizer), pad if pad is not None else 0,
+                        experts=pretrained_experts(experts), dim=dim, num_tokens=num_tokens, heads=heads,
+                        image_size=image_size, **astrea_kwargs)
+        language = LlavaLanguageModel(lm, dim, pad_id=pad)
+        return cls(vision, language, tokenizer.convert_tokens_to_ids(image_token)), tokenizer
+
     @property
     def language_model(self) -> nn.Module:
         return self.language.language_model
