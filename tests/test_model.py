@@ -7,6 +7,7 @@ their accumulation bound (:func:`tests.utils.accumulation_bound`).
 
 import copy
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -20,7 +21,8 @@ from astrea.models.experts import BoxHead, CaptionHead, LabelHead, MaskHead, box
 from astrea.nn import attention as attn
 from astrea.reference import dense_combine as combine_ref
 from astrea.train.metrics import in_batch_info_nce
-from tests.utils import accumulation_bound, assert_within, assert_within_torch_error, float64_leaves, strided
+from tests.utils import (UNIT_ROUNDOFF, accumulation_bound, assert_within, assert_within_torch_error, float64_leaves,
+                         strided)
 
 VOCAB = Vocabulary()
 
@@ -113,11 +115,23 @@ def test_heads_predict_their_targets():
         MaskHead(24, 32)(torch.randn(1, 10, 24))
 
 
+def _exact_iou(a: list[float], b: list[float]) -> float:
+    """IoU of two boxes in exact rational arithmetic on their float64 coordinates."""
+    a, b = [Fraction(v) for v in a], [Fraction(v) for v in b]
+    inter = max(min(a[2], b[2]) - max(a[0], b[0]), 0) * max(min(a[3], b[3]) - max(a[1], b[1]), 0)
+    area_a, area_b = (a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1])
+    return float(inter / (area_a + area_b - inter))
+
+
 def test_box_iou_and_contrastive_loss_gradcheck():
     a = torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.2, 0.3, 0.6, 0.9]], dtype=torch.float64, requires_grad=True)
     b = torch.tensor([[0.3, 0.2, 0.7, 0.6], [0.25, 0.35, 0.55, 0.8]], dtype=torch.float64)
-    assert box_iou(a[:1], a[:1]).item() == pytest.approx(1.0)
-    assert box_iou(a[:1], b[:1]).item() == pytest.approx(0.06 / (0.16 + 0.16 - 0.06))
+    # A box against itself: the intersection is its area, computed the same way: exactly 1.
+    assert box_iou(a[:1], a[:1]).item() == 1.0
+    # 3 roundings per area and the intersection, 2 for the union (whose cancellation at most
+    # doubles theirs: it is >= half the sum of the areas), 1 for the quotient: within 16 u.
+    exact = _exact_iou(a[0].tolist(), b[0].tolist())
+    assert abs(box_iou(a[:1], b[:1]).item() - exact) <= 16 * UNIT_ROUNDOFF[torch.float64] * exact
     assert torch.autograd.gradcheck(lambda x: box_iou(x, b), (a,))
     q = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     k = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
