@@ -2,7 +2,7 @@
 # (building astrea._C), then runs its job.
 VENV ?= .venv
 
-.PHONY: demo test test-main test-compat benchmark info clean
+.PHONY: demo test test-main test-compat test-matrix benchmark info clean
 
 demo:
 	bash scripts/bootstrap.sh
@@ -21,6 +21,11 @@ test-main:
 test-compat:
 	bash scripts/bootstrap.sh
 	bash scripts/run_compat_tests.sh
+
+# Every ATEN_CPU_CAPABILITY this host offers x 1 and 2 threads.
+test-matrix:
+	bash scripts/bootstrap.sh
+	bash scripts/run_capability_matrix.sh
 
 benchmark:
 	bash scripts/bootstrap.sh

@@ -90,13 +90,23 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# The oldest Triton the kernels are tested with (the second pass of `make test` runs 3.6.0).
+MINIMUM_TRITON = (3, 6)
+
+
 @functools.lru_cache(maxsize=None)
 def triton_import_error() -> str | None:
-    """None when triton imports, else why it does not."""
+    """None when a Triton the kernels support imports, else why not."""
     try:
-        importlib.import_module("triton")
+        triton = importlib.import_module("triton")
     except Exception as exc:  # a broken install raises more than ImportError
         return f"triton is not importable ({type(exc).__name__}: {exc}); install it with `pip install triton`"
+    version = getattr(triton, "__version__", "0")
+    release = tuple(int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit())
+    if release < MINIMUM_TRITON:
+        wanted = ".".join(map(str, MINIMUM_TRITON))
+        return f"triton {version} is older than {wanted}, the oldest astrea's kernels support; " \
+               f"install `pip install 'triton>={wanted}'`"
     return None
 
 

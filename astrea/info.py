@@ -35,7 +35,8 @@ def _importable(module: str) -> str:
 # The oldest releases astrea runs on, and what sets each bound.
 MINIMUM_VERSIONS = {
     "torch": ("2.10", "torch.nn.functional.grouped_mm (moe_experts on CPU tensors); torch.library custom ops"),
-    "triton": ("3.6", "the oldest Triton the kernel tests run under (the second pass of `make test`)"),
+    "triton": (".".join(map(str, _backend.MINIMUM_TRITON)),
+               "the oldest Triton the kernel tests run under (the second pass of `make test`)"),
 }
 
 

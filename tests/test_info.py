@@ -40,3 +40,21 @@ def test_extension_is_built_here():
     build = _extension.build_info()
     assert build["torch_version"] == torch.__version__
     assert build["with_cuda"] == _extension.has_kernel("queue_enqueue_", "CUDA")
+
+
+def test_minimum_versions_are_reported_and_an_old_triton_is_refused_by_name(monkeypatch):
+    rows = dict(info.minimum_version_rows())
+    assert rows["torch minimum"].startswith(">= 2.10: met")
+    assert rows["triton minimum"].startswith(">= 3.6: ")
+    old = type(sys)("triton")
+    old.__version__ = "3.2.0"
+    monkeypatch.setitem(sys.modules, "triton", old)
+    _backend.triton_import_error.cache_clear()
+    try:
+        why = _backend.triton_import_error()
+    finally:
+        monkeypatch.undo()
+        _backend.triton_import_error.cache_clear()
+    assert why == ("triton 3.2.0 is older than 3.6, the oldest astrea's kernels support; "
+                   "install `pip install 'triton>=3.6'`")
+    assert _backend.triton_import_error() is None

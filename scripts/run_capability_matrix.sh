@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The test suite under every CPU code path this host offers and two thread counts:
+# ATEN_CPU_CAPABILITY = default, avx2, and avx512 where the CPU has it, each with 1 and 2
+# torch threads (OMP_NUM_THREADS). One log per variant in ${MATRIX_LOGS:-matrix-logs}/ and
+# a summary table; exits non-zero if any variant fails. make test keeps one variant (avx2,
+# one thread, in its second pass); this runs them all (about six times the suite's time).
+#
+# Under ATEN_CPU_CAPABILITY=default, torch.compile's C++ backend still emits vector code
+# that this capability's headers do not declare (at::vec): TORCHINDUCTOR_VEC_ISA_OK=0
+# makes it emit scalar code, as the capability asks.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOGS=${MATRIX_LOGS:-matrix-logs}
+mkdir -p "$LOGS"
+capabilities="default avx2"
+grep -qw avx512f /proc/cpuinfo && capabilities="$capabilities avx512"
+status=0
+summary=""
+for capability in $capabilities; do
+  for threads in 1 2; do
+    name="$capability-threads$threads"
+    extra=()
+    [ "$capability" = default ] && extra=(TORCHINDUCTOR_VEC_ISA_OK=0)
+    start=$(date +%s)
+    env ATEN_CPU_CAPABILITY="$capability" OMP_NUM_THREADS="$threads" "${extra[@]}" \
+      bash scripts/run_tests.sh -p no:cacheprovider "$@" >"$LOGS/$name.log" 2>&1
+    rc=$?
+    [ "$rc" -eq 0 ] || status=1
+    summary+="$(printf '%-20s exit %-3s %5ss  %s' "$name" "$rc" "$(( $(date +%s) - start ))" "$(tail -1 "$LOGS/$name.log")")"$'\n'
+    echo "$name: exit $rc"
+  done
+done
+printf '\n%s' "$summary"
+exit "$status"
