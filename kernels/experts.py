@@ -25,9 +25,10 @@ Backward, recomputing the activation from ``pre``:
 
 Row tiles never straddle experts: expert e has ``cdiv(count_e, BLOCK_M)`` of them, numbered
 after those of the experts before it. The tile table is computed on the device from the
-offsets (no host sync); the grid is its host bound ``cdiv(M, BLOCK_M) + E`` and programs past
-the last tile exit. Rows after ``expert_offsets[E]`` (slots of out-of-range experts) are never
-computed and their slots add nothing.
+offsets (no host sync); the grid is its host bound ``cdiv(M, BLOCK_M) + E`` times the column
+tiles (those of one row tile next to each other), and programs past the last tile exit. Rows
+after ``expert_offsets[E]`` (slots of out-of-range experts) are never computed and their slots
+add nothing.
 
 Accumulation is fp32 (float64 for float64 inputs under the interpreter). fp32 operands are
 multiplied in full fp32 (``input_precision="ieee"``, torch's default for fp32 matmuls); under
@@ -122,15 +123,19 @@ def _expert_matmul(a_ptr, a_rows, stride_ak, row_ok, b_ptr, second_b_offset, str
 
 
 @triton.jit
-def _row_tile(tile_expert_ptr, tile_start_ptr, offsets_ptr, num_experts, BLOCK_M: tl.constexpr):
-    """(expert, rows, row_ok, live) of this program's row tile; ``live`` is False past the last tile."""
-    tile = tl.program_id(0)
+def _row_tile(tile_expert_ptr, tile_start_ptr, offsets_ptr, num_experts, width, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """(expert, rows, row_ok, column tile, live) of this program; ``live`` is False past the last
+    row tile. Column tiles vary fastest: the programs running together share their A rows and
+    their expert's weights in L2."""
+    column_tiles = tl.cdiv(width, BLOCK_N)
+    tile = tl.program_id(0) // column_tiles
     expert = tl.load(tile_expert_ptr + tile)
     live = expert < num_experts
     safe_expert = tl.where(live, expert, 0)
     end = tl.load(offsets_ptr + safe_expert + 1)
     rows = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_M)
-    return safe_expert.to(tl.int64), rows, rows < end, live
+    return safe_expert.to(tl.int64), rows, rows < end, tl.program_id(0) % column_tiles, live
 
 
 @triton.jit
@@ -139,11 +144,12 @@ def _gate_up_kernel(x_ptr, token_ids_ptr, offsets_ptr, tile_expert_ptr, tile_sta
                     stride_xt, stride_xh, stride_ge, stride_gn, stride_gh,
                     ACTIVATION: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    expert, rows, row_ok, live = _row_tile(tile_expert_ptr, tile_start_ptr, offsets_ptr, num_experts, BLOCK_M)
+    expert, rows, row_ok, column_tile, live = _row_tile(tile_expert_ptr, tile_start_ptr, offsets_ptr, num_experts,
+                                                        intermediate, BLOCK_M, BLOCK_N)
     if not live:
         return
     tokens = tl.load(token_ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = column_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < intermediate
     # B[k, n] = gate_up[e, n, k]: the gate rows, then (PAIR) the up rows I further on.
     gate, up = _expert_matmul(x_ptr, tokens * stride_xt, stride_xh, row_ok, gate_up_ptr + expert * stride_ge,
@@ -171,10 +177,11 @@ def _rows_to_slots_kernel(a_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr, s
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``out[slot(r)] = c[r] * (a[r] @ B_e)`` (or without c) with ``B_e[k, n] = w[e, k * stride_wk +
     n * stride_wn]``: the forward's down projection and the backward's d x rows."""
-    expert, rows, row_ok, live = _row_tile(tile_expert_ptr, tile_start_ptr, offsets_ptr, num_experts, BLOCK_M)
+    expert, rows, row_ok, column_tile, live = _row_tile(tile_expert_ptr, tile_start_ptr, offsets_ptr, num_experts,
+                                                        width, BLOCK_M, BLOCK_N)
     if not live:
         return
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = column_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < width
     acc, _ = _expert_matmul(a_ptr, rows.to(tl.int64) * stride_ar, 1, row_ok, w_ptr + expert * stride_we, 0,
                             stride_wk, stride_wn, cols, col_ok, depth, False, UPCAST, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -214,11 +221,11 @@ def _down_backward_kernel(grad_out_ptr, token_ids_ptr, offsets_ptr, tile_expert_
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``dh[r] = down[e]^T @ g[t(r)]``; epilogue: hidden recomputed from pre, ``d pre`` from
     ``c[r] * dh[r]`` and this column tile's part of ``d c[r] = <dh[r], hidden[r]>``."""
-    expert, rows, row_ok, live = _row_tile(tile_expert_ptr, tile_start_ptr, offsets_ptr, num_experts, BLOCK_M)
+    expert, rows, row_ok, column_tile, live = _row_tile(tile_expert_ptr, tile_start_ptr, offsets_ptr, num_experts,
+                                                        intermediate, BLOCK_M, BLOCK_N)
     if not live:
         return
     tokens = tl.load(token_ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    column_tile = tl.program_id(1)
     cols = column_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < intermediate
     # B[k, n] = down[e, k, n]: k over H, n over I
@@ -314,7 +321,9 @@ def column_tiles(dtype: torch.dtype, interpreter: bool, width: int, depth: int, 
     if interpreter:
         return dict(BLOCK_N=_fit(256, width), BLOCK_K=_fit(128, depth))
     wide = dtype in (torch.float16, torch.bfloat16)
-    return dict(BLOCK_N=_fit((128 if wide else 64) // narrow, width), BLOCK_K=_fit(64 if wide else 32, depth))
+    # fp32 products run on FMAs with both operand tiles in registers: a short BLOCK_K keeps
+    # them from spilling.
+    return dict(BLOCK_N=_fit((128 if wide else 64) // narrow, width), BLOCK_K=_fit(64 if wide else 16, depth))
 
 
 def weight_grad_config(dtype: torch.dtype, interpreter: bool, out_rows: int, out_cols: int,
@@ -325,7 +334,7 @@ def weight_grad_config(dtype: torch.dtype, interpreter: bool, out_rows: int, out
                     num_warps=4, num_stages=1)
     if dtype in (torch.float16, torch.bfloat16):
         return dict(BLOCK_M=128, BLOCK_N=_fit(128, out_cols), BLOCK_K=64, num_warps=8, num_stages=3)
-    # 8 warps: with 4, ptxas spills the fp32 tile's registers under some Triton versions (3.6).
+    # 8 warps: with 4, Triton 3.6's fp32 d down spills on sm_80.
     return dict(BLOCK_M=64, BLOCK_N=_fit(64, out_cols), BLOCK_K=32, num_warps=8, num_stages=2)
 
 
@@ -390,14 +399,14 @@ def experts_forward(x: torch.Tensor, sorted_token_ids: torch.Tensor, inverse_pos
     tile_expert, tile_start, bound = _row_tiles(expert_offsets, num_rows, rows["BLOCK_M"])
     hidden = torch.empty(num_rows, intermediate, dtype=x.dtype, device=x.device)
     first = column_tiles(x.dtype, interpreter, intermediate, hidden_size, narrow=2 if gated else 1)
-    _gate_up_kernel[(bound, triton.cdiv(intermediate, first["BLOCK_N"]))](
+    _gate_up_kernel[(bound * triton.cdiv(intermediate, first["BLOCK_N"]),)](
         x, sorted_token_ids, expert_offsets, tile_expert, tile_start, gate_up, pre, hidden,
         num_experts, hidden_size, intermediate, *x.stride(), *gate_up.stride(),
         ACTIVATION=ACTIVATION_CODES[activation], GATED=gated, **precision, **rows, **first)
     slot_rows = torch.empty(num_rows, hidden_size, dtype=x.dtype, device=x.device)
     # B[k, n] = down[e, n, k]: k over I, n over H
     second = column_tiles(x.dtype, interpreter, hidden_size, intermediate)
-    _rows_to_slots_kernel[(bound, triton.cdiv(hidden_size, second["BLOCK_N"]))](
+    _rows_to_slots_kernel[(bound * triton.cdiv(hidden_size, second["BLOCK_N"]),)](
         hidden, expert_offsets, tile_expert, tile_start, _slot_of_row(inverse_positions), coef_rows, down, slot_rows,
         num_experts, intermediate, hidden_size, intermediate, down.stride(0), down.stride(2), down.stride(1),
         HAS_COEF=True, **precision, **rows, **second)
@@ -446,7 +455,7 @@ def _backward_rows(grad_out, x, sorted_token_ids, inverse_positions, expert_offs
     num_column_tiles = triton.cdiv(intermediate, first["BLOCK_N"])
     # Zeros: rows past expert_offsets[E] get no program and must add nothing.
     coef_partials = torch.zeros(num_column_tiles, num_rows, dtype=coef_rows.dtype, device=device)
-    _down_backward_kernel[(bound, num_column_tiles)](
+    _down_backward_kernel[(bound * num_column_tiles,)](
         grad_out, sorted_token_ids, expert_offsets, tile_expert, tile_start, coef_rows, pre, down,
         grad_pre, hidden, coef_partials, num_experts, num_rows, hidden_size, intermediate,
         *grad_out.stride(), *down.stride(), ACTIVATION=ACTIVATION_CODES[activation], GATED=gated,
@@ -455,7 +464,7 @@ def _backward_rows(grad_out, x, sorted_token_ids, inverse_positions, expert_offs
     slot_rows = torch.empty(num_rows, hidden_size, dtype=x.dtype, device=device)
     # B[k, n] = gate_up[e, k, n]: k over 2I (or I), n over H
     second = column_tiles(x.dtype, interpreter, hidden_size, pre_width)
-    _rows_to_slots_kernel[(bound, triton.cdiv(hidden_size, second["BLOCK_N"]))](
+    _rows_to_slots_kernel[(bound * triton.cdiv(hidden_size, second["BLOCK_N"]),)](
         grad_pre, expert_offsets, tile_expert, tile_start, _slot_of_row(inverse_positions), coef_rows, gate_up,
         slot_rows, num_experts, pre_width, hidden_size, pre_width, gate_up.stride(0), gate_up.stride(1),
         gate_up.stride(2), HAS_COEF=False, **precision, **rows, **second)
