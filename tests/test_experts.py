@@ -334,6 +334,33 @@ def test_triton_slots_of_out_of_range_experts_add_nothing():
     assert not leaves[1].grad[dropped >= 4].any(), "dropped slots get no weight gradient"
 
 
+@pytest.mark.parametrize("impl", ("triton", "reference"))
+def test_triton_path_reads_nothing_on_the_host(impl, monkeypatch):
+    """Forward and backward of the kernels read no tensor value on the host (the offsets stay
+    on the device; the grid is a bound from the shapes): any item/tolist/int/bool of a tensor
+    fails. The reference, which reads the offsets, shows that the check bites."""
+    x, indices, gate_up, down, weights, scale = make_case(20, 32, 16, 4, 2)
+    dispatch = ops.moe_dispatch(indices, 4)
+    leaves = [t.requires_grad_() for t in (x, gate_up, down, weights, scale)]
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor value was read on the host")
+
+    with running(impl, *OPS_UNDER_TEST):
+        for name in ("item", "tolist", "__int__", "__bool__"):
+            monkeypatch.setattr(torch.Tensor, name, host_read)
+        try:
+            out = ops.moe_experts(leaves[0], dispatch, *leaves[1:4], expert_scale=leaves[4])
+            torch.autograd.grad(out.sum(), leaves)
+        except AssertionError:
+            if impl == "triton":
+                raise
+        else:
+            assert impl == "triton", "the reference reads its offsets on the host"
+        finally:
+            monkeypatch.undo()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_triton_on_cuda_syncs_nothing_and_captures_in_a_cuda_graph():
     case = [t.cuda() if t is not None else None for t in make_case(256, 64, 128, 8, 2)]
