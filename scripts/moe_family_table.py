@@ -43,7 +43,8 @@ TINY = dict(
     num_key_value_heads=2, head_dim=16, vocab_size=128, num_experts_per_tok=2, first_k_dense_replace=1,
     decoder_sparse_step=1, moe_layer_freq=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
     qk_nope_head_dim=8, v_head_dim=16, initializer_range=0.2, depth=1, num_heads=2, out_hidden_size=64,
-    pad_token_id=0,
+    pad_token_id=0, linear_num_heads=2, linear_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+    linear_key_head_dim=16, linear_value_head_dim=16, unpadded_vocab_size=128, swa_head_dim=16,
 )
 EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 NUM_EXPERTS = 8

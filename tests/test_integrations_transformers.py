@@ -2,7 +2,10 @@
 (nothing downloaded), each checked against the same model unpatched."""
 
 import copy
+import dataclasses
+import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -250,11 +253,16 @@ class HandWrittenBlock(nn.Module):
         self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(4))
 
 
+def phimoe():
+    config = transformers.PhimoeConfig(**LM, intermediate_size=40, num_local_experts=4, num_experts_per_tok=2)
+    return transformers.PhimoeForCausalLM(config)
+
+
 def test_unsupported_blocks_raise_and_patch_nothing():
     # A supported block first: the error on the second must leave it unpatched too.
-    model = nn.ModuleDict({"ok": moe_blocks(mixtral())[0], "bad": moe_blocks(deepseek_v3())[0]})
-    with pytest.raises(UnsupportedMoEBlockError, match=r"bad \(DeepseekV3MoE\) has a router .* not softmax"):
-        apply_astrea(model)  # sigmoid scores, grouped and bias-corrected selection
+    model = nn.ModuleDict({"ok": moe_blocks(mixtral())[0], "bad": moe_blocks(phimoe())[0]})
+    with pytest.raises(UnsupportedMoEBlockError, match=r"bad \(PhimoeSparseMoeBlock\) has a router .* none of"):
+        apply_astrea(model)  # sparsemixer routing
     assert not any("forward" in m.__dict__ for m in model.modules())
     gpt_oss = transformers.GptOssConfig(**dict(LM, max_position_embeddings=4096), intermediate_size=32,
                                         num_local_experts=4, num_experts_per_tok=2, head_dim=8)
@@ -308,3 +316,147 @@ def test_experts_with_their_own_gating_keep_the_per_expert_loop():
             experts.act_fn = transformers.activations.NewGELUActivation()
         hidden = torch.randn(2, 9, block.gate.weight.shape[1])
         assert (block(hidden) - reference(hidden)).abs().max() <= 1e-5
+
+
+# ---- every family the README table marks patched ------------------------------------------------
+
+TABLE_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "moe_family_table.py"
+
+
+@pytest.fixture(scope="module")
+def family_table():
+    """scripts/moe_family_table.py as a module: its tiny-model builder and its checks."""
+    spec = importlib.util.spec_from_file_location("moe_family_table", TABLE_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+# The families the README table marks "patched exactly" (scripts/moe_family_table.py).
+PATCHED_FAMILIES = (
+    "axk1 axk2 cohere2_moe deepseek_v2 deepseek_v3 ernie4_5_moe exaone_moe flex_olmo flint glm4_moe glm4_moe_lite "
+    "granitemoe granitemoe_swa granitemoeshared hy_v3 hy_v4 hy_v4_vl inkling2 inkling2_loop jamba kimi_linear "
+    "kolibri1 laguna lara_mini mellum mimo_v2_flash minimax minimax_m2 minimax_m3_vl mistral4 mistral_large4 "
+    "mixtral olmoe qwen2_moe qwen3_5_moe qwen3_moe qwen3_next qwen3_vl_moe qwen4_exp solar_open unlimited_ocr"
+).split()
+
+
+@pytest.mark.parametrize("family", PATCHED_FAMILIES)
+def test_family_is_patched_exactly(family_table, family):
+    """fp32: every MoE block's output within 1e-5 of its largest output, the logits, and the
+    gradients of every parameter, unpatched against patched (the script's own checks)."""
+    result = family_table.check(family)
+    assert result.status == "patched exactly", result.detail
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "mistral4", "glm4_moe", "hy_v3", "granitemoe", "ernie4_5_moe"])
+def test_family_greedy_tokens_identical(family_table, family):
+    original = family_table.build(family)
+    patched = apply_astrea(copy.deepcopy(original))
+    batch = family_table.batch_for(original)
+    tokens = [m.generate(**batch, max_new_tokens=5, min_new_tokens=5, do_sample=False) for m in (original, patched)]
+    assert torch.equal(tokens[0], tokens[1])
+
+
+def _router(block: nn.Module) -> nn.Module:
+    return block.gate if hasattr(block, "gate") else block.router
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "ernie4_5_moe", "hy_v3", "granitemoe", "minimax_m2"])
+def test_family_bf16_within_twice_pytorch_error(family_table, family):
+    """Block by block in bf16: |patched - fp64| <= 2 |unpatched - fp64| + atol, and the
+    routing weights and logits in transformers' dtypes."""
+    original = family_table.build(family).to(torch.bfloat16)
+    patched = apply_astrea(copy.deepcopy(original))
+    exact = copy.deepcopy(original).double()
+    exact.set_experts_implementation("eager")  # the default grouped_mm has no float64
+    blocks = [family_table.moe_blocks(m) for m in (patched, original, exact)]
+    for (_, block), (_, reference), (_, truth) in zip(*blocks):
+        hidden = torch.randn(2, 9, _router(block).weight.shape[1]).bfloat16()
+        tokens = hidden.view(-1, hidden.shape[-1])
+        extra = (reference.e_score_correction_bias,) if family in ("hy_v3", "minimax_m2") else ()
+        ours, theirs = _router(block)(tokens, *extra), _router(reference)(tokens, *extra)
+        assert ours[0].dtype == theirs[0].dtype and ours[1].dtype == theirs[1].dtype
+        expected = truth(hidden.double())
+        error = (block(hidden).double() - expected).abs().max()
+        own_error = (reference(hidden).double() - expected).abs().max()
+        assert error <= 2 * own_error + 1e-3, (error, own_error)
+
+
+def test_probe_tells_grouped_from_plain_and_uses_the_bias(family_table):
+    """DeepSeek-V3 with its selection bias still zero (an untrained model): the probe finds
+    the grouped, bias-corrected routing, so the patched model stays exact once the bias moves."""
+    original = family_table.build("deepseek_v3")
+    with torch.no_grad():
+        for _, block in family_table.moe_blocks(original):
+            block.gate.e_score_correction_bias.zero_()
+    patched = apply_astrea(copy.deepcopy(original))
+    routing = moe_blocks(patched)[0].gate.astrea_routing
+    assert (routing.scoring, routing.bias, routing.num_groups, routing.topk_groups, routing.group_score) == (
+        "sigmoid", "e_score_correction_bias", 4, 2, "top2_sum")
+    assert routing.scaling_factor == original.config.routed_scaling_factor
+    for model in (original, patched):
+        with torch.no_grad():
+            for index, (_, block) in enumerate(family_table.moe_blocks(model)):
+                block.gate.e_score_correction_bias.copy_(torch.linspace(-0.3, 0.3, 8).roll(index))
+    assert family_table._differences(original, patched) == []
+    # The grouped selection matters on these inputs: plain top-k chooses other experts.
+    block = moe_blocks(patched)[0]
+    hidden = torch.randn(64, block.gate.weight.shape[1])
+    plain = dataclasses.replace(routing, num_groups=1, topk_groups=1)
+    grouped_indices = block.gate(hidden)[2]
+    block.gate.astrea_routing = plain
+    assert not torch.equal(block.gate(hidden)[2], grouped_indices)
+
+
+class _FailingRouter(nn.Module):
+    """A router whose forward fails on any input: probing it must refuse, not crash."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 16))
+        self.top_k = 2
+
+    def forward(self, hidden_states):
+        raise RuntimeError("expected m1 and m2 to have the same dtype")
+
+
+class _ExtraArgumentRouter(_FailingRouter):
+    def forward(self, hidden_states, input_ids):
+        raise AssertionError("never called")
+
+
+class _BlockWith(nn.Module):
+    """A block of no known family: Mixtral's fused experts (4 of them) behind ``router``."""
+
+    def __init__(self, router: nn.Module):
+        super().__init__()
+        self.gate = router
+        self.experts = copy.deepcopy(moe_blocks(mixtral())[0].experts)
+        self.experts.gate_up_proj = nn.Parameter(torch.randn(4, 80, 32))
+        self.experts.down_proj = nn.Parameter(torch.randn(4, 32, 40))
+        router.weight = nn.Parameter(torch.randn(4, 32))
+
+
+@pytest.mark.parametrize("router, match", [
+    (_FailingRouter(), r"whose forward raised RuntimeError on a probe \(expected m1 and m2"),
+    (_ExtraArgumentRouter(), r"whose forward takes more than the hidden states \(input_ids\)"),
+])
+def test_routers_that_cannot_be_probed_are_refused(router, match):
+    model = nn.ModuleDict({"ok": moe_blocks(mixtral())[0], "bad": _BlockWith(router)})
+    with pytest.raises(UnsupportedMoEBlockError, match=match):
+        apply_astrea(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_router_under_the_name_router_and_softmax_after_top_k(family_table):
+    """Granite-MoE: its router is `router` and takes the softmax of the top-k logits."""
+    original = family_table.build("granitemoe")
+    patched = apply_astrea(copy.deepcopy(original))
+    block = moe_blocks(patched)[0]
+    assert "forward" in block.router.__dict__ and not hasattr(block, "gate")
+    hidden = torch.randn(64, block.router.weight.shape[1])
+    ours, theirs = block.router(hidden), moe_blocks(original)[0].router(hidden)
+    assert torch.equal(ours[2].sort(1).values, theirs[2].sort(1).values)
+    assert_close(ours[1], theirs[1], what="softmax-after-top-k weights")
