@@ -334,6 +334,29 @@ def test_triton_slots_of_out_of_range_experts_add_nothing():
     assert not leaves[1].grad[dropped >= 4].any(), "dropped slots get no weight gradient"
 
 
+@pytest.mark.parametrize("gated", [True, False])
+def test_kernels_with_the_gpu_tiles(gated):
+    """The tiles CUDA tensors get (narrowed column tiles, 16-deep fp32 steps, several K steps
+    and row tiles per expert), run in fp32 under the interpreter, against the torch steps."""
+    from astrea.kernels.experts import experts_backward, experts_forward
+
+    x, indices, gate_up, down, weights, _ = make_case(120, 48, 40, 3, 2, gated=gated)
+    dispatch = ops.moe_dispatch(indices, 3)
+    assert dispatch.expert_offsets.diff().max() > 64, "an expert spans several 64-row tiles"
+    coef_rows = torch.rand(240)
+    args = (x, dispatch.sorted_token_ids, dispatch.inverse_positions, dispatch.expert_offsets, gate_up, down,
+            coef_rows, "gelu_tanh", gated)
+    grad = torch.randn(120, 48)
+    out, pre = experts_forward(*args, interpreter=False)
+    expected, expected_pre = experts_op._forward(*args, grouped=False)
+    assert_close(out, expected, what="out")
+    assert_close(pre, expected_pre, what="pre")
+    got = experts_backward(grad, *args[:7], pre, "gelu_tanh", gated, interpreter=False)
+    for g, e, name in zip(got, experts_op._backward(grad, *args[:7], pre, "gelu_tanh", gated, grouped=False),
+                          ("x", "gate_up", "down", "coef_rows")):
+        assert_close(g, e, what=f"grad {name}")
+
+
 @pytest.mark.parametrize("impl", ("triton", "reference"))
 def test_triton_path_reads_nothing_on_the_host(impl, monkeypatch):
     """Forward and backward of the kernels read no tensor value on the host (the offsets stay
