@@ -243,7 +243,9 @@ def plot_coordination(coupling: torch.Tensor, path) -> None:
     ax.set_ylabel("to expert e")
     for e in range(len(EXPERTS)):
         for j in range(len(EXPERTS)):
-            ax.text(j, e, f"{float(coupling[e, j]):.2f}", ha="center", va="center", fontsize=8)
+            value = float(coupling[e, j])
+            ax.text(j, e, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if abs(value) > bound / 2 else "black")
     ax.set_title("Expert coordination matrix C[e, j]")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
