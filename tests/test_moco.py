@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from astrea import _extension, ops, reference
 from astrea.nn import MomentumContrast
 from astrea.testing import peak_cpu_memory_bytes
-from tests.utils import (accumulation_bound, assert_close, assert_within, assert_within_torch_error, float64_leaves,
-                         strided)
+from tests.utils import (UNIT_ROUNDOFF, accumulation_bound, assert_close, assert_within, assert_within_torch_error,
+                         float64_leaves, strided)
 
 pytestmark = pytest.mark.skipif(not _extension.available(), reason="astrea._C is not built")
 
@@ -75,18 +75,51 @@ def assert_logits_within_bound(logits, expected, terms, dim):
     assert_within(logits, expected, accumulation_bound(terms, dim + 2, expected, torch.float32), what="logits")
 
 
+def infonce_grad_bounds(q, key, queue, weight, temperature, grad_q, grad_k):
+    """A-priori bounds of the gradients of sum(w * loss) around their float64 values ``grad_q``
+    and ``grad_k``, for a kernel that rounds the softmax probabilities to the inputs' dtype
+    before its products (the CUDA tensor-core path; the CPU kernel keeps them in fp32).
+    grad q_i = w_i / T (sum_j p_ij c_j - k_i) over c = [k_i, queue], grad k_i = w_i / T (p_i0 - 1) q_i.
+    A p_ij is off by u (its rounding) plus the fp32 errors of its logit and of the row's
+    log-sum-exp: (D + 2) u32 of the logit's |terms| each, (K + 3) u32 for the sum of exps, and
+    u32 of |lse| and of |l - lse|. The products and sums then add their accumulation bound."""
+    q64, k64, queue64 = q.detach().double(), key.detach().double(), queue.double()
+    logits = torch.cat([(q64 * k64).sum(1, keepdim=True), q64 @ queue64.T], 1) / temperature
+    logit_terms = torch.cat([(q64.abs() * k64.abs()).sum(1, keepdim=True), q64.abs() @ queue64.abs().T], 1)
+    lse = logits.logsumexp(1, keepdim=True)
+    probs = (logits - lse).exp()
+    (dim, num_keys), u32 = (q.shape[1], queue.shape[0]), UNIT_ROUNDOFF[torch.float32]
+    logit_error = 2 * (dim + 2) * logit_terms.amax(1, keepdim=True) / temperature
+    prob_error = UNIT_ROUNDOFF[q.dtype] + u32 * (logit_error + num_keys + 3 + lse.abs()
+                                                 + (logits - lse).abs().amax(1, keepdim=True))
+    scale = weight.double().abs()[:, None] / temperature
+    mixed = probs[:, :1] * k64.abs() + probs[:, 1:] @ queue64.abs()  # sum_j p_ij |c_j|
+    q_bound = prob_error * scale * mixed + accumulation_bound(scale * (mixed + k64.abs()), num_keys + 3, grad_q,
+                                                              q.dtype)
+    k_bound = prob_error * scale * probs[:, :1] * q64.abs() + accumulation_bound(
+        scale * (probs[:, :1] + 1) * q64.abs(), 3, grad_k, q.dtype)
+    return q_bound, k_bound
+
+
 def assert_infonce_within_torch_error(loss, q, key, queue, weight, temperature=TEMPERATURE):
     """The kernel's loss and its gradients (``q.grad``, ``key.grad``, after ``loss.backward(weight)``)
-    within 4x PyTorch's own error against the float64 oracle. A row's loss is lse - l_0, two
+    within 4x PyTorch's own error against the float64 oracle, and the gradients within
+    :func:`infonce_grad_bounds` (on CUDA with fp16/bf16, whose rounded probabilities put the
+    gradients' error above PyTorch's fp32 one, only there). A row's loss is lse - l_0, two
     values up to max |logit| = 1/T (unit rows): where it cancels to nearly 0 (a dominant
     positive) its rounding floor is that of 1/T, not of the small result."""
     expected = reference_grads(infonce_none, q, key, queue, weight, temperature)
     own = torch_grads(infonce_none, q, key, queue, weight, temperature)
+    rounds_probabilities = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
     scales = (1 / temperature, None, None)
     for name, got, want, torch_value, scale in zip(("loss", "grad q", "grad k"), (loss, q.grad, key.grad), expected,
                                                    own, scales):
         assert got.dtype == torch_value.dtype, f"{name}: {got.dtype} != {torch_value.dtype}"
-        assert_within_torch_error(got, want, torch_value, what=name, scale=scale)
+        if name == "loss" or not rounds_probabilities:
+            assert_within_torch_error(got, want, torch_value, what=name, scale=scale)
+    bounds = infonce_grad_bounds(q, key, queue, weight, temperature, *expected[1:])
+    for name, got, want, bound in zip(("grad q", "grad k"), (q.grad, key.grad), expected[1:], bounds):
+        assert_within(got, want, bound, what=f"{name} (a-priori bound)")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
