@@ -142,8 +142,8 @@ def _row_tile(tile_expert_ptr, tile_start_ptr, offsets_ptr, num_experts, width, 
 def _gate_up_kernel(x_ptr, token_ids_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr, gate_up_ptr,
                     pre_ptr, hidden_ptr, num_experts, hidden_size, intermediate,
                     stride_xt, stride_xh, stride_ge, stride_gn, stride_gh,
-                    ACTIVATION: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    ACTIVATION: tl.constexpr, GATED: tl.constexpr, STORE_PRE: tl.constexpr, UPCAST: tl.constexpr,
+                    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     expert, rows, row_ok, column_tile, live = _row_tile(tile_expert_ptr, tile_start_ptr, offsets_ptr, num_experts,
                                                         intermediate, BLOCK_M, BLOCK_N)
     if not live:
@@ -160,12 +160,14 @@ def _gate_up_kernel(x_ptr, token_ids_ptr, offsets_ptr, tile_expert_ptr, tile_sta
     dtype = pre_ptr.dtype.element_ty
     pre_width = 2 * intermediate if GATED else intermediate
     gate = gate.to(dtype)
-    tl.store(pre_ptr + out_rows * pre_width + cols[None, :], gate, mask=tile_ok)
+    if STORE_PRE:
+        tl.store(pre_ptr + out_rows * pre_width + cols[None, :], gate, mask=tile_ok)
     # hidden from the rounded pre, exactly as the backward recomputes it
     hidden = _activate(gate.to(ACC), ACTIVATION)
     if GATED:
         up = up.to(dtype)
-        tl.store(pre_ptr + out_rows * pre_width + intermediate + cols[None, :], up, mask=tile_ok)
+        if STORE_PRE:
+            tl.store(pre_ptr + out_rows * pre_width + intermediate + cols[None, :], up, mask=tile_ok)
         hidden = hidden * up.to(ACC)
     tl.store(hidden_ptr + out_rows * intermediate + cols[None, :], hidden.to(dtype), mask=tile_ok)
 
@@ -377,18 +379,18 @@ def _slot_sum(slot_rows: torch.Tensor, inverse_positions: torch.Tensor, expert_o
 
 def experts_forward(x: torch.Tensor, sorted_token_ids: torch.Tensor, inverse_positions: torch.Tensor,
                     expert_offsets: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, coef_rows: torch.Tensor,
-                    activation: str, gated: bool, interpreter: bool | None = None
+                    activation: str, gated: bool, keep_pre: bool = True, interpreter: bool | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out ``[N, H]``, pre-activations ``[N * k, 2I or I]`` in dispatch order) of the grouped
-    experts: ``out[t] = sum_j c[r] * down[e] @ act(gate_up[e] @ x[t])`` with ``r`` the row of
-    slot ``(t, j)`` and ``c = coef_rows`` (fp32). x, gate_up and down in any strides.
-    ``interpreter`` (default: whether x is off CUDA) picks the tiles."""
+    """(out ``[N, H]``, pre-activations ``[N * k, 2I or I]`` in dispatch order, or ``[0, 2I or I]``
+    without ``keep_pre``) of the grouped experts: ``out[t] = sum_j c[r] * down[e] @ act(gate_up[e]
+    @ x[t])`` with ``r`` the row of slot ``(t, j)`` and ``c = coef_rows`` (fp32). x, gate_up and
+    down in any strides. ``interpreter`` (default: whether x is off CUDA) picks the tiles."""
     inverse_positions = inverse_positions.contiguous()
     num_tokens, hidden_size = x.shape
     num_rows = sorted_token_ids.shape[0]
     num_experts = expert_offsets.shape[0] - 1
     intermediate = down.shape[2]
-    pre = torch.empty(num_rows, gate_up.shape[1], dtype=x.dtype, device=x.device)
+    pre = torch.empty(num_rows if keep_pre else 0, gate_up.shape[1], dtype=x.dtype, device=x.device)
     out = torch.empty(num_tokens, hidden_size, dtype=x.dtype, device=x.device)
     if num_rows == 0:
         return out.zero_(), pre
@@ -402,7 +404,7 @@ def experts_forward(x: torch.Tensor, sorted_token_ids: torch.Tensor, inverse_pos
     _gate_up_kernel[(bound * triton.cdiv(intermediate, first["BLOCK_N"]),)](
         x, sorted_token_ids, expert_offsets, tile_expert, tile_start, gate_up, pre, hidden,
         num_experts, hidden_size, intermediate, *x.stride(), *gate_up.stride(),
-        ACTIVATION=ACTIVATION_CODES[activation], GATED=gated, **precision, **rows, **first)
+        ACTIVATION=ACTIVATION_CODES[activation], GATED=gated, STORE_PRE=keep_pre, **precision, **rows, **first)
     slot_rows = torch.empty(num_rows, hidden_size, dtype=x.dtype, device=x.device)
     # B[k, n] = down[e, n, k]: k over I, n over H
     second = column_tiles(x.dtype, interpreter, hidden_size, intermediate)
@@ -504,8 +506,8 @@ def _example_inputs(dtype: torch.dtype, gated: bool):
     return (torch.empty(_AOT_TOKENS, _AOT_HIDDEN, dtype=dtype), *dispatch, gate_up, down, torch.empty(rows))
 
 
-def _example_forward(dtype: torch.dtype, activation: str, gated: bool):
-    experts_forward(*_example_inputs(dtype, gated), activation, gated, interpreter=False)
+def _example_forward(dtype: torch.dtype, activation: str, gated: bool, keep_pre: bool = True):
+    experts_forward(*_example_inputs(dtype, gated), activation, gated, keep_pre, interpreter=False)
 
 
 def _example_backward(dtype: torch.dtype, activation: str, gated: bool):
@@ -536,6 +538,8 @@ AOT_CASES = {**_cases("bf16_silu_gated", torch.bfloat16, "silu", True),
              **_cases("fp16_gelu_tanh_gated", torch.float16, "gelu_tanh", True),
              **_cases("fp32_silu_gated", torch.float32, "silu", True),
              **_cases("bf16_gelu", torch.bfloat16, "gelu", False),
+             "experts.forward_bf16_silu_gated_inference": lambda: _example_forward(torch.bfloat16, "silu", True,
+                                                                                   keep_pre=False),
              **{f"experts.weight_grad_{name}_{operand}": (lambda d=dtype, g=operand == "gate_up":
                                                           _example_weight_grad(d, g))
                 for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))

@@ -220,12 +220,18 @@ def test_opcheck(impl):
     dispatch = ops.moe_dispatch(indices, 4)
     coef_rows = torch.rand(40, requires_grad=True)
     args = (x.requires_grad_(), dispatch.sorted_token_ids, dispatch.inverse_positions, dispatch.expert_offsets,
-            gate_up.requires_grad_(), down.requires_grad_(), coef_rows, "silu", True, CHOICE_OF[impl])
+            gate_up.requires_grad_(), down.requires_grad_(), coef_rows, "silu", True, True, CHOICE_OF[impl])
     torch.library.opcheck(torch.ops.astrea.moe_experts.default, args)
     out, pre = torch.ops.astrea.moe_experts(*args)
     torch.library.opcheck(torch.ops.astrea.moe_experts_backward.default,
                           (torch.randn(20, 32), *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:7]],
                            pre.detach(), "silu", True, args[-1]))
+    # Inference keeps no pre-activation rows, and gives the same output.
+    inference_args = (*[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:-2]], False, args[-1])
+    torch.library.opcheck(torch.ops.astrea.moe_experts.default, inference_args)
+    inference_out, no_pre = torch.ops.astrea.moe_experts(*inference_args)
+    assert no_pre.shape == (0, 32)
+    assert torch.equal(inference_out, out.detach())
 
 
 def test_sparse_moe_with_grouped_experts_compiles_fullgraph():
@@ -348,7 +354,7 @@ def test_kernels_with_the_gpu_tiles(gated):
             coef_rows, "gelu_tanh", gated)
     grad = torch.randn(120, 48)
     out, pre = experts_forward(*args, interpreter=False)
-    expected, expected_pre = experts_op._forward(*args, grouped=False)
+    expected, expected_pre = experts_op._forward(*args, True, grouped=False)
     assert_close(out, expected, what="out")
     assert_close(pre, expected_pre, what="pre")
     got = experts_backward(grad, *args[:7], pre, "gelu_tanh", gated, interpreter=False)

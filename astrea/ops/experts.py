@@ -133,14 +133,15 @@ def _sum_slots(rows: torch.Tensor, inverse_positions: torch.Tensor, coef_rows: t
 
 
 def _forward(x, sorted_token_ids, inverse_positions, expert_offsets, gate_up, down, coef_rows, activation, gated,
-             grouped: bool = True):
-    """(out, pre-activations): the GEMMs in x's dtype, the activation and the weighted sum in fp32."""
+             keep_pre, grouped: bool = True):
+    """(out, pre-activations, or none of their rows without ``keep_pre``): the GEMMs in x's
+    dtype, the activation and the weighted sum in fp32."""
     rows = x.index_select(0, sorted_token_ids.long())
     pre = _grouped_mm(rows, gate_up.transpose(-2, -1), expert_offsets, grouped=grouped)
     # The activation in x's dtype, as PyTorch computes it (each op in fp32 inside, rounded once).
     hidden = _activation(pre, activation, gated)
     y = _grouped_mm(hidden, down.transpose(-2, -1), expert_offsets, grouped=grouped)
-    return _sum_slots(y, inverse_positions, coef_rows).to(x.dtype), pre
+    return _sum_slots(y, inverse_positions, coef_rows).to(x.dtype), pre if keep_pre else pre.new_empty(0, pre.shape[1])
 
 
 def _backward(grad_out, x, sorted_token_ids, inverse_positions, expert_offsets, gate_up, down, coef_rows, pre,
@@ -186,15 +187,17 @@ _BACKWARD = _backend.Implementations("moe_experts_backward", triton=_triton_back
 @torch.library.custom_op("astrea::moe_experts", mutates_args=())
 def _moe_experts_op(x: torch.Tensor, sorted_token_ids: torch.Tensor, inverse_positions: torch.Tensor,
                     expert_offsets: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, coef_rows: torch.Tensor,
-                    activation: str, gated: bool, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [N, H], the pre-activations [N*k, 2I or I] in dispatch order, kept for the backward)."""
+                    activation: str, gated: bool, keep_pre: bool, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [N, H], the pre-activations [N*k, 2I or I] in dispatch order kept for the backward:
+    none of their rows, [0, 2I or I], without ``keep_pre``, when nothing needs a gradient)."""
     return _FORWARD(impl, x, sorted_token_ids, inverse_positions, expert_offsets, gate_up, down, coef_rows,
-                    activation, gated)
+                    activation, gated, keep_pre)
 
 
 @_moe_experts_op.register_fake
-def _(x, sorted_token_ids, inverse_positions, expert_offsets, gate_up, down, coef_rows, activation, gated, impl):
-    return x.new_empty(x.shape), x.new_empty(sorted_token_ids.shape[0], gate_up.shape[1])
+def _(x, sorted_token_ids, inverse_positions, expert_offsets, gate_up, down, coef_rows, activation, gated, keep_pre,
+      impl):
+    return x.new_empty(x.shape), x.new_empty(sorted_token_ids.shape[0] if keep_pre else 0, gate_up.shape[1])
 
 
 @torch.library.custom_op("astrea::moe_experts_backward", mutates_args=())
@@ -216,14 +219,14 @@ def _(grad_out, x, sorted_token_ids, inverse_positions, expert_offsets, gate_up,
 
 def _setup_context(ctx, inputs, output):
     x, sorted_token_ids, inverse_positions, expert_offsets, gate_up, down, coef_rows, ctx.activation, ctx.gated, \
-        ctx.impl = inputs
+        _, ctx.impl = inputs
     ctx.save_for_backward(x, sorted_token_ids, inverse_positions, expert_offsets, gate_up, down, coef_rows, output[1])
 
 
 def _autograd_backward(ctx, grad_out, _grad_pre):
     grad_x, grad_gate_up, grad_down, grad_coef = torch.ops.astrea.moe_experts_backward(
         grad_out.contiguous(), *ctx.saved_tensors, ctx.activation, ctx.gated, ctx.impl)
-    return grad_x, None, None, None, grad_gate_up, grad_down, grad_coef, None, None, None
+    return grad_x, None, None, None, grad_gate_up, grad_down, grad_coef, None, None, None, None
 
 
 _moe_experts_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -314,7 +317,9 @@ def moe_experts(x: torch.Tensor, dispatch: Dispatch, gate_up: torch.Tensor, down
                                        dispatch.inverse_positions, dispatch.expert_offsets)
     coef_rows = coef.new_zeros(num_tokens * indices.shape[1]).scatter(
         0, dispatch.inverse_positions.reshape(-1).long(), coef.reshape(-1))
+    # The backward needs the pre-activations; inference writes none.
+    keep_pre = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up, down, coef_rows))
     out, _ = torch.ops.astrea.moe_experts(x, dispatch.sorted_token_ids, dispatch.inverse_positions,
                                           dispatch.expert_offsets, gate_up, down, coef_rows, activation, gated,
-                                          SPEC.choose(device))
+                                          keep_pre, SPEC.choose(device))
     return out
