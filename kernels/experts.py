@@ -144,6 +144,8 @@ def _gate_up_kernel(x_ptr, token_ids_ptr, offsets_ptr, tile_expert_ptr, tile_sta
                     stride_xt, stride_xh, stride_ge, stride_gn, stride_gh,
                     ACTIVATION: tl.constexpr, GATED: tl.constexpr, STORE_PRE: tl.constexpr, UPCAST: tl.constexpr,
                     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``pre[r] = gate_up[e] @ x[t(r)]`` for the gate (and up) columns of this tile, the token
+    rows read through the token ids; writes pre (STORE_PRE) and the activated rows."""
     expert, rows, row_ok, column_tile, live = _row_tile(tile_expert_ptr, tile_start_ptr, offsets_ptr, num_experts,
                                                         intermediate, BLOCK_M, BLOCK_N)
     if not live:
