@@ -9,7 +9,8 @@ each. Every case here has several grains per thread.
 tests/test_edge_cases.py already checks 1 against 2 threads for the fp32 router (softmax and
 sigmoid, with and without bias, renormalised) and for the fp32 dispatch + permute + combine; the
 router and sparse-combine cases here take the other settings: low precision, strided inputs,
-renormalize=False, both router losses, zero-weight slots, a skewed dispatch histogram.
+renormalize=False, softmax over the top k, a bias on the logits, grouped selection, a scaling
+factor, both router losses, zero-weight slots, a skewed dispatch histogram.
 """
 
 from __future__ import annotations
@@ -41,29 +42,36 @@ def _grads(loss: torch.Tensor, **leaves: torch.Tensor) -> dict[str, torch.Tensor
 
 # ---- router and its losses --------------------------------------------------------------------
 
-# (scoring, bias, renormalize, dtype, strided logits); N = 4099 rows: 17 blocks of 256 rows
-# forward, 31 tiles of 134 rows backward at E = 61.
+# (E, router options, dtype, strided logits); N = 4099 rows: 17 blocks of 256 rows forward,
+# backward tiles of 8192 / E rows (31 of 134 rows at E = 61, 33 of 128 at E = 64).
 ROUTER_CASES = [
-    ("sigmoid", True, False, torch.bfloat16, True),
-    ("sigmoid", True, True, torch.float16, False),
-    ("softmax", False, False, torch.float16, True),
-    ("softmax", True, True, torch.bfloat16, False),
+    (61, {"scoring": "sigmoid", "bias": True, "renormalize": False}, torch.bfloat16, True),
+    (61, {"scoring": "sigmoid", "bias": True}, torch.float16, False),
+    (61, {"scoring": "softmax", "renormalize": False}, torch.float16, True),
+    (61, {"scoring": "softmax", "bias": True}, torch.bfloat16, False),
+    (61, {"scoring": "topk_softmax", "bias": True, "bias_on": "logits"}, torch.float32, True),
+    # DeepSeek-V3's routing: 8 groups of 8 experts, the top 4 groups by their top-2 sums.
+    (64, {"scoring": "sigmoid", "bias": True, "num_groups": 8, "topk_groups": 4, "scaling_factor": 2.5},
+     torch.bfloat16, False),
+    (64, {"scoring": "softmax", "num_groups": 8, "topk_groups": 3, "group_score": "max"}, torch.float32, True),
 ]
+ROUTER_IDS = ["sigmoid-bias-raw-bf16-strided", "sigmoid-bias-fp16", "softmax-raw-fp16-strided",
+              "softmax-bias-bf16", "topk_softmax-logit-bias-strided", "grouped-sigmoid-bias-scaled-bf16",
+              "grouped-max-softmax-strided"]
 
 
-@pytest.mark.parametrize("scoring, with_bias, renormalize, dtype, is_strided", ROUTER_CASES,
-                         ids=lambda v: str(v).removeprefix("torch."))
-def test_router_and_losses(scoring, with_bias, renormalize, dtype, is_strided):
-    n, e, k = 4099, 61, 6
+@pytest.mark.parametrize("e, options, dtype, is_strided", ROUTER_CASES, ids=ROUTER_IDS)
+def test_router_and_losses(e, options, dtype, is_strided):
+    n, k = 4099, 6
     g = _generator(1)
     logits = (torch.randn(n, e, generator=g) * 2).to(dtype)
-    bias = torch.randn(e, generator=g) * 0.05 if with_bias else None
+    options = {**options, "bias": torch.randn(e, generator=g) * 0.05 if options.get("bias") else None}
     grad_weights = torch.randn(n, k, generator=g)
 
     def run():
         x = _leaf(strided(logits) if is_strided else logits)
         with running("cpu", "router_topk"):
-            out = ops.router_topk(x, k, scoring=scoring, renormalize=renormalize, bias=bias)
+            out = ops.router_topk(x, k, **options)
         loss = ((out.weights * grad_weights).sum() + ops.load_balancing_loss(out) + 1e-3 * ops.router_z_loss(out))
         return {**out._asdict(), "loss": loss, **_grads(loss, logits=x)}
 
