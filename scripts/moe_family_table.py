@@ -44,7 +44,8 @@ TINY = dict(
     decoder_sparse_step=1, moe_layer_freq=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
     qk_nope_head_dim=8, v_head_dim=16, initializer_range=0.2, depth=1, num_heads=2, out_hidden_size=64,
     pad_token_id=0, linear_num_heads=2, linear_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
-    linear_key_head_dim=16, linear_value_head_dim=16, unpadded_vocab_size=128, swa_head_dim=16,
+    linear_key_head_dim=16, linear_value_head_dim=16, unpadded_vocab_size=128, swa_head_dim=16, mamba_n_heads=8,
+    mamba_d_head=16,
 )
 EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 NUM_EXPERTS = 8
@@ -81,7 +82,7 @@ def _shrink(config) -> None:
         current = getattr(config, name)
         if isinstance(current, list) and all(isinstance(v, int) for v in current):
             setattr(config, name, [value] * len(current))  # one per layer or per modality
-        elif current is not None or name == "num_experts_per_tok":
+        elif current is not None or name in ("num_experts_per_tok", "head_dim"):
             setattr(config, name, value)
     if isinstance(getattr(config, "kv_lora_rank", None), int):  # multi-head latent attention: its derived sizes
         config.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
@@ -91,23 +92,45 @@ def _shrink(config) -> None:
         if isinstance(rope, dict) and "partial_rotary_factor" in rope:
             rope["partial_rotary_factor"] = config.qk_rope_head_dim / config.qk_head_dim
     for name in EXPERT_COUNTS:
-        if isinstance(getattr(config, name, None), int):
+        if hasattr(config, name) and not isinstance(getattr(config, name), (bool, list)):
             setattr(config, name, NUM_EXPERTS)
     if hasattr(config, "n_group") and hasattr(config, "topk_group"):  # grouped selection, 4 groups of 2
         config.n_group, config.topk_group = 4, 2
         if getattr(config, "topk_method", None) == "greedy":
             config.topk_method = "group_limited_greedy"
-    if getattr(config, "n_shared_experts", None):
+    if hasattr(config, "n_shared_experts"):
         config.n_shared_experts = 1
+    _shrink_rope(config)
     if hasattr(config, "mlp_only_layers"):
         config.mlp_only_layers = []
+    if hasattr(config, "mlp_layer_types"):  # a dense first layer, then sparse ones
+        config.mlp_layer_types = ["dense"] + ["sparse"] * (config.num_hidden_layers - 1)
     if isinstance(layers_before, int):
         for name, value in list(vars(config).items()):
-            if isinstance(value, list) and len(value) == layers_before and name != "mlp_only_layers":
+            if isinstance(value, list) and len(value) == layers_before and name not in ("mlp_only_layers",
+                                                                                          "mlp_layer_types"):
                 setattr(config, name, value[: config.num_hidden_layers])
     for value in list(vars(config).values()):
         if isinstance(value, transformers.PretrainedConfig):
             _shrink(value)
+
+
+def _shrink_rope(config) -> None:
+    """Multimodal rotary sections fitted to the tiny heads: mrope_section sums to half the
+    rotary width."""
+    rope = getattr(config, "rope_parameters", None)
+    if not isinstance(rope, dict) or not hasattr(config, "hidden_size"):
+        return
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)
+    half = int(head_dim * factor) // 2
+    sections = rope.get("mrope_section")
+    if sections is None and "mrope_section" in getattr(config, "ignore_keys_at_rope_validation", ()):
+        sections = [1, 1, 1]  # the modeling file's default is sized for the full model
+    if isinstance(sections, list) and sum(sections) != half:
+        fitted = [max(1, half * part // sum(sections)) for part in sections]
+        fitted[-1] += half - sum(fitted)
+        rope["mrope_section"] = fitted
 
 
 def _config_class(family: str):

@@ -335,10 +335,11 @@ def family_table():
 
 # The families the README table marks "patched exactly" (scripts/moe_family_table.py).
 PATCHED_FAMILIES = (
-    "axk1 axk2 cohere2_moe deepseek_v2 deepseek_v3 ernie4_5_moe exaone_moe flex_olmo flint glm4_moe glm4_moe_lite "
-    "granitemoe granitemoe_swa granitemoeshared hy_v3 hy_v4 hy_v4_vl inkling2 inkling2_loop jamba kimi_linear "
-    "kolibri1 laguna lara_mini mellum mimo_v2_flash minimax minimax_m2 minimax_m3_vl mistral4 mistral_large4 "
-    "mixtral olmoe qwen2_moe qwen3_5_moe qwen3_moe qwen3_next qwen3_vl_moe qwen4_exp solar_open unlimited_ocr"
+    "axk1 axk2 bailing_hybrid beam cohere2_moe deepseek_ocr2 deepseek_v2 deepseek_v3 deepseek_v32 dots1 ernie4_5_moe "
+    "ernie4_5_vl_moe exaone_moe flex_olmo flint glm4_moe glm4_moe_lite glm4v_moe glm5_next glm_moe_dsa granitemoe "
+    "granitemoe_swa granitemoehybrid granitemoeshared hy_v3 hy_v4 hy_v4_vl inkling2 inkling2_loop jamba kimi_linear "
+    "kolibri1 laguna lara_mini mellum mimo_v2_flash minimax minimax_m2 minimax_m3_vl mistral4 mistral_large4 mixtral "
+    "olmoe qwen2_moe qwen3_5_moe qwen3_moe qwen3_next qwen3_vl_moe qwen4_exp solar_open unlimited_ocr"
 ).split()
 
 
