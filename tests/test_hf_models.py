@@ -394,3 +394,33 @@ def test_astrea_from_named_checkpoints(tmp_path):
     new = model.eval().generate(torch.rand(1, 3, 32, 32), prompt["input_ids"], prompt["attention_mask"],
                                 max_new_tokens=3, do_sample=False)
     assert new.shape == (1, 3)
+
+
+def test_llava_generate_with_left_padding_matches_each_prompt_alone():
+    model = _tiny_vlm().eval()
+    images = torch.rand(2, 3, 32, 32)
+    long_prompt, short_prompt = [1, IMAGE_TOKEN, 5, 6, 7, 3], [1, IMAGE_TOKEN, 8, 3]
+    input_ids = torch.tensor([long_prompt, [PAD, PAD] + short_prompt])
+    attention = (torch.arange(6) >= torch.tensor([[0], [2]])).long()
+    batched = model.generate(images, input_ids, attention, max_new_tokens=4, do_sample=False, eos_token_id=None)
+    for row, prompt in enumerate((long_prompt, short_prompt)):
+        alone = model.generate(images[row:row + 1], torch.tensor([prompt]), max_new_tokens=4, do_sample=False,
+                               eos_token_id=None)
+        assert torch.equal(batched[row], alone[0]), row
+
+
+def test_llava_with_a_bfloat16_language_model_and_a_bfloat16_expert():
+    """The common mixed set-up: the LM in bf16, Astrea in fp32; and an expert backbone in bf16
+    reads fp32 images."""
+    from astrea.models.llava import answer_labels
+
+    model = _tiny_vlm()
+    model.language_model.to(torch.bfloat16)
+    input_ids, attention, answer = _prompts()
+    out = model(torch.rand(2, 3, 32, 32), input_ids, attention, answer_labels(input_ids, answer))
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.language.projector[0].weight.grad.dtype == torch.float32
+    expert = model.vision.experts["caption"]
+    expert.backbone.to(torch.bfloat16)
+    assert expert(torch.rand(1, 3, 32, 32)).dtype == torch.bfloat16

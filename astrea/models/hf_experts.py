@@ -218,6 +218,9 @@ class VisionExpert(nn.Module):
             images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
                                    align_corners=False, antialias=images.shape[-1] > self.image_size)
         pixels = (images - self.image_mean.to(images.dtype)) / self.image_std.to(images.dtype)
+        weight = next((p for p in self.backbone.parameters() if p.is_floating_point()), None)
+        if weight is not None:  # a backbone loaded in bf16 / fp16 reads images of its own dtype
+            pixels = pixels.to(weight.dtype)
         if self.call == "forward_features":
             return self._as_tokens(self.backbone.forward_features(pixels))
         output = self.backbone(pixel_values=pixels)

@@ -70,7 +70,7 @@ class LlavaLanguageModel(nn.Module):
         """The router's instruction input ``[B, D]``: the mean embedding over ``keep``, projected."""
         weights = keep.to(embeddings.dtype).unsqueeze(-1)
         mean = (embeddings * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-        return self.instruction_proj(mean)
+        return self.instruction_proj(mean.to(self.instruction_proj.weight.dtype))
 
     def instruction_embedding(self, instruction: torch.Tensor) -> torch.Tensor:
         """Instruction tokens ``[B, L]`` (padded with ``pad_id``) to the router's input ``[B, D]``."""
