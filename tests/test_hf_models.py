@@ -424,3 +424,28 @@ def test_llava_with_a_bfloat16_language_model_and_a_bfloat16_expert():
     expert = model.vision.experts["caption"]
     expert.backbone.to(torch.bfloat16)
     assert expert(torch.rand(1, 3, 32, 32)).dtype == torch.bfloat16
+
+
+def test_llava_on_a_moe_lm_patched_with_apply_astrea():
+    from astrea.integrations.transformers import apply_astrea
+    from astrea.models.llava import AstreaForCausalLM, answer_labels
+
+    torch.manual_seed(0)
+    lm = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=5, num_experts_per_tok=2, pad_token_id=PAD, bos_token_id=1,
+        eos_token_id=2, max_position_embeddings=64))
+    reference = AstreaForCausalLM(Astrea(VOCAB_SIZE, PAD, experts=tiny_experts(32), dim=32, num_tokens=4, heads=4),
+                                  lm, IMAGE_TOKEN).eval()
+    images = torch.rand(2, 3, 32, 32)
+    input_ids, attention, answer = _prompts()
+    labels = answer_labels(input_ids, answer)
+    with torch.no_grad():
+        expected = reference(images, input_ids, attention, labels).loss
+        apply_astrea(lm)  # the same model, its MoE blocks on astrea's router and grouped-expert ops
+        assert sum(hasattr(m, "astrea_routing") for m in lm.modules()) == 2, "both MoE blocks patched"
+        patched = reference(images, input_ids, attention, labels).loss
+    # the grouped-expert ops may sum in another order than the eager experts: fp32 rounding (~1e-7
+    # relative per op) through two layers and the mean cross-entropy stays far below 1e-5
+    assert torch.allclose(patched, expected, atol=0, rtol=1e-5), (patched.item(), expected.item())
+    assert reference.generate(images, input_ids[:, :6], max_new_tokens=3, do_sample=False).shape == (2, 3)
