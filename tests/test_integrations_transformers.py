@@ -26,7 +26,7 @@ from astrea.integrations.transformers import (  # noqa: E402
     patch_moe_block,
     remove_astrea,
 )
-from tests.utils import assert_close  # noqa: E402
+from tests.utils import assert_close, running  # noqa: E402
 
 VOCAB = 100
 IMAGE_TOKEN, VISION_START, VISION_END = 90, 92, 93
@@ -461,3 +461,28 @@ def test_router_under_the_name_router_and_softmax_after_top_k(family_table):
     ours, theirs = block.router(hidden), moe_blocks(original)[0].router(hidden)
     assert torch.equal(ours[2].sort(1).values, theirs[2].sort(1).values)
     assert_close(ours[1], theirs[1], what="softmax-after-top-k weights")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_router_topk_matches_deepseek_v3_router_at_full_size(backend):
+    """The benchmark's case (E=256, 8 groups, top-4 groups, k=8, sigmoid + bias, scaled) against
+    transformers' DeepseekV3TopkRouter itself, on 64 tokens of unit logit scale."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    config = transformers.DeepseekV3Config(hidden_size=128, n_routed_experts=256, n_group=8, topk_group=4,
+                                           num_experts_per_tok=8, norm_topk_prob=True, routed_scaling_factor=2.5)
+    router = DeepseekV3TopkRouter(config)
+    with torch.no_grad():
+        router.weight.normal_(0, 128**-0.5)
+        router.e_score_correction_bias.uniform_(-0.1, 0.1)
+    hidden = torch.randn(64, 128)
+    logits, weights, indices = router(hidden)
+    with running(backend, "router_topk"):
+        out = astrea.ops.router_topk(logits, 8, scoring="sigmoid", bias=router.e_score_correction_bias,
+                                     num_groups=8, topk_groups=4, scaling_factor=2.5)
+    order, expected_order = out.indices.long().sort(1), indices.sort(1)
+    assert torch.equal(order.values, expected_order.values)
+    assert_close(out.weights.gather(1, order.indices), weights.gather(1, expected_order.indices),
+                 what="grouped weights")
+    plain = astrea.ops.router_topk(logits, 8, scoring="sigmoid", bias=router.e_score_correction_bias)
+    assert not torch.equal(plain.indices.long().sort(1).values, expected_order.values), "groups matter here"
