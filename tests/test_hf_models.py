@@ -312,6 +312,25 @@ def test_llava_save_pretrained_round_trip_gives_identical_logits(tmp_path):
         AstreaForCausalLM.from_pretrained(tmp_path / "language_model")
 
 
+def test_llava_save_pretrained_with_the_default_experts(tmp_path):
+    from astrea.models.llava import AstreaForCausalLM
+
+    tiny = _tiny_vlm()
+    torch.manual_seed(1)
+    model = AstreaForCausalLM(Astrea(VOCAB_SIZE, PAD, dim=32, num_tokens=4, heads=4, coordination=False),
+                              tiny.language_model, IMAGE_TOKEN).eval()
+    model.save_pretrained(tmp_path)
+    loaded = AstreaForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.vision.coordination is None
+    images = torch.rand(2, 3, 32, 32)
+    input_ids, attention, _ = _prompts()
+    with torch.no_grad():
+        assert torch.equal(loaded(images, input_ids, attention).logits, model(images, input_ids, attention).logits)
+    model.vision.experts["caption"] = torch.nn.Identity()
+    with pytest.raises(ValueError, match="cannot be rebuilt"):
+        model.save_pretrained(tmp_path / "other")
+
+
 # -- the whole pipeline on transformers models -------------------------------------------------
 
 @pytest.mark.parametrize("stop_after", [3, 9], ids=["mid-alignment", "mid-instruct"])
