@@ -1,8 +1,10 @@
 """Which transformers MoE families ``apply_astrea`` runs exactly: for every model family whose
 experts module is a transformers fused experts module (``@use_experts_implementation``), a
 tiny randomly initialised model built from its config, patched and compared with itself
-unpatched (fp32): the output of every MoE block, the logits (or last hidden states) and the
-gradients of every parameter. Prints the README table (or writes it with ``--readme``).
+unpatched (fp32): the output of every MoE block, the logits (or last hidden states), the
+aux loss where the model has one (18 of the families), the gradients of every parameter and
+5 greedily generated tokens where transformers generates from the tiny model (44 of them).
+Prints the README table (or writes it with ``--readme``).
 
     python scripts/moe_family_table.py [--readme] [--only deepseek_v3,gpt_oss]
 
@@ -47,6 +49,7 @@ TINY = dict(
     linear_key_head_dim=16, linear_value_head_dim=16, unpadded_vocab_size=128, swa_head_dim=16, mamba_n_heads=8,
     mamba_d_head=16,
 )
+GREEDY_TOKENS = 5
 EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 NUM_EXPERTS = 8
 README_START = "<!-- moe-family-table:start -->"
@@ -188,27 +191,34 @@ def _first_tensor(output) -> torch.Tensor:
 
 
 def _run(model: nn.Module, batch: dict):
-    """(model output tensor, {block name: block output}, {parameter name: gradient})."""
+    """(model output tensor, its aux loss or None, {block name: block output}, {parameter
+    name: gradient}); the aux loss, where the model has one, is in the loss differentiated."""
     outputs, hooks = {}, []
     for name, block in moe_blocks(model):
         hooks.append(block.register_forward_hook(
             lambda _m, _i, out, name=name: outputs.__setitem__(name, _first_tensor(out).detach())))
     try:
         model.zero_grad()
-        result = _first_tensor(model(**batch, use_cache=False))
-        result.float().square().mean().backward()
+        options = {"output_router_logits": True} if hasattr(model.config, "output_router_logits") else {}
+        output = model(**batch, use_cache=False, **options)
+        result = _first_tensor(output)
+        aux_loss = getattr(output, "aux_loss", None)
+        loss = result.float().square().mean()
+        (loss if aux_loss is None else loss + aux_loss).backward()
     finally:
         for hook in hooks:
             hook.remove()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return result.detach(), outputs, grads
+    return result.detach(), None if aux_loss is None else aux_loss.detach(), outputs, grads
 
 
 def _differences(original: nn.Module, patched: nn.Module) -> list[str]:
     batch = batch_for(original)
-    ref_out, ref_blocks, ref_grads = _run(original, batch)
-    out, blocks, grads = _run(patched, batch)
+    ref_out, ref_aux, ref_blocks, ref_grads = _run(original, batch)
+    out, aux, blocks, grads = _run(patched, batch)
     problems = []
+    if (aux is None) != (ref_aux is None) or (aux is not None and not torch.allclose(aux, ref_aux, rtol=1e-5)):
+        problems.append(f"aux loss {aux} instead of {ref_aux}")
     if not ref_blocks:
         problems.append("no MoE block ran")
     for name, expected in ref_blocks.items():
@@ -223,7 +233,23 @@ def _differences(original: nn.Module, patched: nn.Module) -> list[str]:
         if name in grads and not torch.allclose(grads[name], expected, rtol=1e-4, atol=1e-5):
             problems.append(f"grad of {name} differs by {(grads[name] - expected).abs().max().item():.2e}")
             break
+    tokens = _greedy(original, batch)
+    if tokens is not None and not torch.equal(_greedy(patched, batch), tokens):
+        problems.append(f"the {GREEDY_TOKENS} greedy tokens differ")
     return problems
+
+
+def _greedy(model: nn.Module, batch: dict) -> torch.Tensor | None:
+    """GREEDY_TOKENS greedily generated tokens, or None when the model does not generate
+    (no generate method, or transformers' generate fails on it unpatched)."""
+    if not hasattr(model, "generate"):
+        return None
+    try:
+        return model.generate(**batch, max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS, do_sample=False)
+    except Exception:
+        if any("forward" in m.__dict__ for m in model.modules()):  # patched: its failure is astrea's
+            raise
+        return None
 
 
 def _short(error: BaseException) -> str:
