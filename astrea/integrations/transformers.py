@@ -544,9 +544,12 @@ def apply_astrea(model: nn.Module) -> nn.Module:
     on astrea ops, and returns ``model``.
 
     Mixtral, Qwen2-MoE, OLMoE and Qwen3-VL-MoE blocks get their family's routing; any other
-    block of the "router ``gate`` + fused ``experts``" pattern is patched when its router,
-    probed on random weights, is reproduced exactly by :func:`astrea.ops.router_topk`.
-    Any other block raises :class:`UnsupportedMoEBlockError` naming it, and then nothing is
+    block of the "router ``gate`` or ``router`` + fused ``experts``" pattern is patched when
+    its router, probed on a copy with random weights of realistic scale and a random
+    selection bias, is reproduced exactly by :func:`astrea.ops.router_topk` (softmax, sigmoid
+    or softmax after top-k; with or without its correction bias, grouped top-k,
+    renormalisation and scaling; the dtypes of its logits and weights). Any other block
+    raises :class:`UnsupportedMoEBlockError` naming it and the reason, and then nothing is
     patched; a model without sparse MoE blocks raises ValueError.
     """
     blocks = [(where, m) for where, m in model.named_modules() if isinstance(getattr(m, "experts", None), nn.Module)]
