@@ -5,8 +5,10 @@
 // score buffer of at most kScoreBudget elements and 1 / kQueueFraction of the N x K scores;
 // at::parallel_for then folds each row's chunk into its online log-sum-exp or, in
 // backward, turns it into softmax weights that a second GEMM accumulates into grad_q.
-// GEMMs are not called inside at::parallel_for: a BLAS called from worker threads runs its
-// own threads on top of them. fp16/bf16 operands are converted to fp32 (q once, the queue a
+// The scoring GEMMs are not called inside at::parallel_for: a BLAS called from worker
+// threads runs its own threads on top of them. The backward's accumulating GEMM sums over
+// the chunk's keys, which the BLAS would split by thread count: it runs in fixed row blocks
+// on one BLAS thread each (blas.h), so grad_q is the same on any thread count. fp16/bf16 operands are converted to fp32 (q once, the queue a
 // chunk at a time), float64 stays float64, and the temperature is folded into q once.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -18,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "blas.h"
 #include "checks.h"
 
 // Lets the compiler if-convert the clamp of exp_nonpositive and vectorise the exp loops
@@ -268,7 +271,8 @@ std::tuple<at::Tensor, at::Tensor> moco_infonce_backward_cpu(const at::Tensor& g
       at::parallel_for(0, ops.rows, kRowGrain, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) softmax_weights(weights + i * count, count, row_lse[i], g[i] * inv_t);
       });
-      queue_grad.addmm_(scores, keys);
+      // Sums over the chunk's keys: rows in fixed blocks, one BLAS thread each.
+      addmm_fixed_order(queue_grad, scores, keys);
     });
     const acc_t* queue_part = queue_grad.const_data_ptr<acc_t>();
     scalar_t* gq = grad_q.data_ptr<scalar_t>();

@@ -1,0 +1,53 @@
+// Matrix products whose sums do not depend on the thread count (astrea/_blas.py is the
+// Python side of the same switch).
+//
+// torch's CPU BLAS (MKL in the x86-64 wheels) splits a long reduction, the K of an
+// [M, K] @ [K, N] product with a small M x N output, over its threads, so the last bits of
+// the result change with the thread count. MKL's MKL_Set_Num_Threads_Local makes the
+// calling thread's BLAS calls run on one thread; it is looked up as a weak symbol, null where
+// torch's BLAS is not MKL (the products then follow that BLAS).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+namespace astrea {
+
+// While alive, this thread's BLAS calls run on one thread.
+class SingleThreadBlas {
+ public:
+  SingleThreadBlas() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SingleThreadBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SingleThreadBlas(const SingleThreadBlas&) = delete;
+  SingleThreadBlas& operator=(const SingleThreadBlas&) = delete;
+
+ private:
+  int previous_;  // 0: the thread followed the global setting
+};
+
+// out += a @ b (out [M, N], a [M, K], b [K, N]) in blocks of kRows rows fixed by M, each
+// block's product on one BLAS thread, the blocks spread over at::parallel_for: the same
+// sums in the same order on any thread count.
+inline void addmm_fixed_order(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  constexpr int64_t kRows = 32;
+  const int64_t rows = a.size(0);
+  const int64_t blocks = (rows + kRows - 1) / kRows;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadBlas one_thread;
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t first = block * kRows;
+      const int64_t count = std::min(kRows, rows - first);
+      at::Tensor out_rows = out.narrow(0, first, count);
+      out_rows.addmm_(a.narrow(0, first, count), b);
+    }
+  });
+}
+
+}  // namespace astrea
