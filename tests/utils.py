@@ -178,3 +178,32 @@ def assert_bitwise_reproducible(run, thread_counts: tuple[int, ...] = (2, 2, 1))
                 differences.append(f"{name} differs between {thread_counts[0]} and {count} threads: "
                                    f"{differing} of {a.numel()} elements, max |diff| {largest:.3g}")
     assert not differences, "; ".join(differences)
+
+
+def assert_each_within_torch_error(actual: dict, expected64: dict, torch_value: dict, *, what: str = "",
+                                   factor: float = 4.0) -> None:
+    """:func:`assert_within_torch_error` for each floating tensor of a dict of named tensors (a
+    state dict, say), judged against the float64 oracle's tensor of that name and PyTorch's own
+    fp32 computation's; integer tensors (counters, pointers) must equal both exactly."""
+    assert actual.keys() == expected64.keys() == torch_value.keys(), f"{what}: names differ"
+    for name, value in expected64.items():
+        if value.is_floating_point():
+            assert_within_torch_error(actual[name], value, torch_value[name], what=f"{what} {name}", factor=factor)
+        else:
+            assert torch.equal(actual[name], value) and torch.equal(torch_value[name], value), f"{what} {name}"
+
+
+def route_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lets a whole :class:`astrea.nn.SparseMoE` (router, permute, weighted combine) run in
+    float64 until ``monkeypatch`` is undone, for a float64 oracle of a model: those public ops take
+    fp32/fp16/bf16 only, so they are replaced by their references (the same formulas,
+    differentiable through plain autograd). :func:`astrea.ops.moe_experts` takes float64 itself."""
+    from astrea import ops, reference
+    from astrea.nn import router as router_module
+
+    monkeypatch.setattr(router_module, "router_topk",
+                        lambda logits, k, **options: ops.RouterOutput(*reference.router_topk(logits, k, **options)))
+    monkeypatch.setattr(ops, "permute", lambda x, dispatch: reference.permute(x, dispatch.sorted_token_ids))
+    monkeypatch.setattr(ops, "weighted_combine", lambda expert_out, weights, dispatch, expert_scale=None:
+                        reference.weighted_combine(expert_out, weights, dispatch.indices, dispatch.inverse_positions,
+                                                   dispatch.expert_offsets.numel() - 1, expert_scale))
