@@ -226,14 +226,6 @@ def _contrast_case(n, num_keys, dim, dtype, seed):
 # queue (chunks of 2048 keys); 1000 rows of fp16 against 4096 keys (chunks of 1024 = 2^20 / N).
 CONTRAST_SHAPES = [(300, 8192, 64, torch.float32), (64, 65536, 128, torch.float32), (1000, 4096, 96, torch.float16)]
 CONTRAST_IDS = ["300x8192x64-fp32", "64x65536x128-fp32", "1000x4096x96-fp16"]
-# The backward of moco_infonce at the large queue: each chunk's softmax weights [64, 2048] times
-# its keys [2048, 128] is one addmm_ into grad q (csrc/cpu/moco.cpp), a 2048-long reduction that
-# MKL splits over the threads at this shape (2 vs 1 threads: 2563 of 8192 grad q elements differ,
-# by up to 2.4e-7); at chunks of 256 or 128 keys it does not.
-INFONCE_BACKWARD_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "moco_infonce backward (csrc/cpu/moco.cpp): grad q accumulates queue_grad.addmm_(weights, keys) per "
-    "chunk; with 2048-key chunks (N = 64, K = 65536) MKL splits that reduction over the threads, so grad q "
-    "differs in the last bits between 1 and 2 threads"))
 
 
 @pytest.mark.parametrize("n, num_keys, dim, dtype", CONTRAST_SHAPES, ids=CONTRAST_IDS)
@@ -264,9 +256,7 @@ def test_moco_infonce_forward(n, num_keys, dim, dtype):
         assert_bitwise_reproducible(lambda: {"loss": ops.moco_infonce(q, key, queue, 0.07, reduction="none")})
 
 
-@pytest.mark.parametrize("n, num_keys, dim, dtype", [
-    pytest.param(*shape, id=name, marks=[INFONCE_BACKWARD_XFAIL] if name == "64x65536x128-fp32" else [])
-    for shape, name in zip(CONTRAST_SHAPES, CONTRAST_IDS)])
+@pytest.mark.parametrize("n, num_keys, dim, dtype", CONTRAST_SHAPES, ids=CONTRAST_IDS)
 def test_moco_infonce_backward(n, num_keys, dim, dtype):
     q, key, queue = _contrast_case(n, num_keys, dim, dtype, 13)
     weight = torch.rand(n, generator=_generator(14))
