@@ -4,6 +4,12 @@
 Each multi-process test spawns its ranks itself (``torch.multiprocessing``, a free port on
 127.0.0.1, the torchrun environment variables), runs a module-level function on every rank,
 and gets each rank's result back through a file; a rank that fails or hangs fails the test.
+
+Tolerances are derived: what is exact by construction (counts, dyadic means, bias updates from
+exact counts, a single process's fallbacks) is compared bit for bit; one router step within
+the rounding bound of both computations (:func:`_router_step_bounds`); training runs against a
+float64 copy of the 1-process run, within 4x the error of that run in fp32
+(:func:`tests.utils.assert_within_torch_error`, flash-attention's rule).
 """
 
 from __future__ import annotations

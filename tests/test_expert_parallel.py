@@ -5,6 +5,10 @@ exactly from its checkpoint, in the same layout or re-sharded.
 
 The ranks are spawned once per world size (a spawn costs seconds on 2 cores): each module-level
 ``*_rank`` function below runs on every rank of one spawn and returns what the tests compare.
+
+Tolerances are derived: one forward and backward within the accumulation bound of both
+computations (:func:`_check_layer_equals_one_process`); training runs against a float64
+1-process run, within 4x the error of the 1-process fp32 run (flash-attention's rule).
 """
 
 from __future__ import annotations
