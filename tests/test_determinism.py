@@ -317,19 +317,12 @@ def test_moe_experts_forward(hidden, dtype):
     assert_bitwise_reproducible(lambda: {"out": _experts(tensors, dispatch)})
 
 
-# moe_experts' weight gradients are GEMMs whose reduction runs over each expert's tokens
-# (astrea/ops/experts.py: _grouped_mm(..., grouped_k=True) for d gate_up and d down, torch's
-# F.grouped_mm or one matmul per expert); in fp32 MKL splits those ~256-long reductions over
-# the threads (2 vs 1 threads: about 11% of the d gate_up and d down elements differ, by up to
-# 1.9e-5). The bf16 GEMMs, d x and the routing-weight and scale gradients are bitwise equal.
-EXPERTS_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "moe_experts backward (astrea/ops/experts.py): in fp32 the d gate_up and d down GEMMs, which reduce "
-    "over each expert's tokens, differ in the last bits between 1 and 2 threads (MKL splits the reduction)"))
+# moe_experts' weight gradients reduce over each expert's tokens: on CPU tensors they run the
+# C++ kernel (csrc/cpu/experts.cpp), tiles fixed by the sizes on one BLAS thread each; through
+# F.grouped_mm's BLAS, 1 and 2 threads gave different last bits in fp32.
 
 
-@pytest.mark.parametrize("hidden, dtype", [
-    pytest.param(*shape, id=name, marks=[EXPERTS_XFAIL] if shape[1] == torch.float32 else [])
-    for shape, name in zip(EXPERT_SHAPES, EXPERT_IDS)])
+@pytest.mark.parametrize("hidden, dtype", EXPERT_SHAPES, ids=EXPERT_IDS)
 def test_moe_experts_backward(hidden, dtype):
     tensors, dispatch, grad = _experts_case(hidden, dtype)
 

@@ -408,3 +408,31 @@ def test_triton_on_cuda_syncs_nothing_and_captures_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(replayed, out.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpu_weight_gradient_kernel_sums_each_experts_rows(dtype):
+    """astrea::grouped_weight_grad_cpu (the CPU weight gradients): out[e] = a[:, rows of e] @ b[rows of e],
+    zeros for an expert without rows, any strides; exact against per-expert float64 products rounded once."""
+    from astrea import _extension
+
+    if not _extension.has_kernel("grouped_weight_grad_cpu", "CPU"):
+        pytest.skip("astrea._C is not built with grouped_weight_grad_cpu")
+    generator = torch.Generator().manual_seed(3)
+    offsets = torch.tensor([0, 70, 70, 71, 200], dtype=torch.int64)  # experts of 70, 0, 1 and 129 rows
+    a = torch.randn(200, 131, generator=generator).to(dtype).t()  # [131, 200], column-major
+    b = strided(torch.randn(200, 45, generator=generator).to(dtype))
+    out = torch.ops.astrea.grouped_weight_grad_cpu(a, b, offsets)
+    assert out.shape == (4, 131, 45) and out.dtype == dtype
+    assert not out[1].any()
+    bounds = offsets.tolist()
+    for e, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        exact = a[:, lo:hi].double() @ b[lo:hi].double()
+        # Each element sums hi - lo products in the dtype's accumulation: a bound of that length.
+        accumulation = torch.float64 if dtype == torch.float64 else torch.float32
+        bound = (hi - lo + 1) * torch.finfo(accumulation).eps * (a[:, lo:hi].double().abs() @ b[lo:hi].double().abs())
+        bound += torch.finfo(dtype).eps * exact.abs()  # the rounding to the output dtype
+        assert ((out[e].double() - exact).abs() <= bound).all(), f"expert {e}"
+    torch.library.opcheck(torch.ops.astrea.grouped_weight_grad_cpu.default, (a, b, offsets))
+    with pytest.raises(ValueError, match="offsets must ascend"):
+        torch.ops.astrea.grouped_weight_grad_cpu(a, b, torch.tensor([0, 90, 80, 200]))

@@ -406,12 +406,10 @@ def _assert_sparse_grads(got, grad, expert_out, weights, scale, dispatch):
 
 def _check_empty_sparse_combine(out, leaves, weights, expert_out):
     """N = 0 or D = 0 (the reference cannot view 0 elements as [N, k, -1]): the output's shape, and
-    for N = 0 the gradients of a sum over no tokens, zero. The backward at D = 0 fails (see
-    test_sparse_combine_backward_with_no_features)."""
+    the gradients of a sum over no tokens or no features, zero."""
     assert out.shape == (weights.shape[0], expert_out.shape[1]) and out.dtype == expert_out.dtype
-    if weights.shape[0] == 0 and expert_out.shape[1] > 0:
-        for leaf, g in zip(leaves, _grads(out, leaves, torch.zeros(out.shape))):
-            assert g.shape == leaf.shape and not g.any()
+    for leaf, g in zip(leaves, _grads(out, leaves, torch.zeros(out.shape))):
+        assert g.shape == leaf.shape and not g.any()
 
 
 @settings(max_examples=EXAMPLES["weighted_combine"])
@@ -633,7 +631,10 @@ def test_combine_residual(data):
                                               expert_scale=_wide(scale, magnitude))
         terms_per_element = len(experts) + 3
     assert out.dtype == residual.dtype and out.shape == residual.shape
-    if out.numel() == 0:  # the references cannot reshape 0 elements; the backward fails (see the xfails below)
+    if out.numel() == 0:  # the references cannot reshape 0 elements: the gradients of no elements are zero
+        leaves = expert_leaves + others
+        for leaf, g in zip(leaves, _grads(out, leaves, torch.zeros(out.shape))):
+            assert g.shape == leaf.shape and not g.any()
         return
     expected, terms = fused(), fused(magnitude=True)
     # Off the fused Triton kernel the combine is rounded to the dtype before the residual is added
@@ -768,7 +769,7 @@ def test_queue_enqueue(data):
     keys = _layout(_randn(gen, count, d, dtype=keys_dtype), layout)
     ptr = torch.tensor([start])
     mistake = data.draw(st.sampled_from([None] * 9 + ["too many keys", "ptr", "float64 keys"]), label="mistake")
-    if mistake == "float64 keys":  # fp32/fp16/bf16 only (its docstring says any floating dtype)
+    if mistake == "float64 keys":  # keys are fp32, fp16 or bf16
         with pytest.raises(TypeError, match=r"^queue_enqueue_: keys must have dtype float32, float16, bfloat16"):
             ops.queue_enqueue_(queue, ptr, keys.double())
         return
@@ -808,9 +809,8 @@ def _experts_in_dtype(x, indices, gate_up, down, weights, activation, gated, sca
 @settings(max_examples=EXAMPLES["moe_experts"])
 @given(st.data())
 def test_moe_experts(data):
-    # H = 1 or I = 1 fails (see test_moe_experts_with_a_unit_hidden_or_intermediate_size).
-    n, hidden = data.draw(st.integers(0, 24), label="N"), data.draw(st.integers(2, 40), label="H")
-    intermediate, e = data.draw(st.integers(2, 24), label="I"), data.draw(st.integers(1, 6), label="E")
+    n, hidden = data.draw(st.integers(0, 24), label="N"), data.draw(st.integers(1, 40), label="H")
+    intermediate, e = data.draw(st.integers(1, 24), label="I"), data.draw(st.integers(1, 6), label="E")
     k = data.draw(st.integers(1, min(e, 3)), label="k")
     gated = data.draw(st.booleans(), label="gated")
     activation = data.draw(st.sampled_from(sorted(ACTIVATIONS)), label="activation")
@@ -870,13 +870,9 @@ def test_moe_experts(data):
         assert_within_torch_error(g, w, t, what=f"grad {name}", dtype=dtype)
 
 
-# ---- failures the fuzzing found, kept out of its draws -------------------------------------------
-# Each is strict: once the op is fixed the test passes, xfail reports it, and the draw can widen.
+# ---- failures the fuzzing found, now fixed: their regression tests ---------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "weighted_combine / sparse combine_residual backward with D = 0: astrea/ops/combine.py _backward reshapes "
-    "grad with reshape(-1, 0), which cannot infer -1 for 0 elements (the forward works)"))
 def test_sparse_combine_backward_with_no_features():
     dispatch = ops.moe_dispatch(torch.tensor([[0], [1]], dtype=torch.int32), 2)
     expert_out, weights = torch.randn(2, 0, requires_grad=True), torch.rand(2, 1, requires_grad=True)
@@ -884,10 +880,6 @@ def test_sparse_combine_backward_with_no_features():
     assert torch.equal(grad_weights, torch.zeros(2, 1))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "dense_weighted_combine / dense combine_residual backward with B = 0 or D = 0: "
-    "csrc/cpu/dense_combine.cpp dense_combine_backward_cpu views grad as reshape({B, -1, D}) before its "
-    "empty-tensor return, which cannot infer -1 for 0 elements (the forward returns first)"))
 @pytest.mark.parametrize("shape", [(0, 5), (3, 0), (0, 2, 5)], ids=lambda s: "x".join(map(str, s)))
 def test_dense_combine_backward_of_no_elements(shape):
     experts = [torch.randn(*shape, requires_grad=True) for _ in range(2)]
@@ -898,10 +890,6 @@ def test_dense_combine_backward_of_no_elements(shape):
     assert all(g.shape == t.shape and not g.any() for g, t in zip(grads, [*experts, weights]))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "moe_experts with H = 1 or I = 1: astrea/ops/experts.py _aligned passes an operand whose only stride "
-    "is 1 (a [M, 1] tensor), and F.grouped_mm raises 'strides should be multiple of 16 bytes' instead of "
-    "the per-expert path running"))
 @pytest.mark.parametrize("hidden, intermediate", [(1, 8), (8, 1)], ids=["H1", "I1"])
 def test_moe_experts_with_a_unit_hidden_or_intermediate_size(hidden, intermediate):
     x = torch.randn(4, hidden)

@@ -31,7 +31,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from astrea import _backend
+from astrea import _backend, _extension
 from astrea._validation import check_choice, check_same_device, check_size
 from astrea.ops.dispatch import Dispatch, check_dispatch
 from astrea.reference.experts import ACTIVATIONS
@@ -49,12 +49,16 @@ __all__ = ["ACTIVATIONS", "moe_experts"]
 
 
 def _aligned(*tensors: torch.Tensor) -> bool:
-    """Whether F.grouped_mm takes these operands: 16-byte-aligned data and non-unit strides."""
+    """Whether F.grouped_mm takes these operands: 16-byte-aligned data, one of the two matrix
+    dimensions unit-strided and the other (and the batch stride) a multiple of 16 bytes."""
     for t in tensors:
         size = t.element_size()
         if t.dtype == torch.float64 or t.data_ptr() % 16:
             return False
-        if any(stride != 1 and stride * size % 16 for stride in t.stride()):
+        *batch, rows, cols = t.stride()
+        if not ((cols == 1 and rows * size % 16 == 0) or (rows == 1 and cols * size % 16 == 0)):
+            return False  # e.g. a [M, 1] operand: both strides 1
+        if any(stride * size % 16 for stride in batch):
             return False
     return True
 
@@ -74,7 +78,11 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, *, grou
                 grouped: bool = True) -> torch.Tensor:
     """Rows ``[offsets[e], offsets[e+1])`` of ``a`` times ``b[e]`` (``grouped_k``: the rows of
     ``a.t()`` and ``b`` of expert e multiplied into ``out[e]``). Rows past ``offsets[E]`` are zero.
-    ``grouped=False`` (or operands F.grouped_mm does not take) runs one matmul per expert."""
+    ``grouped=False`` (or operands F.grouped_mm does not take) runs one matmul per expert.
+    On CPU tensors the weight gradients (``grouped_k``) run the C++ kernel, whose sums over each
+    expert's rows have one order on any thread count (F.grouped_mm's BLAS splits them)."""
+    if grouped and grouped_k and a.device.type == "cpu" and _extension.has_kernel("grouped_weight_grad_cpu", "CPU"):
+        return torch.ops.astrea.grouped_weight_grad_cpu(a, b, offsets)
     if not (grouped and _aligned(a, b)):
         return _per_expert(a, b, offsets, grouped_k)
     out = F.grouped_mm(a, b, offs=offsets[1:].to(torch.int32))
@@ -198,6 +206,10 @@ def _moe_experts_op(x: torch.Tensor, sorted_token_ids: torch.Tensor, inverse_pos
 def _(x, sorted_token_ids, inverse_positions, expert_offsets, gate_up, down, coef_rows, activation, gated, keep_pre,
       impl):
     return x.new_empty(x.shape), x.new_empty(sorted_token_ids.shape[0] if keep_pre else 0, gate_up.shape[1])
+
+
+_extension.register_fake("grouped_weight_grad_cpu",
+                         lambda a, b, offsets: a.new_empty(offsets.shape[0] - 1, a.shape[0], b.shape[1]))
 
 
 @torch.library.custom_op("astrea::moe_experts_backward", mutates_args=())
