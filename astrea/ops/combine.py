@@ -57,7 +57,7 @@ def _triton_fused(expert_out, weights, indices, inverse_positions, expert_scale,
     from astrea.kernels.combine import combine_forward
 
     out = combine_forward(expert_out, inverse_positions, weights, indices, expert_scale, num_experts,
-                          residual=residual.reshape(-1, residual.shape[-1]),
+                          residual=residual.reshape(weights.shape[0], residual.shape[-1]),
                           rows_per_unit=draw.units(residual.shape)[1], **draw.kernel_args())
     return out.view(residual.shape)
 
@@ -148,7 +148,9 @@ def _backward(ctx, grad):
     grad_y = grad_weights = grad_scale = None
     if any(ctx.needs_input_grad[i] for i in (0, 1, 5)):  # expert_out, weights, expert_scale
         grad_y, grad_weights, grad_scale = torch.ops.astrea.weighted_combine_backward(
-            grad.reshape(-1, grad.shape[-1]), expert_out, weights, indices, inverse_positions, expert_offsets,
+            # N rows named, not -1: with D = 0 the row count cannot be inferred.
+            grad.reshape(weights.shape[0], grad.shape[-1]), expert_out, weights, indices, inverse_positions,
+            expert_offsets,
             expert_scale, ctx.impl)
     grads = (grad_y, grad_weights, None, None, None, grad_scale if ctx.has_scale else None)
     if ctx.draw is None:

@@ -144,7 +144,7 @@ def queue_enqueue_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -
         queue: ``[K, D]`` contiguous floating buffer, written in place.
         ptr: 1-element int64 tensor on the queue's device (a buffer, so it lives in
             ``state_dict``), advanced in place. On CUDA it is read on the device: no sync.
-        keys: ``[B, D]`` with ``B <= K``, any floating dtype (cast to the queue's).
+        keys: ``[B, D]`` with ``B <= K``, fp32, fp16 or bf16 (cast to the queue's dtype).
 
     Raises:
         ValueError: among the shape checks, when ``ptr`` or ``keys`` shares memory with the

@@ -168,17 +168,18 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> dense_combine_backward_cpu(const
                                                                          bool coef_grad) {
   check_dense_combine_args("dense_combine_backward_cpu", experts, coef);
   check_dense_combine_grad(grad_in, experts[0]);
-  const at::Tensor grad = as_btd(grad_in.contiguous());
-  const int64_t batch = grad.size(0), tokens = grad.size(1), dim = grad.size(2);
   const int64_t num_experts = static_cast<int64_t>(experts.size());
   std::vector<at::Tensor> grad_experts;
   if (expert_grad) {
     for (int64_t e = 0; e < num_experts; ++e) grad_experts.push_back(at::empty(grad_in.sizes(), grad_in.options()));
   }
-  const at::Tensor coef_math = math_coefficients(coef, grad.scalar_type());
+  const at::Tensor coef_math = math_coefficients(coef, grad_in.scalar_type());
   at::Tensor grad_coef_math = coef_grad ? at::zeros(coef_math.sizes(), coef_math.options())
                                         : at::empty({0}, coef.options());
-  if (grad.numel() == 0) return {grad_experts, grad_coef_math.to(coef.scalar_type())};
+  // Before the [B, T, D] view, which an empty B or D cannot take (its T would be ambiguous).
+  if (grad_in.numel() == 0) return {grad_experts, grad_coef_math.to(coef.scalar_type())};
+  const at::Tensor grad = as_btd(grad_in.contiguous());
+  const int64_t batch = grad.size(0), tokens = grad.size(1), dim = grad.size(2);
   const std::vector<at::Tensor> experts_btd = experts_as_btd(experts);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "dense_combine_backward_cpu", [&] {
