@@ -53,6 +53,7 @@ def test_one_step_per_stage_trains_what_the_stage_owns():
         experts = {name: _snapshot(model.experts[name]) for name in EXPERTS}
         adapters = {name: _snapshot(model.adapters[name]) for name in EXPERTS}
         router, decoder = _snapshot(model.router), _snapshot(aligner.net["decoder"])
+        coordination = _snapshot(model.coordination)
         queue_ptr = {name: int(aligner.net["contrast"][name].ptr) for name in EXPERTS}
         losses = aligner.train_step()
         assert all(torch.isfinite(torch.tensor(v)) for v in losses.values()), (stage, losses)
@@ -61,6 +62,7 @@ def test_one_step_per_stage_trains_what_the_stage_owns():
             assert all(not _changed(experts[name], model.experts[name]) for name in EXPERTS), "experts are frozen"
             assert all(not _changed(adapters[name], model.adapters[name]) for name in EXPERTS), "adapters too"
             assert _changed(router, model.router) and _changed(decoder, aligner.net["decoder"])
+            assert _changed(coordination, model.coordination), "the coordination matrix trains with the fusion"
         else:
             assert set(losses) == {"loss", "contrastive_loss", "task_loss"}
             scope = STAGES[: STAGES.index(stage) + 1]
@@ -68,6 +70,7 @@ def test_one_step_per_stage_trains_what_the_stage_owns():
                 assert bool(_changed(experts[name], model.experts[name])) == (name in scope), (stage, name)
                 assert bool(_changed(adapters[name], model.adapters[name])) == (name in scope), (stage, name)
             assert not _changed(router, model.router) and not _changed(decoder, aligner.net["decoder"])
+            assert not _changed(coordination, model.coordination)
             batch = aligner.config.batch_size
             for name in EXPERTS:
                 moved = int(aligner.net["contrast"][name].ptr) != queue_ptr[name]

@@ -125,7 +125,7 @@ class ProgressiveAligner:
     def _trainable(self) -> list[nn.Module]:
         model = self.model
         if self.stage == "instruct":
-            return [model.instruction_proj, model.router, model.allocator, self.net["decoder"]]
+            return [*model.fusion_modules(), self.net["decoder"]]
         scope = self.scope()
         modules = [self.net["text"]]
         for name in scope:
