@@ -3,30 +3,19 @@ logits and expert rows, degenerate loss inputs and misuse of the MoCo queue."""
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
 
 from astrea.ops import moe_dispatch, permute, router_topk, weighted_combine
-from tests.utils import running
-
-
-@contextlib.contextmanager
-def _threads(count: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+from tests.utils import running, torch_threads
 
 
 def _assert_same_across_threads(run) -> None:
     """``run()`` (a list of tensors) gives bitwise equal results on 1 and on 2 threads."""
-    with _threads(1):
+    with torch_threads(1):
         single = run()
-    with _threads(2):
+    with torch_threads(2):
         double = run()
     for i, (a, b) in enumerate(zip(single, double)):
         assert a.dtype == b.dtype and a.shape == b.shape, f"output {i}"

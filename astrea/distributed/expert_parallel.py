@@ -34,6 +34,7 @@ from torch import nn
 
 from astrea import ops
 from astrea.nn import GroupedExperts, SparseMoE
+from astrea.nn.moe import route_tokens
 
 CHECKPOINT_FORMAT = "astrea-expert-parallel-1"
 
@@ -196,11 +197,8 @@ class ExpertParallelMoE(nn.Module):
         return self.ep_rank * self.experts.num_experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = x.reshape(-1, x.shape[-1])
-        routing = self.router(tokens)
+        tokens, routing, dispatch, scale = route_tokens(x, self.router, self.allocator, self.num_experts)
         self.aux_loss = getattr(routing, "aux_loss", None)
-        dispatch = ops.moe_dispatch(routing.indices, self.num_experts)
-        scale = self.allocator.scale if self.allocator is not None else None
         if self.ep_size == 1:
             return self.experts(tokens, dispatch, routing.weights, scale).reshape(x.shape)
         local_experts = self.experts.num_experts

@@ -4,6 +4,7 @@ experts on the dispatch / permute / weighted-combine ops."""
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -55,6 +56,23 @@ class GroupedExperts(nn.Module):
                 f"activation={self.activation!r}, gated={self.gated}")
 
 
+class RoutedTokens(NamedTuple):
+    """The first steps of a MoE layer on ``x [..., H]``: its tokens ``[N, H]``, the router's
+    output, their dispatch and the allocator's per-expert scale (None without allocator)."""
+
+    tokens: torch.Tensor
+    routing: ops.RouterOutput
+    dispatch: ops.Dispatch
+    scale: torch.Tensor | None
+
+
+def route_tokens(x: torch.Tensor, router: nn.Module, allocator: nn.Module | None, num_experts: int) -> RoutedTokens:
+    tokens = x.reshape(-1, x.shape[-1])
+    routing = router(tokens)
+    dispatch = ops.moe_dispatch(routing.indices, num_experts)
+    return RoutedTokens(tokens, routing, dispatch, allocator.scale if allocator is not None else None)
+
+
 class SparseMoE(nn.Module):
     """Routes each token to k experts and sums their outputs with the routing weights.
 
@@ -95,11 +113,8 @@ class SparseMoE(nn.Module):
         return self.experts.num_experts if isinstance(self.experts, GroupedExperts) else len(self.experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = x.reshape(-1, x.shape[-1])
-        routing = self.router(tokens)
+        tokens, routing, dispatch, scale = route_tokens(x, self.router, self.allocator, self.num_experts)
         self.aux_loss = getattr(routing, "aux_loss", None)
-        dispatch = ops.moe_dispatch(routing.indices, self.num_experts)
-        scale = self.allocator.scale if self.allocator is not None else None
         if isinstance(self.experts, GroupedExperts):
             return self.experts(tokens, dispatch, routing.weights, scale).reshape(x.shape)
         permuted = ops.permute(tokens, dispatch)
