@@ -79,13 +79,13 @@ def _expert_choice(generator, rows, top_k, experts):
 
 def _router_make(size, generator):
     inputs = {"logits": _tie_free_logits(generator, size["N"], size["E"])}
-    if size["scoring"] == "sigmoid":
+    if size["scoring"] == "sigmoid" or size.get("options"):
         inputs["bias"] = _normal(generator, size["E"]) / 64
     return inputs
 
 
 def _router_call(size, logits, bias=None):
-    out = ops.router_topk(logits, size["k"], scoring=size["scoring"], bias=bias)
+    out = ops.router_topk(logits, size["k"], scoring=size["scoring"], bias=bias, **size.get("options", {}))
     return {"weights": out.weights, "indices": out.indices, "counts": out.counts, "prob_sums": out.prob_sums,
             "lse": out.lse, "balancing_loss": ops.load_balancing_loss(out), "z_loss": ops.router_z_loss(out)}
 
@@ -158,9 +158,17 @@ def _router_sizes(scoring):
             "bench": dict(N=65536, E=64, k=8, scoring=scoring)}
 
 
+# DeepSeek-V3's router: sigmoid scores, a selection bias, the top 4 of 8 groups ranked by their
+# top-2 sums, k = 8, renormalised and scaled.
+_GROUPED = dict(scoring="sigmoid", options=dict(num_groups=8, topk_groups=4, scaling_factor=2.5))
+GROUPED_ROUTER_SIZES = {"tiny": dict(N=5, E=16, k=4, **_GROUPED), "small": dict(N=37, E=160, k=8, **_GROUPED),
+                        "bench": dict(N=65536, E=256, k=8, **_GROUPED)}
+
+
 CASES = (
     Case("router_topk softmax", _router_make, _router_call, _router_sizes("softmax"), ("logits",)),
     Case("router_topk sigmoid+bias", _router_make, _router_call, _router_sizes("sigmoid"), ("logits",)),
+    Case("router_topk grouped (DeepSeek-V3)", _router_make, _router_call, GROUPED_ROUTER_SIZES, ("logits",)),
     Case("moe_dispatch, permute, weighted_combine, combine_residual (sparse)", _routed_make, _routed_call,
          {"tiny": dict(N=5, k=2, E=3, D=9), "small": dict(N=37, k=3, E=7, D=200),
           "bench": dict(N=65536, k=8, E=64, D=2048)}, ("x", "expert_out", "weights", "expert_scale")),
