@@ -9,7 +9,7 @@ from astrea import reference
 from astrea.nn import RouterResult, TopKRouter
 from astrea.ops import RouterOutput, load_balancing_loss, router_topk, router_z_loss
 from astrea.ops.router import GROUP_SCORES
-from tests.utils import CHOICE_OF, IMPLEMENTATIONS, assert_close, running, strided
+from tests.utils import CHOICE_OF, IMPLEMENTATIONS, assert_close, assert_within_torch_error, running, strided
 
 # (N, E, k, scoring, renormalize): together every N in {0, 1, 17, 1000}, E in
 # {1, 3, 7, 60, 129, 512} and k in {1, 2, 6, E}, a few programs each under the interpreter.
@@ -29,18 +29,23 @@ GRAD_MODES = [(s, r) for s in ("softmax", "sigmoid") for r in (True, False)]
 OPS_UNDER_TEST = ("router_topk",)
 
 
-def _compare(actual, expected, what: str, atol: float = 1e-5, rtol: float = 1e-5) -> None:
-    """Outputs of router_topk against the reference: indices and counts exactly."""
+def _compare(actual, logits: torch.Tensor, k: int, what: str, **options) -> None:
+    """router_topk's outputs on ``logits`` against the reference's: indices and counts exactly as
+    the fp32 reference chooses; weights, lse and prob_sums within 4x the fp32 reference's own
+    error against the float64 reference (flash-attention's rule), weights on the rows where
+    float64 chooses the same experts (a near-tie may order them otherwise)."""
     weights, indices, counts, prob_sums, lse = actual
     assert weights.dtype == torch.float32 and indices.dtype == torch.int32 and counts.dtype == torch.int32
     assert prob_sums.dtype == torch.float32 and lse.dtype == torch.float32
+    expected = _reference(logits.float(), k, options)
+    truth = _reference(logits.double(), k, {name: value.double() if isinstance(value, torch.Tensor) else value
+                                            for name, value in options.items()})
     assert torch.equal(indices, expected[1]), f"{what}: indices differ"
     assert torch.equal(counts, expected[2]), f"{what}: counts differ"
-    assert_close(weights, expected[0], atol=atol, rtol=rtol, what=f"{what} weights")
-    assert_close(lse, expected[4].float(), atol=atol, rtol=rtol, what=f"{what} lse")
-    # A sum over N rows: its rounding error grows with N.
-    assert_close(prob_sums, expected[3].float(), atol=atol * max(1, weights.shape[0]) ** 0.5, rtol=rtol,
-                 what=f"{what} prob_sums")
+    same = (truth[1] == expected[1]).all(1)
+    assert_within_torch_error(weights[same], truth[0][same], expected[0][same], what=f"{what} weights")
+    assert_within_torch_error(lse, truth[4], expected[4], what=f"{what} lse")
+    assert_within_torch_error(prob_sums, truth[3], expected[3], what=f"{what} prob_sums")
 
 
 def _loss_weights(n: int, e: int, k: int):
@@ -61,7 +66,7 @@ def test_kernel_forward_matches_reference(kernel, n, e, k, scoring, renormalize)
     logits = torch.randn(n, e) * 3
     out = router_topk(logits, k, scoring=scoring, renormalize=renormalize)
     assert isinstance(out, RouterOutput)
-    _compare(out, reference.router_topk(logits, k, scoring, renormalize), kernel)
+    _compare(out, logits, k, kernel, scoring=scoring, renormalize=renormalize)
     assert int(out.counts.sum()) == n * k
     if renormalize and n:
         assert_close(out.weights.sum(1), torch.ones(n), what="renormalised row sums")
@@ -73,17 +78,18 @@ def test_low_precision_logits_are_scored_in_fp32(backend, dtype):
     logits = (torch.randn(17, 60) * 3).to(dtype)
     with running(backend, *OPS_UNDER_TEST):
         out = router_topk(logits, 6, scoring="softmax")
-    _compare(out, reference.router_topk(logits.float(), 6), f"{backend} {dtype}")
+    _compare(out, logits.float(), 6, f"{backend} {dtype}")
 
 
 @pytest.mark.parametrize("backend", IMPLEMENTATIONS)
 def test_strided_logits(backend):
     logits = torch.randn(17, 60)
-    expected = reference.router_topk(logits, 6, "sigmoid", True)
     with running(backend, *OPS_UNDER_TEST):
-        _compare(router_topk(strided(logits), 6, scoring="sigmoid"), expected, f"{backend} every other column")
+        _compare(router_topk(strided(logits), 6, scoring="sigmoid"), logits, 6, f"{backend} every other column",
+                 scoring="sigmoid")
         column_major = logits.t().contiguous().t()
-        _compare(router_topk(column_major, 6, scoring="sigmoid"), expected, f"{backend} column-major")
+        _compare(router_topk(column_major, 6, scoring="sigmoid"), logits, 6, f"{backend} column-major",
+                 scoring="sigmoid")
 
 
 def test_empty_batch(kernel):
@@ -126,8 +132,7 @@ def test_bias_changes_selection_not_weights(backend, scoring):
     x = logits.float()
     scores = torch.softmax(x, 1) if scoring == "softmax" else torch.sigmoid(x)
     assert_close(out.weights, scores.gather(1, out.indices.long()), what="weights are the unbiased scores")
-    expected = reference.router_topk(logits, 6, scoring, False, bias)
-    _compare(out, expected, f"{backend} bias")
+    _compare(out, logits, 6, f"{backend} bias", scoring=scoring, renormalize=False, bias=bias)
     assert not torch.equal(out.indices, router_topk(logits, 6, scoring=scoring).indices)
     # A bias towards expert 5 large enough routes every token there first.
     pull = torch.zeros(60)
@@ -318,11 +323,8 @@ def test_routing_modes_match_the_float64_reference(kernel, name, e, k, kwargs):
     kwargs = _mode_kwargs(e, kwargs)
     logits = torch.randn(64, e) * 2
     out = router_topk(logits, k, **kwargs)
-    expected = _reference(logits.double(), k, kwargs)
-    # fp32 against float64: a handful of roundings per weight, scaled by the scaling factor.
     scale = kwargs.get("scaling_factor", 1.0)
-    _compare(out, [t.float() if t.is_floating_point() else t for t in expected], f"{kernel} {name}",
-             atol=1e-6 * scale, rtol=1e-5)
+    _compare(out, logits, k, f"{kernel} {name}", **kwargs)
     assert int(out.counts.sum()) == 64 * k
     if kwargs.get("renormalize", True) or kwargs["scoring"] == "topk_softmax":
         assert_close(out.weights.sum(1), torch.full((64,), scale), what="row sums = scaling_factor")
@@ -398,9 +400,9 @@ def test_routing_modes_with_strided_logits(backend):
             if e != 256:
                 continue
             kwargs = dict(kwargs, bias=bias) if kwargs.get("bias") else kwargs
-            expected = _reference(base, k, kwargs)
-            _compare(router_topk(strided(base), k, **kwargs), expected, f"{backend} {name} strided")
-            _compare(router_topk(base.t().contiguous().t(), k, **kwargs), expected, f"{backend} {name} column-major")
+            _compare(router_topk(strided(base), k, **kwargs), base, k, f"{backend} {name} strided", **kwargs)
+            _compare(router_topk(base.t().contiguous().t(), k, **kwargs), base, k, f"{backend} {name} column-major",
+                     **kwargs)
 
 
 @pytest.mark.parametrize("name, e, k, kwargs", MODE_CASES, ids=MODE_IDS)
@@ -643,6 +645,6 @@ def test_top_k_router_under_bf16_autocast(backend):
         result = router(x)
     assert result.logits.dtype == torch.bfloat16 and result.weights.dtype == torch.float32
     _compare((result.weights, result.indices, result.counts, result.prob_sums, torch.logsumexp(
-        result.logits.float(), 1)), reference.router_topk(result.logits.float(), 6), f"{backend} autocast")
+        result.logits.float(), 1)), result.logits.float(), 6, f"{backend} autocast")
     (result.weights.square().sum() + result.aux_loss + result.z_loss).backward()
     assert router.gate.weight.grad.dtype == torch.float32 and router.gate.weight.grad.isfinite().all()
