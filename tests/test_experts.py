@@ -2,6 +2,8 @@
 float64 reference, with errors judged against PyTorch's own computation in the same dtype. The
 Triton kernels run on CPU tensors under the interpreter: their cases keep few programs."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,7 @@ import astrea
 from astrea import ops, reference
 from astrea.nn import GroupedExperts, SparseMoE, TopKRouter
 from astrea.ops import experts as experts_op
-from tests.utils import CHOICE_OF, assert_close, running, strided
+from tests.utils import CHOICE_OF, assert_within_torch_error, route_float64, running, strided
 
 OPS_UNDER_TEST = ("moe_experts",)
 # The op's implementations: the Triton kernels, torch's grouped GEMMs (what CPU tensors run
@@ -64,15 +66,6 @@ def torch_eager(case, activation="silu", gated=True):
     return out
 
 
-def assert_within_torch_error(actual, expected64, torch_value, what, factor=4.0):
-    """flash-attention's rule: the max error against float64 is at most ``factor`` times
-    PyTorch's own, plus a floor of a few ulps of the result's scale (torch can be exact by luck)."""
-    err = (actual.double() - expected64).abs().max().item()
-    torch_err = (torch_value.double() - expected64).abs().max().item()
-    floor = 8 * torch.finfo(actual.dtype).eps * expected64.abs().max().item()
-    assert err <= factor * torch_err + floor, f"{what}: error {err:.3g}, PyTorch's own {torch_err:.3g}"
-
-
 def _grads(fn, case, grad):
     x, indices, gate_up, down, weights, scale = case
     leaves = [t.detach().clone().requires_grad_() for t in (x, gate_up, down, weights, scale)]
@@ -97,9 +90,9 @@ def test_forward_backward_fp32_against_float64(impl, shape):
     with running(impl, *OPS_UNDER_TEST):
         out, got_grads = _grads(run, case, grad)
     assert out.dtype == torch.float32
-    assert_within_torch_error(out, expected, eager, "out")
+    assert_within_torch_error(out, expected, eager, what="out")
     for name, g, e, t in zip(("x", "gate_up", "down", "weights", "scale"), got_grads, expected_grads, eager_grads):
-        assert_within_torch_error(g, e, t, f"grad {name}")
+        assert_within_torch_error(g, e, t, what=f"grad {name}")
 
 
 @pytest.mark.parametrize("impl", ("triton", "torch"))
@@ -114,9 +107,9 @@ def test_low_precision_against_pytorchs_own_error(impl, dtype, activation, gated
     with running(impl, *OPS_UNDER_TEST):
         out, got_grads = _grads(lambda c: run(c, activation, gated), case, grad)
     assert out.dtype == dtype
-    assert_within_torch_error(out, expected, eager, f"{dtype} out")
+    assert_within_torch_error(out, expected, eager, what=f"{dtype} out")
     for name, g, e, t in zip(("x", "gate_up", "down", "weights", "scale"), got_grads, expected_grads, eager_grads):
-        assert_within_torch_error(g, e, t, f"{dtype} grad {name}")
+        assert_within_torch_error(g, e, t, what=f"{dtype} grad {name}")
 
 
 @pytest.mark.parametrize("impl", ("triton", "torch"))
@@ -129,9 +122,9 @@ def test_every_activation(impl, activation, gated):
     eager, eager_grads = _grads(lambda c: torch_eager(c, activation, gated), case, grad)
     with running(impl, *OPS_UNDER_TEST):
         out, got_grads = _grads(lambda c: run(c, activation, gated), case, grad)
-    assert_within_torch_error(out, expected, eager, f"{activation} out")
+    assert_within_torch_error(out, expected, eager, what=f"{activation} out")
     for g, e, t in zip(got_grads, expected_grads, eager_grads):
-        assert_within_torch_error(g, e, t, f"{activation} grads")
+        assert_within_torch_error(g, e, t, what=f"{activation} grads")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -142,33 +135,35 @@ def test_one_expert_takes_every_token_and_others_none(impl):
     eager, eager_grads = _grads(torch_eager, case, grad)
     with running(impl, *OPS_UNDER_TEST):
         out, got_grads = _grads(run, case, grad)
-    assert_within_torch_error(out, expected, eager, "out")
+    assert_within_torch_error(out, expected, eager, what="out")
     assert not got_grads[1][3:].any() and not got_grads[2][3:].any(), "experts without tokens get zero gradients"
     for g, e, t in zip(got_grads, expected_grads, eager_grads):
-        assert_within_torch_error(g, e, t, "grads")
+        assert_within_torch_error(g, e, t, what="grads")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_strided_x_and_weights(impl):
-    x, indices, gate_up, down, weights, scale = make_case(37, 32, 64, 6, 2)
+    case = make_case(37, 32, 64, 6, 2)
+    x, indices, gate_up, down, weights, scale = case
     grad = torch.randn(37, 32, dtype=torch.float64)
+    expected, expected_grads = _grads(float64_reference, case, grad)
+    eager, eager_grads = _grads(torch_eager, case, grad)
     with running(impl, *OPS_UNDER_TEST):
-        expected, expected_grads = _grads(run, (x, indices, gate_up, down, weights, scale), grad)
         got, got_grads = _grads(run, (strided(x), indices, gate_up, down, strided(weights), scale), grad)
-    assert_close(got, expected, what="strided x")
-    for g, e in zip(got_grads, expected_grads):
-        assert_close(g, e, what="grads of strided x")
+    assert_within_torch_error(got, expected, eager, what="strided x")
+    for g, e, t in zip(got_grads, expected_grads, eager_grads):
+        assert_within_torch_error(g, e, t, what="grads of strided x")
 
 
 def test_weight_stacks_are_taken_in_their_strides_by_the_kernels():
     """transformers' layout as given: a transposed view of the stacks runs without a copy."""
-    x, indices, gate_up, down, weights, scale = make_case(20, 32, 16, 4, 2)
+    case = make_case(20, 32, 16, 4, 2)
+    x, indices, gate_up, down, weights, scale = case
     gate_up_t = gate_up.transpose(1, 2).contiguous().transpose(1, 2)
     down_t = down.transpose(1, 2).contiguous().transpose(1, 2)
     with running("triton", *OPS_UNDER_TEST):
-        expected = run((x, indices, gate_up, down, weights, scale))
         got = run((x, indices, gate_up_t, down_t, weights, scale))
-    assert_close(got, expected, what="transposed weight stacks")
+    assert_within_torch_error(got, float64_reference(case), torch_eager(case), what="transposed weight stacks")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -234,19 +229,31 @@ def test_opcheck(impl):
     assert torch.equal(inference_out, out.detach())
 
 
-def test_sparse_moe_with_grouped_experts_compiles_fullgraph():
-    """No host sync anywhere in the layer: torch.compile(fullgraph=True) takes it whole."""
+def _layer_and_grads(moe, x):
+    x = x.detach().clone().requires_grad_()
+    out = moe(x)
+    return out, torch.autograd.grad(out.square().sum(), [x, *moe.parameters()])
+
+
+def _float64_layer_and_grads(moe, x, monkeypatch):
+    """The layer's float64 oracle: a float64 copy run on the ops' references."""
+    with monkeypatch.context() as patch:
+        route_float64(patch)
+        return _layer_and_grads(copy.deepcopy(moe).double(), x.double())
+
+
+def test_sparse_moe_with_grouped_experts_compiles_fullgraph(monkeypatch):
+    """No host sync anywhere in the layer: torch.compile(fullgraph=True) takes it whole, within
+    4x the eager layer's own fp32 error against float64."""
     torch.manual_seed(0)
     moe = SparseMoE(GroupedExperts(8, 32, 64), TopKRouter(32, 8, 2))
-    x = torch.randn(4, 16, 32, requires_grad=True)
-    expected = moe(x)
-    expected_grads = torch.autograd.grad(expected.square().sum(), [x, *moe.parameters()])
-    compiled = torch.compile(moe, fullgraph=True)
-    out = compiled(x)
-    grads = torch.autograd.grad(out.square().sum(), [x, *moe.parameters()])
-    assert_close(out, expected, what="compiled SparseMoE")
-    for g, e in zip(grads, expected_grads):
-        assert_close(g, e, atol=1e-5, rtol=1e-4, what="compiled grads")
+    x = torch.randn(4, 16, 32)
+    expected, expected_grads = _float64_layer_and_grads(moe, x, monkeypatch)  # copies moe before it runs
+    eager, eager_grads = _layer_and_grads(moe, x)
+    out, grads = _layer_and_grads(torch.compile(moe, fullgraph=True), x)
+    assert_within_torch_error(out, expected, eager, what="compiled SparseMoE")
+    for g, e, t in zip(grads, expected_grads, eager_grads):
+        assert_within_torch_error(g, e, t, what="compiled grads")
 
 
 def test_moe_experts_with_expert_scale_compiles_fullgraph():
@@ -264,7 +271,7 @@ def test_moe_experts_with_expert_scale_compiles_fullgraph():
         assert torch.equal(g, e)
 
 
-def test_grouped_experts_equal_a_module_list_of_the_same_experts():
+def test_grouped_experts_equal_a_module_list_of_the_same_experts(monkeypatch):
     torch.manual_seed(0)
     grouped = GroupedExperts(4, 16, 24, activation="gelu", gated=False)
     listed = torch.nn.ModuleList()
@@ -276,8 +283,9 @@ def test_grouped_experts_equal_a_module_list_of_the_same_experts():
         listed.append(ffn)
     router = TopKRouter(16, 4, 2)
     x = torch.randn(3, 10, 16)
-    assert_close(SparseMoE(grouped, router)(x), SparseMoE(listed, router)(x), atol=1e-5, rtol=1e-5,
-                 what="grouped vs loop")
+    looped = SparseMoE(listed, router)
+    expected, _ = _float64_layer_and_grads(looped, x, monkeypatch)
+    assert_within_torch_error(SparseMoE(grouped, router)(x), expected, looped(x), what="grouped vs loop")
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -336,7 +344,8 @@ def test_triton_slots_of_out_of_range_experts_add_nothing():
     with running("triton", *OPS_UNDER_TEST):
         out = ops.moe_experts(leaves[0], dispatch, gate_up, down, leaves[1], expert_scale=scale)
         out.sum().backward()
-    assert_close(out, expected.float(), what="out with dropped slots")
+    torch_value = reference.moe_experts(x, indices, gate_up, down, kept, "silu", True, scale)
+    assert_within_torch_error(out, expected, torch_value, what="out with dropped slots")
     assert not leaves[1].grad[dropped >= 4].any(), "dropped slots get no weight gradient"
 
 
@@ -353,14 +362,17 @@ def test_kernels_with_the_gpu_tiles(gated):
     args = (x, dispatch.sorted_token_ids, dispatch.inverse_positions, dispatch.expert_offsets, gate_up, down,
             coef_rows, "gelu_tanh", gated)
     grad = torch.randn(120, 48)
+    args64 = tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
     out, pre = experts_forward(*args, interpreter=False)
-    expected, expected_pre = experts_op._forward(*args, True, grouped=False)
-    assert_close(out, expected, what="out")
-    assert_close(pre, expected_pre, what="pre")
+    torch_out, torch_pre = experts_op._forward(*args, True, grouped=False)
+    expected, expected_pre = experts_op._forward(*args64, True, grouped=False)
+    assert_within_torch_error(out, expected, torch_out, what="out")
+    assert_within_torch_error(pre, expected_pre, torch_pre, what="pre")
     got = experts_backward(grad, *args[:7], pre, "gelu_tanh", gated, interpreter=False)
-    for g, e, name in zip(got, experts_op._backward(grad, *args[:7], pre, "gelu_tanh", gated, grouped=False),
-                          ("x", "gate_up", "down", "coef_rows")):
-        assert_close(g, e, what=f"grad {name}")
+    torch_grads = experts_op._backward(grad, *args[:7], torch_pre, "gelu_tanh", gated, grouped=False)
+    expected_grads = experts_op._backward(grad.double(), *args64[:7], expected_pre, "gelu_tanh", gated, grouped=False)
+    for g, e, t, name in zip(got, expected_grads, torch_grads, ("x", "gate_up", "down", "coef_rows")):
+        assert_within_torch_error(g, e, t, what=f"grad {name}")
 
 
 @pytest.mark.parametrize("impl", ("triton", "reference"))
