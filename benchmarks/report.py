@@ -168,9 +168,9 @@ def _device_dir(device: str) -> str:
     return "cpu-" + _slug(device.split("(")[1].split(",")[0]) if device.startswith("CPU") else _slug(device)
 
 
-def _write_benchmarks(json_paths: Sequence[Path], run_dir: Path) -> None:
-    """One benchmarks.json of every run in ``json_paths`` (raw timings dropped) and its report.md."""
-    benchmarks, machine = load(list(json_paths))
+def _write_benchmarks(json_paths: Sequence[Path], benchmarks: list[dict], machine: dict, run_dir: Path) -> None:
+    """One benchmarks.json of the runs in ``json_paths``, already loaded as ``benchmarks`` and
+    ``machine`` (raw timings dropped; the first file's metadata), and its report.md."""
     merged = json.loads(json_paths[0].read_text())
     merged["benchmarks"] = benchmarks
     for bench in benchmarks:
@@ -186,7 +186,7 @@ def store(json_paths: Sequence[Path], results: Path = RESULTS) -> Path:
     device = benchmarks[0]["extra_info"]["device"]
     run_dir = results / _device_dir(device) / f"{str(machine.get('datetime'))[:10]}_{str(machine.get('commit'))[:10]}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_benchmarks(json_paths, run_dir)
+    _write_benchmarks(json_paths, benchmarks, machine, run_dir)
     return run_dir
 
 
@@ -212,7 +212,7 @@ def store_gpu_run(outdir: Path, results: Path = RESULTS) -> Path:
         (run_dir / f"{log.name}.tail").write_text("\n".join(lines) + "\n")
     benchmark_files = sorted((outdir / "bench").glob("*.json"))
     if benchmark_files:
-        _write_benchmarks(benchmark_files, run_dir)
+        _write_benchmarks(benchmark_files, *load(benchmark_files), run_dir)
     return run_dir
 
 
