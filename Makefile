@@ -8,7 +8,7 @@ demo:
 	bash scripts/bootstrap.sh
 	$(VENV)/bin/astrea demo --out runs/demo
 
-# The suite, then its second pass under triton 3.6 / ATEN_CPU_CAPABILITY=avx2 / one thread.
+# The suite, then its second pass under triton 3.6 / every CPU code path capped to AVX2 / one thread.
 test:
 	bash scripts/bootstrap.sh
 	bash scripts/run_tests.sh
@@ -22,7 +22,7 @@ test-compat:
 	bash scripts/bootstrap.sh
 	bash scripts/run_compat_tests.sh
 
-# Every ATEN_CPU_CAPABILITY this host offers x 1 and 2 threads.
+# Every CPU instruction set this host offers (ATen, MKL, oneDNN capped together) x 1 and 2 threads.
 test-matrix:
 	bash scripts/bootstrap.sh
 	bash scripts/run_capability_matrix.sh

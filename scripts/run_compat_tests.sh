@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test suite's second pass: under triton 3.6.0 (the version on the lent GPUs; its
-# interpreter needs numpy < 2.3) with ATEN_CPU_CAPABILITY=avx2 and one torch thread, so
+# interpreter needs numpy < 2.3) with every CPU code path capped to AVX2 (ATen, MKL, oneDNN:
+# scripts/cpu_isa.sh) and one torch thread, so
 # that code needing a newer Triton, and tolerances or determinism that hold only with one
 # CPU code path or thread count, fail here and not on another host.
 #
@@ -20,6 +21,8 @@ fi
 # A torch.compile cache of its own: the main pass's cache holds code for its capability.
 INDUCTOR_CACHE=$(mktemp -d)
 trap 'rm -rf "$INDUCTOR_CACHE"' EXIT
-export PYTHONPATH="$SITE" ATEN_CPU_CAPABILITY=avx2 OMP_NUM_THREADS=1 TORCHINDUCTOR_CACHE_DIR="$INDUCTOR_CACHE"
-echo "compat pass: triton $("$VENV/bin/python" -c 'import triton; print(triton.__version__)'), ATEN_CPU_CAPABILITY=$ATEN_CPU_CAPABILITY, OMP_NUM_THREADS=$OMP_NUM_THREADS"
+source scripts/cpu_isa.sh
+use_cpu_isa avx2
+export PYTHONPATH="$SITE" OMP_NUM_THREADS=1 TORCHINDUCTOR_CACHE_DIR="$INDUCTOR_CACHE"
+echo "compat pass: triton $("$VENV/bin/python" -c 'import triton; print(triton.__version__)'), ATEN_CPU_CAPABILITY=$ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS=$MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA=$ONEDNN_MAX_CPU_ISA, OMP_NUM_THREADS=$OMP_NUM_THREADS"
 "$VENV/bin/python" -m pytest tests -q -ra -p no:cacheprovider "$@"
