@@ -12,6 +12,9 @@ Forward, per row ``x`` (fp32 copy of the logits):
     indices = the k largest keys, NaN ranked lowest (below -inf), equal keys to the lower expert index
     v_j = score[indices_j];  weights = v / sum(v) (renormalize) or v;
           topk_softmax: weights = softmax(x[indices]) over the k chosen logits
+    renormalize with sum(v) < RENORMALIZE_MIN_TOTAL = 2^-64 (scores underflowing to 0):
+          weights = softmax(x[indices]), equal to v / sum(v) to rounding (a softmax score is
+          exp(x - lse); a sigmoid score below 2^-64 is exp(x) (1 - O(2^-64))) and finite
     weights *= scaling_factor
 Rows whose lse is NaN (a NaN or +Inf logit, or every logit -Inf) get NaN weights.
 
@@ -23,6 +26,8 @@ Softmax Jacobian: dx = p * (g - <g, p>); sigmoid: dx = g * s * (1 - s).
 The lse term adds grad_lse * softmax(x) for both scorings (d lse / dx = softmax(x)).
 A scaling factor s multiplies gw by s first. topk_softmax weights softmax(x[indices]) equal
 the renormalised softmax p_j / sum_i p_i, so they take the softmax + renormalise closed form.
+Rows renormalised as softmax(x[indices]) (sum(v) < RENORMALIZE_MIN_TOTAL) take that softmax's
+Jacobian instead: dx_j = w_j (gw_j - sum_i gw_i w_i) on the chosen experts, finite where S = 0.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ import triton.language as tl
 SOFTMAX: tl.constexpr = tl.constexpr(0)
 SIGMOID: tl.constexpr = tl.constexpr(1)
 TOPK_SOFTMAX: tl.constexpr = tl.constexpr(2)
+# Below this sum of the chosen scores, renormalisation is the softmax over the chosen logits
+# (astrea.reference.router.RENORMALIZE_MIN_TOTAL).
+RENORMALIZE_MIN_TOTAL: tl.constexpr = tl.constexpr(2.0**-64)
 
 
 @triton.jit
@@ -101,6 +109,31 @@ def _group_mask(packed, cols, NUM_GROUPS, TOPK_GROUPS, GROUP_SIZE, GROUP_MAX: tl
         chosen = (BLOCK_G - 1) - (best & 0xFFFFFFFF).to(tl.int32)
         allowed = allowed | (group_of[None, :] == chosen[:, None])
     return allowed
+
+
+@triton.jit
+def _masked_softmax(values, mask, rows_on):
+    """The softmax of each row of ``values`` over its ``mask`` entries, on the rows ``rows_on``;
+    0 elsewhere, without an inf - inf there. A row whose masked values are all -inf gives NaN."""
+    mask = mask & rows_on[:, None]
+    row_max = tl.where(rows_on, tl.max(tl.where(mask, values, float("-inf")), axis=1), 0.0)
+    exps = tl.exp(tl.where(mask, values - row_max[:, None], float("-inf")))
+    return exps / tl.where(rows_on, tl.sum(exps, axis=1), 1.0)[:, None]
+
+
+@triton.jit
+def _renormalize(chosen_scores, chosen_experts, logits_ptr, rows, row_ok, slot_ok, stride_n, stride_e):
+    """The chosen scores divided by their row sum; a row whose sum is below
+    RENORMALIZE_MIN_TOTAL gets the softmax over its chosen logits, read again (k per row) only
+    when a row of the block needs them."""
+    totals = tl.sum(chosen_scores, axis=1)
+    underflow = row_ok & (totals < RENORMALIZE_MIN_TOTAL)
+    weights = chosen_scores / tl.where(underflow, 1.0, totals)[:, None]
+    if tl.max(underflow.to(tl.int32), axis=0) > 0:
+        offsets = rows.to(tl.int64)[:, None] * stride_n + chosen_experts.to(tl.int64) * stride_e
+        chosen_logits = tl.load(logits_ptr + offsets, mask=row_ok[:, None] & slot_ok, other=0.0).to(tl.float32)
+        weights = tl.where(underflow[:, None], _masked_softmax(chosen_logits, slot_ok, underflow), weights)
+    return weights
 
 
 @triton.jit
@@ -175,13 +208,14 @@ def _router_topk_forward_kernel(
             in_slot = slots[None, :] == slot
             chosen_scores = tl.where(in_slot, value[:, None], chosen_scores)
             chosen_experts = tl.where(in_slot, expert[:, None], chosen_experts)
+        slot_ok = (slots < K)[None, :]
         if SCORING == TOPK_SOFTMAX:
-            slot_ok = (slots < K)[None, :]
             chosen_logits = tl.where(slot_ok, chosen_scores, float("-inf"))
             chosen_exps = tl.exp(chosen_logits - tl.max(chosen_logits, axis=1)[:, None])
             chosen_scores = chosen_exps / tl.sum(chosen_exps, axis=1)[:, None]
         elif RENORMALIZE:
-            chosen_scores = chosen_scores / tl.sum(chosen_scores, axis=1)[:, None]
+            chosen_scores = _renormalize(chosen_scores, chosen_experts, logits_ptr, rows, row_ok, slot_ok,
+                                         stride_n, stride_e)
         chosen_scores = tl.where((lse == lse)[:, None], chosen_scores * scaling_factor, float("nan"))
 
         out_offsets = rows.to(tl.int64)[:, None] * K + slots[None, :]
@@ -224,11 +258,18 @@ def _router_topk_backward_kernel(
         hit = cols[None, :] == expert[:, None]
         selected = selected | hit
         grad_selected = tl.where(hit, grad_w[:, None], grad_selected)
+    grad_rescued = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     if RENORMALIZE:
         # Padded rows select nothing: give them a unit total rather than 0/0.
         total = tl.where(row_ok, tl.sum(tl.where(selected, score, 0.0), axis=1), 1.0)
+        underflow = total < RENORMALIZE_MIN_TOTAL
+        if tl.max(underflow.to(tl.int32), axis=0) > 0:  # rows whose weights are softmax(x[indices])
+            rescued = _masked_softmax(x, selected, underflow)
+            grad_rescued = rescued * (grad_selected - tl.sum(grad_selected * rescued, axis=1)[:, None])
+        total = tl.where(underflow, 1.0, total)
         weighted = tl.sum(grad_selected * score, axis=1) / total
-        grad_selected = tl.where(selected, (grad_selected - weighted[:, None]) / total[:, None], 0.0)
+        grad_selected = tl.where(selected & ~underflow[:, None], (grad_selected - weighted[:, None]) / total[:, None],
+                                 0.0)
 
     grad_prob_sums = tl.load(grad_prob_sums_ptr + cols, mask=col_ok, other=0.0)
     grad_score = grad_selected + grad_prob_sums[None, :]
@@ -237,7 +278,7 @@ def _router_topk_backward_kernel(
     else:
         grad_x = grad_score * score * (1.0 - score)
     grad_lse = tl.load(grad_lse_ptr + rows, mask=row_ok, other=0.0)
-    grad_x += grad_lse[:, None] * probs
+    grad_x += grad_lse[:, None] * probs + grad_rescued
 
     out_offsets = rows.to(tl.int64)[:, None] * E + cols[None, :]
     tl.store(grad_logits_ptr + out_offsets, grad_x.to(grad_logits_ptr.dtype.element_ty),

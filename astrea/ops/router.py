@@ -11,6 +11,20 @@ so a NaN bias entry makes its expert rank last too; a group whose score is NaN i
 last. Its scores enter ``prob_sums`` as computed (NaN for softmax). -Inf logits in a row
 with a finite logit are ordinary: probability 0.
 
+Renormalisation where the scores underflow: the renormalised weights ``v_j / sum_i v_i`` of
+the chosen scores ``v`` are finite even where fp32 rounds every ``v`` to 0 (sigmoid scores of
+logits below about -88, or softmax scores of experts that a bias picked far below the row's
+best). Where ``sum_i v_i < 2**-64`` every implementation computes them as the softmax over
+the chosen logits instead, ``exp(l_j - max l) / sum_i exp(l_i - max l)``: the same function
+to rounding, since a softmax score is ``exp(l - lse)`` and a sigmoid score below ``2**-64``
+is ``exp(l) * (1 - O(2**-64))`` (the log-space weights ``exp(logsigmoid(l_j) -
+logsumexp_i logsigmoid(l_i))`` tend to it as ``l -> -inf``). So rows whose chosen logits lie
+at -100 or -1000 get the softmax of those logits, and a backward by that softmax's Jacobian,
+finite. Above the threshold nothing changes. A row whose chosen logits are all -Inf (a bias
+may choose them in a row with finite logits) has no positive score at all: NaN weights, as
+0 / 0 gives. The scaling factor multiplies the renormalised weights in either case; the bias
+only chooses the experts, their unbiased scores are what is renormalised.
+
 Implementations: the Triton kernels (kernels/router.py) on CUDA; on CPU tensors the C++
 kernel of ``astrea._C`` (csrc/cpu/router.cpp), else the reference. The custom ops also take
 float64 logits on CPU (outputs float64 then), so that gradcheck can test the C++ kernel;
@@ -162,7 +176,8 @@ def router_topk(
             gpt-oss, Mixtral's "softmax after top-k"; the weights sum to 1 and
             ``renormalize`` does not apply). ``prob_sums`` and ``lse`` are those of the full
             softmax for ``"topk_softmax"``.
-        renormalize: divide the k chosen scores by their sum, so each row's weights add to 1.
+        renormalize: divide the k chosen scores by their sum, so each row's weights add to 1
+            (finite where the scores underflow: see the module docstring).
         bias: optional ``[E]`` selection bias (aux-loss-free balancing, DeepSeek-V3): it
             changes which experts are chosen, never the weights, and gets no gradient.
         bias_on: where ``bias`` is added: ``"scores"`` (experts ranked by ``score + bias``,

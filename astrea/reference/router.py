@@ -5,6 +5,11 @@ from __future__ import annotations
 import torch
 
 
+# Below this sum the chosen scores are renormalised as a softmax over their logits (see
+# renormalized_weights); the kernels use the same constant.
+RENORMALIZE_MIN_TOTAL = 2.0**-64
+
+
 def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
@@ -68,6 +73,22 @@ def select_experts(key: torch.Tensor, k: int, num_groups: int = 1, topk_groups: 
     return _top_allowed(key, allowed.repeat_interleave(experts // num_groups, dim=1), k)
 
 
+def renormalized_weights(chosen_scores: torch.Tensor, chosen_logits: torch.Tensor) -> torch.Tensor:
+    """The chosen scores [N, k] divided by their row sum S; where S < RENORMALIZE_MIN_TOTAL, the
+    softmax over the chosen logits instead. That is the same function to rounding: a softmax
+    score is exp(x - lse), and a sigmoid score below 2^-64 is exp(x) times 1 - O(2^-64), far
+    under fp64's unit roundoff; but it stays finite where the scores underflow to 0 (sigmoid
+    below about -88 in fp32, or softmax scores of experts a bias picked far below the row's
+    maximum), where S would give 0 / 0. A row whose chosen logits are all -inf has no positive
+    score either way: NaN weights. Differentiable through plain autograd, with no NaN from the
+    branch not taken."""
+    total = chosen_scores.sum(dim=1, keepdim=True)
+    underflow = total < RENORMALIZE_MIN_TOTAL
+    direct = chosen_scores / torch.where(underflow, 1.0, total)
+    rescued = torch.softmax(chosen_logits.masked_fill(~underflow, 0.0), dim=1)
+    return torch.where(underflow, rescued, direct)
+
+
 def router_topk(logits: torch.Tensor, k: int, scoring: str = "softmax", renormalize: bool = True,
                 bias: torch.Tensor | None = None, bias_on: str = "scores", num_groups: int = 1,
                 topk_groups: int = 1, group_score: str = "top2_sum", scaling_factor: float = 1.0):
@@ -84,7 +105,7 @@ def router_topk(logits: torch.Tensor, k: int, scoring: str = "softmax", renormal
     else:
         weights = scores.gather(1, indices)
         if renormalize:
-            weights = weights / weights.sum(dim=1, keepdim=True)
+            weights = renormalized_weights(weights, x.gather(1, indices))
     weights = weights * scaling_factor
     weights = torch.where(torch.isnan(lse)[:, None], float("nan"), weights)
     counts = torch.bincount(indices.flatten(), minlength=x.shape[1]).to(torch.int32)
@@ -95,7 +116,9 @@ def router_topk_backward(logits, indices, lse, grad_weights, grad_prob_sums, gra
                          renormalize: bool, scaling_factor: float = 1.0) -> torch.Tensor:
     """grad_logits (logits' dtype) of :func:`router_topk`, by the closed form the kernel uses.
     topk_softmax weights are the renormalised softmax weights (the same function of the
-    logits), so they take the softmax-renormalised closed form."""
+    logits), so they take the softmax-renormalised closed form. Rows renormalised as a softmax
+    over their chosen logits (:func:`renormalized_weights`) take that softmax's closed form,
+    dx_j = w_j (gw_j - sum_i gw_i w_i) on the chosen experts, in place of the score Jacobian."""
     if scoring == "topk_softmax":
         scoring, renormalize = "softmax", True
     x = logits.to(_compute_dtype(logits))
@@ -104,14 +127,21 @@ def router_topk_backward(logits, indices, lse, grad_weights, grad_prob_sums, gra
     scores = probs if scoring == "softmax" else torch.sigmoid(x)
     indices = indices.long()
     grad_weights = grad_weights.to(x.dtype) * scaling_factor
+    grad_rescued = torch.zeros_like(x)
     if renormalize:
         chosen = scores.gather(1, indices)
         total = chosen.sum(dim=1, keepdim=True)
-        grad_weights = (grad_weights - (grad_weights * chosen).sum(dim=1, keepdim=True) / total) / total
+        underflow = total < RENORMALIZE_MIN_TOTAL
+        total = torch.where(underflow, 1.0, total)
+        rescued = renormalized_weights(chosen, x.gather(1, indices))
+        grad_rescued.scatter_(1, indices, torch.where(
+            underflow, rescued * (grad_weights - (grad_weights * rescued).sum(dim=1, keepdim=True)), 0.0))
+        grad_weights = torch.where(
+            underflow, 0.0, (grad_weights - (grad_weights * chosen).sum(dim=1, keepdim=True) / total) / total)
     grad_scores = torch.zeros_like(x).scatter(1, indices, grad_weights) + grad_prob_sums.to(x.dtype)
     if scoring == "softmax":
         grad_x = probs * (grad_scores - (grad_scores * probs).sum(dim=1, keepdim=True))
     else:
         grad_x = grad_scores * scores * (1 - scores)
-    grad_x = grad_x + grad_lse.to(x.dtype)[:, None] * probs
+    grad_x = grad_x + grad_lse.to(x.dtype)[:, None] * probs + grad_rescued
     return grad_x.to(logits.dtype)

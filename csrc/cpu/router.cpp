@@ -101,6 +101,20 @@ constexpr int64_t kRowsPerBlock = 256;
 // over the tile), with the tiles of one thread staying in its L2.
 constexpr int64_t kTileElements = 8192;
 
+// Below this sum of the chosen scores, renormalisation is the softmax over the chosen logits:
+// the same weights to rounding, finite where the scores underflow to 0 (kernels/router.py).
+constexpr double kRenormalizeMinTotal = 0x1p-64;
+
+// weights[slot] = softmax over the slots of x[chosen[slot]]; NaN when every one is -inf.
+template <typename acc_t>
+void softmax_of_chosen(const acc_t* x, const int32_t* chosen, int64_t k, acc_t* weights) {
+  acc_t top = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t slot = 0; slot < k; ++slot) top = std::max(top, x[chosen[slot]]);
+  acc_t total = 0;
+  for (int64_t slot = 0; slot < k; ++slot) total += weights[slot] = std::exp(x[chosen[slot]] - top);
+  for (int64_t slot = 0; slot < k; ++slot) weights[slot] /= total;
+}
+
 bool is_softmax(std::string_view scoring) { return scoring == "softmax"; }
 
 int64_t num_row_blocks(int64_t rows) { return (rows + kRowsPerBlock - 1) / kRowsPerBlock; }
@@ -344,20 +358,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
             int32_t* chosen = indices_data + row * k;
             acc_t* row_weights = weights_data + row * k;
             top_k(key, experts, k, best_keys, chosen, grouped ? allowed.data() : nullptr);
-            const acc_t* values = topk_softmax ? x_row : score;
-            acc_t top = -std::numeric_limits<acc_t>::infinity();
+            acc_t total = 0;
             for (int64_t slot = 0; slot < k; ++slot) {
-              row_weights[slot] = values[chosen[slot]];
-              top = std::max(top, row_weights[slot]);
+              row_weights[slot] = score[chosen[slot]];
+              total += row_weights[slot];
               ++block_counts[chosen[slot]];
             }
-            if (topk_softmax) {
-              for (int64_t slot = 0; slot < k; ++slot) row_weights[slot] = std::exp(row_weights[slot] - top);
+            acc_t scale = static_cast<acc_t>(scaling_factor);
+            if (topk_softmax || (renormalize && total < kRenormalizeMinTotal)) {
+              softmax_of_chosen(x_row, chosen, k, row_weights);
+            } else if (renormalize) {
+              scale /= total;
             }
-            acc_t total = 0;
-            for (int64_t slot = 0; slot < k; ++slot) total += row_weights[slot];
-            const acc_t scale = (renormalize || topk_softmax) ? static_cast<acc_t>(scaling_factor) / total
-                                                              : static_cast<acc_t>(scaling_factor);
             // A non-finite row (NaN lse) gets NaN weights; its indices stay valid.
             const bool finite_row = row_lse == row_lse;
             for (int64_t slot = 0; slot < k; ++slot) {
@@ -412,6 +424,8 @@ at::Tensor router_topk_backward_cpu(const at::Tensor& logits, const at::Tensor& 
       // gradient reaching the scores.
       const Tiles<acc_t> tiles(3, experts, lse.options());
       std::vector<acc_t> grad_score(experts);
+      // The weights and their gradient on the logits in rows renormalised as softmax(x[indices]).
+      std::vector<acc_t> rescued(k), grad_rescued(k);
       for (int64_t tile_index = tile_index_begin; tile_index < tile_index_end; ++tile_index) {
         const int64_t tile_begin = tile_index * tile;
         const int64_t tile_end = std::min(rows, tile_begin + tile);
@@ -420,6 +434,7 @@ at::Tensor router_topk_backward_cpu(const at::Tensor& logits, const at::Tensor& 
         const acc_t* probs = tiles[1];
         for (int64_t row = tile_begin; row < tile_end; ++row) {
           const int64_t offset = (row - tile_begin) * experts;
+          const acc_t* x_row = tiles[0] + offset;
           const acc_t* p = probs + offset;
           const acc_t* score = (softmax ? probs : tiles[2]) + offset;
           const int32_t* chosen = indices_data + row * k;
@@ -440,20 +455,32 @@ at::Tensor router_topk_backward_cpu(const at::Tensor& logits, const at::Tensor& 
             }
             weighted /= total;
           }
-          for (int64_t slot = 0; slot < k; ++slot) {
-            grad_score[chosen[slot]] += (scale * grad_w[slot] - weighted) / total;
-          }
-          const acc_t row_grad_lse = grad_lse_data[row];
-          scalar_t* grad_row = grad_data + row * experts;
-          if (softmax) {
-            const acc_t dot = row_dot(grad_score.data(), p, experts);
-            for (int64_t e = 0; e < experts; ++e) {
-              grad_row[e] = static_cast<scalar_t>(p[e] * (grad_score[e] - dot + row_grad_lse));
+          // Weights renormalised as softmax(x[indices]): dx_j = w_j (gw_j - sum_i gw_i w_i) on
+          // the chosen experts, in place of dv and the score Jacobian.
+          const bool is_rescued = renormalize && total < kRenormalizeMinTotal;
+          if (is_rescued) {
+            softmax_of_chosen(x_row, chosen, k, rescued.data());
+            acc_t rescued_weighted = 0;
+            for (int64_t slot = 0; slot < k; ++slot) rescued_weighted += scale * grad_w[slot] * rescued[slot];
+            for (int64_t slot = 0; slot < k; ++slot) {
+              grad_rescued[slot] = rescued[slot] * (scale * grad_w[slot] - rescued_weighted);
             }
           } else {
-            for (int64_t e = 0; e < experts; ++e) {
-              grad_row[e] = static_cast<scalar_t>(grad_score[e] * score[e] * (acc_t(1) - score[e]) +
-                                                  row_grad_lse * p[e]);
+            for (int64_t slot = 0; slot < k; ++slot) {
+              grad_score[chosen[slot]] += (scale * grad_w[slot] - weighted) / total;
+            }
+          }
+          const acc_t row_grad_lse = grad_lse_data[row];
+          const acc_t dot = softmax ? row_dot(grad_score.data(), p, experts) : acc_t(0);
+          auto grad_at = [&](int64_t e) {
+            return softmax ? p[e] * (grad_score[e] - dot + row_grad_lse)
+                           : grad_score[e] * score[e] * (acc_t(1) - score[e]) + row_grad_lse * p[e];
+          };
+          scalar_t* grad_row = grad_data + row * experts;
+          for (int64_t e = 0; e < experts; ++e) grad_row[e] = static_cast<scalar_t>(grad_at(e));
+          if (is_rescued) {
+            for (int64_t slot = 0; slot < k; ++slot) {
+              grad_row[chosen[slot]] = static_cast<scalar_t>(grad_at(chosen[slot]) + grad_rescued[slot]);
             }
           }
         }
