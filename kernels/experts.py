@@ -46,7 +46,8 @@ SILU: tl.constexpr = tl.constexpr(0)
 GELU: tl.constexpr = tl.constexpr(1)
 GELU_TANH: tl.constexpr = tl.constexpr(2)
 RELU: tl.constexpr = tl.constexpr(3)
-ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+RELU2: tl.constexpr = tl.constexpr(4)
+ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "relu2": 4}
 
 SQRT_HALF: tl.constexpr = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI: tl.constexpr = tl.constexpr(0.3989422804014327)
@@ -72,6 +73,9 @@ def _activate(z, ACTIVATION: tl.constexpr):
         out = 0.5 * z * (1.0 + tl.math.erf(z * SQRT_HALF))
     elif ACTIVATION == GELU_TANH:
         out = z * tl.sigmoid(_gelu_tanh_inner(z) * 2.0)
+    elif ACTIVATION == RELU2:
+        positive = tl.where(z < 0.0, 0.0, z)
+        out = positive * positive
     else:
         out = tl.where(z < 0.0, 0.0, z)
     return out
@@ -79,7 +83,7 @@ def _activate(z, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def _activate_grad(z, ACTIVATION: tl.constexpr):
-    """d act / d z elementwise (relu: 1 where z > 0, as torch's threshold_backward)."""
+    """d act / d z elementwise (relu: 1 where z > 0, as torch's threshold_backward; relu2: 2 relu(z))."""
     if ACTIVATION == SILU:
         s = tl.sigmoid(z)
         out = s * (1.0 + z * (1.0 - s))
@@ -88,6 +92,8 @@ def _activate_grad(z, ACTIVATION: tl.constexpr):
     elif ACTIVATION == GELU_TANH:
         s = tl.sigmoid(_gelu_tanh_inner(z) * 2.0)
         out = s + z * 2.0 * s * (1.0 - s) * (z * z * (3.0 * GELU_TANH_CUBIC) + 1.0) * SQRT_2_OVER_PI
+    elif ACTIVATION == RELU2:
+        out = tl.where(z > 0.0, 2.0 * z, 0.0)
     else:
         out = tl.where(z > 0.0, 1.0, 0.0)
     return out
@@ -381,12 +387,14 @@ def _slot_sum(slot_rows: torch.Tensor, inverse_positions: torch.Tensor, expert_o
 
 def experts_forward(x: torch.Tensor, sorted_token_ids: torch.Tensor, inverse_positions: torch.Tensor,
                     expert_offsets: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, coef_rows: torch.Tensor,
-                    activation: str, gated: bool, keep_pre: bool = True, interpreter: bool | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    activation: str, gated: bool, keep_pre: bool = True, *, gate_up_bias: torch.Tensor | None = None,
+                    down_bias: torch.Tensor | None = None, interleaved: bool = False, swiglu_alpha: float = 1.702,
+                    swiglu_limit: float = 7.0, interpreter: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out ``[N, H]``, pre-activations ``[N * k, 2I or I]`` in dispatch order, or ``[0, 2I or I]``
     without ``keep_pre``) of the grouped experts: ``out[t] = sum_j c[r] * down[e] @ act(gate_up[e]
     @ x[t])`` with ``r`` the row of slot ``(t, j)`` and ``c = coef_rows`` (fp32). x, gate_up and
     down in any strides. ``interpreter`` (default: whether x is off CUDA) picks the tiles."""
+    _not_yet(gate_up_bias, down_bias, interleaved, activation)
     inverse_positions = inverse_positions.contiguous()
     num_tokens, hidden_size = x.shape
     num_rows = sorted_token_ids.shape[0]
@@ -420,13 +428,18 @@ def experts_forward(x: torch.Tensor, sorted_token_ids: torch.Tensor, inverse_pos
 def experts_backward(grad_out: torch.Tensor, x: torch.Tensor, sorted_token_ids: torch.Tensor,
                      inverse_positions: torch.Tensor, expert_offsets: torch.Tensor, gate_up: torch.Tensor,
                      down: torch.Tensor, coef_rows: torch.Tensor, pre: torch.Tensor, activation: str, gated: bool,
-                     interpreter: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d x, d gate_up, d down, d coef_rows) of :func:`experts_forward`, the activation
-    recomputed from ``pre``; every sum in a fixed order."""
+                     *, gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
+                     interleaved: bool = False, swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
+                     interpreter: bool | None = None) -> tuple[torch.Tensor, ...]:
+    """(d x, d gate_up, d down, d coef_rows, d gate_up_bias, d down_bias) of :func:`experts_forward`,
+    the activation recomputed from ``pre``; every sum in a fixed order. An absent bias gets an
+    empty gradient."""
+    _not_yet(gate_up_bias, down_bias, interleaved, activation)
     grad_gate_up = torch.empty(gate_up.shape, dtype=x.dtype, device=x.device)
     grad_down = torch.empty(down.shape, dtype=x.dtype, device=x.device)
     if sorted_token_ids.shape[0] == 0:
-        return (x.new_zeros(x.shape), grad_gate_up.zero_(), grad_down.zero_(), coef_rows.new_zeros(coef_rows.shape))
+        return (x.new_zeros(x.shape), grad_gate_up.zero_(), grad_down.zero_(), coef_rows.new_zeros(coef_rows.shape),
+                x.new_empty(0), x.new_empty(0))
     if interpreter is None:
         interpreter = x.device.type != "cuda"
     grad_x, grad_coef, grad_pre, hidden = _backward_rows(grad_out, x, sorted_token_ids, inverse_positions,
@@ -436,7 +449,13 @@ def experts_backward(grad_out: torch.Tensor, x: torch.Tensor, sorted_token_ids: 
                        interpreter=interpreter)
     expert_weight_grad(grad_out, hidden, sorted_token_ids, expert_offsets, grad_down, gather_p=True,
                        coef_rows=coef_rows, interpreter=interpreter)
-    return grad_x, grad_gate_up, grad_down, grad_coef
+    return grad_x, grad_gate_up, grad_down, grad_coef, x.new_empty(0), x.new_empty(0)
+
+
+def _not_yet(gate_up_bias, down_bias, interleaved, activation):
+    if gate_up_bias is not None or down_bias is not None or interleaved or activation not in ACTIVATION_CODES:
+        raise NotImplementedError("astrea.kernels.experts: biases, the interleaved layout and clamped_swiglu are not "
+                                  "in the Triton kernels yet; run moe_experts on the torch backend")
 
 
 def _backward_rows(grad_out, x, sorted_token_ids, inverse_positions, expert_offsets, gate_up, down, coef_rows, pre,

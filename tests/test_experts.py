@@ -12,20 +12,26 @@ import astrea
 from astrea import ops, reference
 from astrea.nn import GroupedExperts, SparseMoE, TopKRouter
 from astrea.ops import experts as experts_op
-from tests.utils import CHOICE_OF, assert_within_torch_error, route_float64, running, strided
+from astrea.reference import experts as reference_experts
+from tests.utils import (CHOICE_OF, assert_bitwise_reproducible, assert_within_torch_error, route_float64, running,
+                         strided)
 
 OPS_UNDER_TEST = ("moe_experts",)
 # The op's implementations: the Triton kernels, torch's grouped GEMMs (what CPU tensors run
 # under auto), and the reference (one matmul per expert).
 IMPLS = ("triton", "torch", "reference")
+# Those with biases, the interleaved layout and clamped_swiglu.
+FEATURE_IMPLS = ("torch", "reference")
 
 
 def make_case(num_tokens, hidden, intermediate, num_experts, top_k, dtype=torch.float32, *, gated=True,
-              skew=False, scale=True):
-    """Inputs of one layer: softmax top-k routing, weights of nn.Linear scale."""
+              skew=False, scale=True, biases=(), pre_scale=1.0):
+    """Inputs of one layer: softmax top-k routing, weights of nn.Linear scale (gate_up's times
+    ``pre_scale``, to reach the clamps of clamped_swiglu); ``biases`` names those given
+    (``gate_up``, ``down``), appended to the case as (gate_up_bias, down_bias)."""
     x = torch.randn(num_tokens, hidden).to(dtype)
     rows = 2 * intermediate if gated else intermediate
-    gate_up = (torch.randn(num_experts, rows, hidden) / hidden**0.5).to(dtype)
+    gate_up = (torch.randn(num_experts, rows, hidden) * (pre_scale / hidden**0.5)).to(dtype)
     down = (torch.randn(num_experts, hidden, intermediate) / intermediate**0.5).to(dtype)
     logits = torch.randn(num_tokens, num_experts) * 3
     if skew:  # every token prefers expert 0, and the last experts get none
@@ -33,44 +39,65 @@ def make_case(num_tokens, hidden, intermediate, num_experts, top_k, dtype=torch.
         logits[:, num_experts // 2:] -= 100
     weights, indices = logits.softmax(-1).topk(top_k)
     expert_scale = torch.rand(num_experts) + 0.5 if scale else None
-    return x, indices.to(torch.int32), gate_up, down, weights, expert_scale
+    case = (x, indices.to(torch.int32), gate_up, down, weights, expert_scale)
+    if not biases:
+        return case
+    gate_up_bias = (torch.randn(num_experts, rows) * pre_scale).to(dtype) if "gate_up" in biases else None
+    down_bias = torch.randn(num_experts, hidden).to(dtype) if "down" in biases else None
+    return (*case, gate_up_bias, down_bias)
 
 
-def run(case, activation="silu", gated=True):
-    x, indices, gate_up, down, weights, scale = case
+def _split(case):
+    """(x, indices, gate_up, down, weights, scale, gate_up_bias, down_bias) of a case with or without biases."""
+    x, indices, gate_up, down, weights, scale, *biases = case
+    return x, indices, gate_up, down, weights, scale, *(biases or (None, None))
+
+
+def run(case, activation="silu", gated=True, **options):
+    x, indices, gate_up, down, weights, scale, gate_up_bias, down_bias = _split(case)
     dispatch = ops.moe_dispatch(indices, gate_up.shape[0])
-    return ops.moe_experts(x, dispatch, gate_up, down, weights, activation=activation, gated=gated, expert_scale=scale)
+    return ops.moe_experts(x, dispatch, gate_up, down, weights, activation=activation, gated=gated, expert_scale=scale,
+                           gate_up_bias=gate_up_bias, down_bias=down_bias, **options)
 
 
-def float64_reference(case, activation="silu", gated=True):
-    x, indices, gate_up, down, weights, scale = case
+def _double(t):
+    return None if t is None else t.double()
+
+
+def float64_reference(case, activation="silu", gated=True, **options):
+    x, indices, gate_up, down, weights, scale, gate_up_bias, down_bias = _split(case)
     return reference.moe_experts(x.double(), indices, gate_up.double(), down.double(), weights.double(), activation,
-                                 gated, None if scale is None else scale.double())
+                                 gated, _double(scale), gate_up_bias=_double(gate_up_bias),
+                                 down_bias=_double(down_bias), **options)
 
 
-def torch_eager(case, activation="silu", gated=True):
-    """The layer as PyTorch computes it in the inputs' dtype (transformers' eager experts):
-    the error the kernels are judged against."""
-    x, indices, gate_up, down, weights, scale = case
+def torch_eager(case, activation="silu", gated=True, gate_up_layout="concatenated", swiglu_alpha=1.702,
+                swiglu_limit=7.0):
+    """The layer as PyTorch computes it in the inputs' dtype (transformers' eager experts,
+    gpt-oss's among them): the error the kernels are judged against."""
+    x, indices, gate_up, down, weights, scale, gate_up_bias, down_bias = _split(case)
     out = torch.zeros_like(x)
     for e in range(gate_up.shape[0]):
         tokens, slots = (indices == e).nonzero(as_tuple=True)
-        pre = F.linear(x[tokens], gate_up[e])
+        pre = F.linear(x[tokens], gate_up[e], None if gate_up_bias is None else gate_up_bias[e])
         if gated:
-            gate, up = pre.chunk(2, dim=-1)
-            hidden = experts_op.ACTIVATIONS[activation](gate) * up
+            gate, up = reference_experts.split_gate_up(pre, gate_up_layout)
+            hidden = reference_experts.gated_hidden(gate, up, activation, swiglu_alpha, swiglu_limit)
         else:
             hidden = experts_op.ACTIVATIONS[activation](pre)
         coef = weights[tokens, slots] * (scale[e] if scale is not None else 1)
-        out.index_add_(0, tokens, (F.linear(hidden, down[e]) * coef[:, None].to(x.dtype)).to(x.dtype))
+        y = F.linear(hidden, down[e], None if down_bias is None else down_bias[e])
+        out.index_add_(0, tokens, (y * coef[:, None].to(x.dtype)).to(x.dtype))
     return out
 
 
 def _grads(fn, case, grad):
-    x, indices, gate_up, down, weights, scale = case
-    leaves = [t.detach().clone().requires_grad_() for t in (x, gate_up, down, weights, scale)]
-    out = fn((leaves[0], indices, leaves[1], leaves[2], leaves[3], leaves[4]))
-    return out, torch.autograd.grad(out, leaves, grad.to(out.dtype))
+    """fn's output and its gradients in the case's floating tensors that are given, in case order
+    (x, gate_up, down, weights, scale, gate_up_bias, down_bias)."""
+    leaves = tuple(t if t is None or not t.is_floating_point() else t.detach().clone().requires_grad_() for t in case)
+    out = fn(leaves)
+    inputs = [t for t in leaves if t is not None and t.requires_grad]
+    return out, torch.autograd.grad(out, inputs, grad.to(out.dtype))
 
 
 # (N, H, I, E, k): odd and aligned sizes, N = 1, k = 1 and 8, E not a power of two; H = 33
@@ -209,20 +236,35 @@ def test_bitwise_reproducible_across_runs_and_thread_counts(impl):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_opcheck(impl):
-    x, indices, gate_up, down, weights, scale = make_case(20, 32, 16, 4, 2)
+# The options of the registered op after its tensors: activation, gated, interleaved, alpha, limit.
+PLAIN_FFN = ("silu", True, False, 1.702, 7.0)
+GPT_OSS_FFN = ("clamped_swiglu", True, True, 1.702, 0.5)
+
+
+@pytest.mark.parametrize("impl, features", [(impl, "plain") for impl in IMPLS] +
+                         [(impl, "gpt-oss") for impl in FEATURE_IMPLS])
+def test_opcheck(impl, features):
+    """The registered ops as they are (plain) and with biases, the interleaved layout and
+    clamped_swiglu (gpt-oss), on transposed weight views there."""
+    gpt_oss = features == "gpt-oss"
+    x, indices, gate_up, down, weights, scale, gate_up_bias, down_bias = _split(make_case(
+        20, 32, 16, 4, 2, biases=("gate_up", "down") if gpt_oss else ()))
+    if gpt_oss:
+        gate_up, down = (w.transpose(1, 2).contiguous().transpose(1, 2) for w in (gate_up, down))
     dispatch = ops.moe_dispatch(indices, 4)
     coef_rows = torch.rand(40, requires_grad=True)
-    args = (x.requires_grad_(), dispatch.sorted_token_ids, dispatch.inverse_positions, dispatch.expert_offsets,
-            gate_up.requires_grad_(), down.requires_grad_(), coef_rows, "silu", True, True, CHOICE_OF[impl])
+    biases = tuple(None if b is None else b.requires_grad_() for b in (gate_up_bias, down_bias))
+    ffn = GPT_OSS_FFN if gpt_oss else PLAIN_FFN
+    tensors = (x.requires_grad_(), dispatch.sorted_token_ids, dispatch.inverse_positions, dispatch.expert_offsets,
+               gate_up.requires_grad_(), down.requires_grad_(), coef_rows, *biases)
+    args = (*tensors, *ffn, True, CHOICE_OF[impl])
     torch.library.opcheck(torch.ops.astrea.moe_experts.default, args)
     out, pre = torch.ops.astrea.moe_experts(*args)
+    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in tensors]
     torch.library.opcheck(torch.ops.astrea.moe_experts_backward.default,
-                          (torch.randn(20, 32), *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:7]],
-                           pre.detach(), "silu", True, args[-1]))
+                          (torch.randn(20, 32), *detached, pre.detach(), *ffn, CHOICE_OF[impl]))
     # Inference keeps no pre-activation rows, and gives the same output.
-    inference_args = (*[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:-2]], False, args[-1])
+    inference_args = (*detached, *ffn, False, CHOICE_OF[impl])
     torch.library.opcheck(torch.ops.astrea.moe_experts.default, inference_args)
     inference_out, no_pre = torch.ops.astrea.moe_experts(*inference_args)
     assert no_pre.shape == (0, 32)
@@ -363,14 +405,15 @@ def test_kernels_with_the_gpu_tiles(gated):
             coef_rows, "gelu_tanh", gated)
     grad = torch.randn(120, 48)
     args64 = tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    ffn = ("gelu_tanh", gated, False, 1.702, 7.0)
     out, pre = experts_forward(*args, interpreter=False)
-    torch_out, torch_pre = experts_op._forward(*args, True, grouped=False)
-    expected, expected_pre = experts_op._forward(*args64, True, grouped=False)
+    torch_out, torch_pre = experts_op._forward(*args[:7], None, None, *ffn, True, grouped=False)
+    expected, expected_pre = experts_op._forward(*args64[:7], None, None, *ffn, True, grouped=False)
     assert_within_torch_error(out, expected, torch_out, what="out")
     assert_within_torch_error(pre, expected_pre, torch_pre, what="pre")
     got = experts_backward(grad, *args[:7], pre, "gelu_tanh", gated, interpreter=False)
-    torch_grads = experts_op._backward(grad, *args[:7], torch_pre, "gelu_tanh", gated, grouped=False)
-    expected_grads = experts_op._backward(grad.double(), *args64[:7], expected_pre, "gelu_tanh", gated, grouped=False)
+    torch_grads = experts_op._backward(grad, *args[:7], None, None, torch_pre, *ffn, grouped=False)
+    expected_grads = experts_op._backward(grad.double(), *args64[:7], None, None, expected_pre, *ffn, grouped=False)
     for g, e, t, name in zip(got, expected_grads, torch_grads, ("x", "gate_up", "down", "coef_rows")):
         assert_within_torch_error(g, e, t, what=f"grad {name}")
 
@@ -448,3 +491,251 @@ def test_cpu_weight_gradient_kernel_sums_each_experts_rows(dtype):
     torch.library.opcheck(torch.ops.astrea.grouped_weight_grad_cpu.default, (a, b, offsets))
     with pytest.raises(ValueError, match="offsets must ascend"):
         torch.ops.astrea.grouped_weight_grad_cpu(a, b, torch.tensor([0, 90, 80, 200]))
+
+
+# ---- biases, the interleaved layout, clamped_swiglu, relu2, transposed weight views ------------
+
+_CASE_NAMES = ("x", "indices", "gate_up", "down", "weights", "scale", "gate_up_bias", "down_bias")
+BIASES = {"gate_up": ("gate_up",), "down": ("down",), "both": ("gate_up", "down")}
+# Every implementation in fp32; torch's (what CPU tensors run) in every dtype the op takes there.
+FEATURE_DTYPES = [(impl, torch.float32) for impl in FEATURE_IMPLS] + [
+    ("torch", dtype) for dtype in (torch.bfloat16, torch.float16, torch.float64)]
+_dtype_id = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def _ids(value):
+    return _dtype_id.get(value, value) if not isinstance(value, tuple) else "-".join(map(_ids, value))
+
+
+def _check_against_float64(impl, case, what, **options):
+    """Output and every gradient of the op on ``impl`` within 4x PyTorch's own error in the case's
+    dtype against the float64 reference (gradients of 16-bit products judged at that dtype's ulp)."""
+    grad = torch.randn(case[0].shape, dtype=torch.float64)
+    expected, expected_grads = _grads(lambda c: float64_reference(c, **options), case, grad)
+    eager, eager_grads = _grads(lambda c: torch_eager(c, **options), case, grad)
+    with running(impl, *OPS_UNDER_TEST):
+        out, got_grads = _grads(lambda c: run(c, **options), case, grad)
+    dtype = case[0].dtype
+    assert out.dtype == dtype
+    assert_within_torch_error(out, expected, eager, what=f"{what} out")
+    names = [n for n, t in zip(_CASE_NAMES, case) if t is not None and t.is_floating_point()]
+    assert len(names) == len(got_grads)
+    for name, g, e, t in zip(names, got_grads, expected_grads, eager_grads):
+        assert g.dtype == t.dtype and g.shape == t.shape, name
+        assert_within_torch_error(g, e, t, what=f"{what} grad {name}", dtype=dtype)
+
+
+@pytest.mark.parametrize("impl, dtype", FEATURE_DTYPES, ids=_ids)
+@pytest.mark.parametrize("which", sorted(BIASES))
+def test_biases(impl, dtype, which):
+    case = make_case(37, 32, 64, 6, 2, dtype, biases=BIASES[which])
+    _check_against_float64(impl, case, f"{which} bias")
+
+
+@pytest.mark.parametrize("impl", FEATURE_IMPLS)
+def test_biases_without_gating_and_with_relu2(impl):
+    case = make_case(30, 32, 16, 4, 2, gated=False, biases=("gate_up", "down"))
+    _check_against_float64(impl, case, "ungated relu2", activation="relu2", gated=False)
+
+
+@pytest.mark.parametrize("impl, dtype", FEATURE_DTYPES, ids=_ids)
+@pytest.mark.parametrize("biased", [False, True], ids=["no-bias", "biased"])
+def test_interleaved_layout(impl, dtype, biased):
+    case = make_case(37, 32, 64, 6, 2, dtype, biases=("gate_up", "down") if biased else ())
+    _check_against_float64(impl, case, "interleaved", gate_up_layout="interleaved")
+
+
+def test_reference_interleaved_layout_is_the_concatenated_one_with_rows_reordered():
+    """The oracle's layouts agree: gate row i at 2i and up row i at 2i + 1 of gate_up and its bias."""
+    x, indices, gate_up, down, weights, scale, gate_up_bias, down_bias = (
+        _double(t) if t is not None and t.is_floating_point() else t
+        for t in make_case(20, 16, 12, 4, 2, biases=("gate_up", "down")))
+    order = torch.stack([torch.arange(12), torch.arange(12) + 12], dim=1).reshape(-1)  # gate 0, up 0, gate 1, ...
+    for activation in ("silu", "clamped_swiglu"):
+        concatenated = reference.moe_experts(x, indices, gate_up, down, weights, activation, True, scale,
+                                             gate_up_bias=gate_up_bias, down_bias=down_bias, swiglu_limit=0.5)
+        interleaved = reference.moe_experts(x, indices, gate_up[:, order], down, weights, activation, True, scale,
+                                            gate_up_bias=gate_up_bias[:, order], down_bias=down_bias,
+                                            gate_up_layout="interleaved", swiglu_limit=0.5)
+        torch.testing.assert_close(interleaved, concatenated, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_activations_are_transformers():
+    """clamped_swiglu is gpt-oss's GptOssExperts._apply_gate and relu2 transformers' ACT2FN["relu2"],
+    bitwise, on values beyond both clamps."""
+    from types import SimpleNamespace
+
+    from transformers.activations import ACT2FN
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    pre = torch.randn(64, 2 * 24) * 8
+    experts = SimpleNamespace(alpha=1.702, limit=7.0)
+    gate, up = reference_experts.split_gate_up(pre, "interleaved")
+    assert (gate > 7).any() and (up > 7).any() and (up < -7).any()
+    assert torch.equal(reference_experts.clamped_swiglu(gate, up), GptOssExperts._apply_gate(experts, pre))
+    assert torch.equal(experts_op.ACTIVATIONS["relu2"](pre), ACT2FN["relu2"](pre))
+
+
+def _float64_pre(case):
+    """Each routed slot's float64 pre-activations (gate_up @ x + bias)."""
+    x, indices, gate_up, down, weights, scale, gate_up_bias, _ = _split(case)
+    pre = torch.einsum("th,tjrh->tjr", x.double(), gate_up.double()[indices.long()])
+    return pre if gate_up_bias is None else pre + gate_up_bias.double()[indices.long()]
+
+
+@pytest.mark.parametrize("impl, dtype", FEATURE_DTYPES, ids=_ids)
+@pytest.mark.parametrize("layout", experts_op.GATE_UP_LAYOUTS)
+def test_clamped_swiglu_through_both_clamps(impl, dtype, layout):
+    """gpt-oss's gate, alpha and limit set, on pre-activations beyond +-limit in both halves:
+    forward and gradients (zero where a clamp holds) against the float64 reference."""
+    options = dict(activation="clamped_swiglu", gate_up_layout=layout, swiglu_alpha=1.3, swiglu_limit=1.5)
+    case = make_case(37, 32, 64, 6, 2, dtype, biases=("gate_up", "down"), pre_scale=2.0)
+    gate, up = reference_experts.split_gate_up(_float64_pre(case), layout)
+    assert (gate > 1.5).float().mean() > 0.1 and (gate < 1.5).float().mean() > 0.1
+    assert (up > 1.5).float().mean() > 0.1 and (up < -1.5).float().mean() > 0.1
+    _check_against_float64(impl, case, f"clamped_swiglu {layout}", **options)
+
+
+@pytest.mark.parametrize("impl", FEATURE_IMPLS)
+def test_clamped_swiglu_gradient_at_the_clamp_bounds(impl):
+    """Pre-activations exactly at -limit and +limit (one-hot x: each is one weight) pass their
+    gradient, as torch.clamp's derivative does there; beyond them it is zero."""
+    limit = 1.5
+    case = list(make_case(24, 8, 16, 3, 2))
+    case[0] = F.one_hot(torch.arange(24) % 8, 8).float()
+    values = torch.tensor([-2, -1, -0.5, 0.5, 1, 2]) * limit  # exact in fp32
+    case[2] = values[torch.randint(0, 6, case[2].shape)]
+    pre = _float64_pre(case)
+    assert (pre == limit).any() and (pre == -limit).any()
+    _check_against_float64(impl, tuple(case), "clamp bounds", activation="clamped_swiglu", swiglu_limit=limit)
+
+
+GPT_OSS = dict(activation="clamped_swiglu", gate_up_layout="interleaved", swiglu_limit=1.5)
+
+
+@pytest.mark.parametrize("impl", FEATURE_IMPLS)
+def test_transposed_weight_views_run_without_a_weight_copy(impl):
+    """Aria's and gpt-oss's stacks, gate_up_proj [E, H, 2I] and down_proj [E, I, H], passed as
+    their transpose(1, 2) views: forward and backward allocate nothing weight-sized but the two
+    weight gradients (a copy of a stack, or of a gradient into the stack's layout, would be a
+    third), and the stacks get gradients in their own strides."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x, indices, gate_up, down, weights, scale, gate_up_bias, down_bias = make_case(
+        8, 64, 48, 4, 2, biases=("gate_up", "down"), pre_scale=2.0)
+    gate_up_proj = gate_up.transpose(1, 2).contiguous().requires_grad_()
+    down_proj = down.transpose(1, 2).contiguous().requires_grad_()
+    views = (x, indices, gate_up_proj.transpose(1, 2), down_proj.transpose(1, 2), weights, scale, gate_up_bias,
+             down_bias)
+    grad = torch.randn(8, 64)
+    with running(impl, *OPS_UNDER_TEST), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = run(views, **GPT_OSS)
+        out.backward(grad)
+    weight_sized = min(gate_up.numel(), down.numel()) * gate_up.element_size()
+    allocations = sorted(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage >= weight_sized)
+    assert allocations == sorted(t.numel() * t.element_size() for t in (gate_up, down)), allocations
+    assert gate_up_proj.grad.stride() == gate_up_proj.stride() and down_proj.grad.stride() == down_proj.stride()
+    case = (x, indices, gate_up, down, weights, scale, gate_up_bias, down_bias)
+    expected, (_, grad_gate_up, grad_down, *_) = _grads(lambda c: float64_reference(c, **GPT_OSS), case,
+                                                          grad.double())
+    eager, (_, eager_gate_up, eager_down, *_) = _grads(lambda c: torch_eager(c, **GPT_OSS), case, grad)
+    assert_within_torch_error(out, expected, eager, what="out of transposed views")
+    assert_within_torch_error(gate_up_proj.grad, grad_gate_up.transpose(1, 2), eager_gate_up.transpose(1, 2),
+                              what="grad gate_up_proj")
+    assert_within_torch_error(down_proj.grad, grad_down.transpose(1, 2), eager_down.transpose(1, 2),
+                              what="grad down_proj")
+
+
+# (case options, op options) of the new features' float64 gradchecks.
+GRADCHECK_FEATURES = {
+    "gpt-oss": (dict(biases=("gate_up", "down"), pre_scale=2.0), dict(GPT_OSS, swiglu_alpha=1.3)),
+    "gate_up_bias-relu2": (dict(biases=("gate_up",)), dict(activation="relu2")),
+    "down_bias-relu2-ungated": (dict(biases=("down",), gated=False), dict(activation="relu2", gated=False)),
+}
+
+
+@pytest.mark.parametrize("impl", FEATURE_IMPLS)
+@pytest.mark.parametrize("features", sorted(GRADCHECK_FEATURES))
+def test_gradcheck_float64_of_the_new_features(impl, features):
+    case_options, options = GRADCHECK_FEATURES[features]
+    case = make_case(9, 5, 6, 3, 2, torch.float64, **case_options)
+    x, indices, *_ = case
+    dispatch = ops.moe_dispatch(indices, 3)
+    given = [i for i, t in enumerate(case) if t is not None and t.is_floating_point()]
+    leaves = [case[i].double().requires_grad_() for i in given]
+
+    def layer(*tensors):
+        full = list(case)
+        for i, t in zip(given, tensors):
+            full[i] = t
+        _, _, gate_up, down, weights, scale, gate_up_bias, down_bias = full
+        return ops.moe_experts(full[0], dispatch, gate_up, down, weights, expert_scale=scale,
+                               gate_up_bias=gate_up_bias, down_bias=down_bias, **options)
+
+    with running(impl, *OPS_UNDER_TEST):
+        assert torch.autograd.gradcheck(layer, leaves, fast_mode=impl == "triton")
+
+
+def test_moe_experts_with_the_new_features_compiles_fullgraph():
+    """Biases, the interleaved layout, clamped_swiglu and transposed views trace whole, the same bits."""
+    x, indices, gate_up, down, weights, scale, gate_up_bias, down_bias = make_case(
+        24, 32, 16, 4, 2, biases=("gate_up", "down"), pre_scale=2.0)
+    dispatch = ops.moe_dispatch(indices, 4)
+
+    def layer(x, gate_up_proj, down_proj, weights, gate_up_bias, down_bias):
+        return ops.moe_experts(x, dispatch, gate_up_proj.transpose(1, 2), down_proj.transpose(1, 2), weights,
+                               gate_up_bias=gate_up_bias, down_bias=down_bias, **GPT_OSS)
+
+    leaves = [t.requires_grad_() for t in (x, gate_up.transpose(1, 2).contiguous(),
+                                           down.transpose(1, 2).contiguous(), weights, gate_up_bias, down_bias)]
+    expected = torch.autograd.grad(layer(*leaves).sum(), leaves)
+    got = torch.autograd.grad(torch.compile(layer, fullgraph=True, backend="aot_eager")(*leaves).sum(), leaves)
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
+
+
+@pytest.mark.parametrize("impl", FEATURE_IMPLS[:1])
+def test_bias_gradients_bitwise_reproducible_across_runs_and_thread_counts(impl):
+    """The bias gradients sum each expert's rows in one order: two runs on 2 threads and one on 1
+    give the same bits (E = 8, a skewed histogram, 512 tokens)."""
+    case = make_case(512, 64, 32, 8, 2, skew=True, biases=("gate_up", "down"))
+    grad = torch.randn(512, 64)
+
+    def biased_grads():
+        with running(impl, *OPS_UNDER_TEST):
+            out, grads = _grads(lambda c: run(c, **GPT_OSS), case, grad)
+        return {"out": out, "grad gate_up_bias": grads[-2], "grad down_bias": grads[-1]}
+
+    assert_bitwise_reproducible(biased_grads)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(activation="clamped_swiglu", gated=False), ValueError,
+     "moe_experts: activation 'clamped_swiglu' gates the up half, so it needs gated=True"),
+    (dict(gate_up_layout="blocked"), ValueError, "moe_experts: gate_up_layout must be one of 'concatenated', "
+                                                 "'interleaved'; got 'blocked'"),
+    (dict(gate_up_layout="interleaved", gated=False), ValueError,
+     "moe_experts: gate_up_layout 'interleaved' places gate and up rows, so it needs gated=True"),
+    (dict(swiglu_alpha="1.7"), TypeError, "moe_experts: swiglu_alpha must be a float, got str"),
+    (dict(swiglu_alpha=float("nan")), ValueError, "moe_experts: swiglu_alpha must be a finite number; got nan"),
+    (dict(swiglu_limit=0.0), ValueError, "moe_experts: swiglu_limit must be a positive finite number; got 0.0"),
+    (dict(gate_up_bias=torch.randn(32)), ValueError, r"moe_experts: gate_up_bias must be 2-D; got shape \(32,\)"),
+    (dict(gate_up_bias=torch.randn(5, 32)), ValueError, r"moe_experts: gate_up_bias.shape\[0\] must equal the number "
+                                                        "of experts E of dispatch = 4"),
+    (dict(gate_up_bias=torch.randn(4, 16)), ValueError, r"moe_experts: gate_up_bias.shape\[1\] must equal "
+                                                        r"gate_up.shape\[1\] \(2 \* I gated, I ungated\) = 32"),
+    (dict(gate_up_bias=torch.randn(4, 32).double()), TypeError, "moe_experts: gate_up_bias must have x's dtype "
+                                                                "torch.float32; got torch.float64"),
+    (dict(gate_up_bias=torch.ones(4, 32, dtype=torch.int32)), TypeError, "moe_experts: gate_up_bias must have dtype"),
+    (dict(down_bias=torch.randn(4, 16)), ValueError, r"moe_experts: down_bias.shape\[1\] must equal the hidden size "
+                                                     r"H = x.shape\[1\] = 32"),
+    (dict(down_bias=torch.randn(4, 32).half()), TypeError, "moe_experts: down_bias must have x's dtype"),
+    (dict(down_bias=torch.randn(4, 32, device="meta")), ValueError,
+     "moe_experts: all tensors must be on one device; got .*down_bias on meta"),
+])
+def test_bad_new_arguments_raise_naming_the_argument(kwargs, error, match):
+    x, indices, gate_up, down, weights, _ = make_case(20, 32, 16, 4, 2)
+    args = dict(x=x, dispatch=ops.moe_dispatch(indices, 4), gate_up=gate_up, down=down, weights=weights)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        ops.moe_experts(**args)
