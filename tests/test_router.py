@@ -9,7 +9,8 @@ from astrea import reference
 from astrea.nn import RouterResult, TopKRouter
 from astrea.ops import RouterOutput, load_balancing_loss, router_topk, router_z_loss
 from astrea.ops.router import GROUP_SCORES
-from tests.utils import CHOICE_OF, IMPLEMENTATIONS, assert_close, assert_within_torch_error, running, strided
+from tests.utils import (CHOICE_OF, IMPLEMENTATIONS, UNIT_ROUNDOFF, accumulation_bound, assert_within,
+                         assert_within_torch_error, running, strided)
 
 # (N, E, k, scoring, renormalize): together every N in {0, 1, 17, 1000}, E in
 # {1, 3, 7, 60, 129, 512} and k in {1, 2, 6, E}, a few programs each under the interpreter.
@@ -48,6 +49,44 @@ def _compare(actual, logits: torch.Tensor, k: int, what: str, **options) -> None
     assert_within_torch_error(prob_sums, truth[3], expected[3], what=f"{what} prob_sums")
 
 
+def _assert_row_sums(weights: torch.Tensor, scale: float, what: str) -> None:
+    """Renormalised weights add to ``scale`` per row, within the rounding of their computation:
+    v_j / S with S the fp32 sum of the same k values v_j, so sum_j v_j / S = 1 up to the k - 1
+    roundings of S; one rounding in each division (two for a GPU's fast fp32 division), one in
+    the scaling, and k - 1 in the test's own fp32 sum of the weights: 2k + 2 in all, each of
+    at most u times the sum of |terms| (= scale)."""
+    k = weights.shape[1]
+    expected = torch.full((weights.shape[0],), float(scale), dtype=torch.float64)
+    assert_within(weights.sum(1), expected, accumulation_bound(expected.abs(), 2 * k + 2, expected, torch.float32),
+                  what=what)
+
+
+def _check_grad(grad: torch.Tensor, logits: torch.Tensor, k: int, options: dict, loss_of, what: str) -> None:
+    """``grad``, a kernel's d loss_of(router_topk(logits)) / d logits, against the float64
+    reference's autograd, within 4x the error of PyTorch's own computation of what the kernels
+    compute: their closed form (reference.router_topk_backward) in fp32, fed the gradients that
+    ``loss_of`` sends into the fp32 reference's outputs (flash-attention's rule; autograd
+    through the fp32 forward is another formula, cancelling differently where a softmax
+    saturates). Rows where float64 chooses other experts (near-ties of fp32 keys) are left out,
+    so a ``loss_of`` that couples rows through the counts needs the same choice everywhere."""
+    x64 = logits.detach().double().requires_grad_()
+    truth = RouterOutput(*_reference(x64, k, {name: value.double() if isinstance(value, torch.Tensor) else value
+                                              for name, value in options.items()}))
+    grad64 = torch.autograd.grad(loss_of(truth), x64)[0]
+    own = RouterOutput(*_reference(logits.detach(), k, options))
+    # The fp32 outputs as leaves: the gradients loss_of sends into each (the reference computes
+    # its softmax scores from lse, so autograd through it would fold those paths into lse's).
+    leaves = [t.detach().requires_grad_() for t in (own.weights, own.prob_sums, own.lse)]
+    upstream = torch.autograd.grad(loss_of(own._replace(weights=leaves[0], prob_sums=leaves[1], lse=leaves[2])),
+                                   leaves, allow_unused=True, materialize_grads=True)
+    options = dict(scoring="softmax", renormalize=True, scaling_factor=1.0) | options
+    torch_grad = reference.router_topk_backward(logits.detach(), own.indices, own.lse, *upstream,
+                                                options["scoring"], options["renormalize"],
+                                                options["scaling_factor"])
+    same = (truth.indices == own.indices).all(1)
+    assert_within_torch_error(grad[same], grad64[same], torch_grad[same], what=what)
+
+
 def _loss_weights(n: int, e: int, k: int):
     return torch.randn(n, k), torch.randn(e), torch.randn(n)
 
@@ -69,7 +108,7 @@ def test_kernel_forward_matches_reference(kernel, n, e, k, scoring, renormalize)
     _compare(out, logits, k, kernel, scoring=scoring, renormalize=renormalize)
     assert int(out.counts.sum()) == n * k
     if renormalize and n:
-        assert_close(out.weights.sum(1), torch.ones(n), what="renormalised row sums")
+        _assert_row_sums(out.weights, 1.0, "renormalised row sums")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -129,9 +168,13 @@ def test_bias_changes_selection_not_weights(backend, scoring):
     bias = torch.randint(0, 4, (60,)).float() * 2
     with running(backend, *OPS_UNDER_TEST):
         out = router_topk(logits, 6, scoring=scoring, renormalize=False, bias=bias)
-    x = logits.float()
-    scores = torch.softmax(x, 1) if scoring == "softmax" else torch.sigmoid(x)
-    assert_close(out.weights, scores.gather(1, out.indices.long()), what="weights are the unbiased scores")
+    def scores_of(x):
+        return torch.softmax(x, 1) if scoring == "softmax" else torch.sigmoid(x)
+
+    scores, scores64 = scores_of(logits.float()), scores_of(logits.double())
+    chosen = out.indices.long()
+    assert_within_torch_error(out.weights, scores64.gather(1, chosen), scores.gather(1, chosen),
+                              what="weights are the unbiased scores")
     _compare(out, logits, 6, f"{backend} bias", scoring=scoring, renormalize=False, bias=bias)
     assert not torch.equal(out.indices, router_topk(logits, 6, scoring=scoring).indices)
     # A bias towards expert 5 large enough routes every token there first.
@@ -140,7 +183,7 @@ def test_bias_changes_selection_not_weights(backend, scoring):
     with running(backend, *OPS_UNDER_TEST):
         pulled = router_topk(logits, 2, scoring=scoring, renormalize=False, bias=pull)
     assert (pulled.indices[:, 0] == 5).all()
-    assert_close(pulled.weights[:, 0], scores[:, 5], what="pulled weight")
+    assert_within_torch_error(pulled.weights[:, 0], scores64[:, 5], scores[:, 5], what="pulled weight")
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
@@ -179,11 +222,19 @@ def test_forward_is_deterministic_across_program_counts(kernels, monkeypatch):
     again = router_topk(logits, 6)
     for a, b in zip(first, again):
         assert torch.equal(a, b)
-    # Fewer programs than row blocks: each program loops over several blocks.
+    # Fewer programs than row blocks: each program loops over several blocks. A row's outputs
+    # do not depend on which program scores it: bitwise equal. prob_sums adds the same 1000
+    # scores in other groupings: each order within 999 roundings of the sum (the scores are
+    # positive, so their sum is the sum of |terms|), the two within twice that.
     monkeypatch.setattr(router_kernels, "MAX_FORWARD_PROGRAMS", 2)
     looped = router_topk(logits, 6)
     for name, a, b in zip(RouterOutput._fields, first, looped):
-        assert_close(a.float(), b.float(), what=f"looped {name}")
+        if name != "prob_sums":
+            assert torch.equal(a, b), f"looped {name}"
+    sums64 = torch.softmax(logits.double(), 1).sum(0)
+    assert_within(looped.prob_sums, first.prob_sums,
+                  accumulation_bound(sums64, 2 * (logits.shape[0] - 1), torch.zeros_like(sums64), torch.float32),
+                  what="looped prob_sums")
 
 
 def test_cpu_kernel_is_deterministic_across_thread_counts():
@@ -213,9 +264,8 @@ def test_kernel_backward_matches_reference_autograd(kernel, n, e, k, scoring, re
     logits = (torch.randn(n, e) * 2).requires_grad_()
     grads = _loss_weights(n, e, k)
     _surrogate(router_topk(logits, k, scoring=scoring, renormalize=renormalize), *grads).backward()
-    expected_logits = logits.detach().clone().requires_grad_()
-    _surrogate(reference.router_topk(expected_logits, k, scoring, renormalize), *grads).backward()
-    assert_close(logits.grad, expected_logits.grad, atol=2e-5, what="grad_logits")
+    _check_grad(logits.grad, logits, k, dict(scoring=scoring, renormalize=renormalize),
+                lambda out: _surrogate(out, *grads), f"{kernel} grad_logits")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -225,10 +275,8 @@ def test_low_precision_backward(backend, dtype):
     grads = _loss_weights(17, 60, 6)
     with running(backend, *OPS_UNDER_TEST):
         _surrogate(router_topk(logits, 6), *grads).backward()
-    expected_logits = logits.detach().float().requires_grad_()
-    _surrogate(reference.router_topk(expected_logits, 6), *grads).backward()
     assert logits.grad.dtype == dtype
-    assert_close(logits.grad, expected_logits.grad, dtype, what=f"{backend} {dtype} grad_logits")
+    _check_grad(logits.grad, logits, 6, {}, lambda out: _surrogate(out, *grads), f"{backend} {dtype} grad_logits")
 
 
 @pytest.mark.parametrize("backend", IMPLEMENTATIONS)
@@ -239,9 +287,8 @@ def test_backward_with_strided_logits_and_bias(backend):
     grads = _loss_weights(17, 60, 6)
     with running(backend, *OPS_UNDER_TEST):
         _surrogate(router_topk(logits, 6, scoring="sigmoid", bias=bias), *grads).backward()
-    expected_logits = base.clone().requires_grad_()
-    _surrogate(reference.router_topk(expected_logits, 6, "sigmoid", True, bias), *grads).backward()
-    assert_close(logits.grad, expected_logits.grad, what=f"{backend} strided grad_logits")
+    _check_grad(logits.grad, base, 6, dict(scoring="sigmoid", bias=bias), lambda out: _surrogate(out, *grads),
+                f"{backend} strided grad_logits")
 
 
 @pytest.mark.parametrize("scoring, renormalize", GRAD_MODES)
@@ -273,14 +320,22 @@ def test_cpu_kernel_gradcheck_float64(scoring, renormalize):
 
 @pytest.mark.parametrize("scoring, renormalize", GRAD_MODES)
 def test_reference_closed_form_backward_matches_autograd(scoring, renormalize):
-    """The derivation written in the kernel, checked in float64 against autograd."""
-    logits = torch.randn(9, 11, dtype=torch.float64, requires_grad=True)
+    """The derivation written in the kernel, checked in float64 against autograd. Both are
+    float64 evaluations, so the bound is the closed form's own rounding: its error in fp32 on
+    the same (fp32) inputs, scaled by the ratio of the unit roundoffs (rounding errors are
+    linear in u to first order), at most 4x that."""
+    logits = torch.randn(9, 11).double().requires_grad_()
     grads = [g.double() for g in _loss_weights(9, 11, 4)]
     out = reference.router_topk(logits, 4, scoring, renormalize)
     _surrogate(out, *grads).backward()
     closed_form = reference.router_topk_backward(logits.detach(), out[1], out[4].detach(), *grads, scoring,
                                                  renormalize)
-    assert_close(closed_form, logits.grad, what="closed-form grad_logits")
+    out32 = reference.router_topk(logits.detach().float(), 4, scoring, renormalize)
+    assert torch.equal(out32[1], out[1])
+    closed_form32 = reference.router_topk_backward(logits.detach().float(), out32[1], out32[4],
+                                                   *(g.float() for g in grads), scoring, renormalize)
+    assert_within_torch_error(closed_form, logits.grad, closed_form32, what="closed-form grad_logits",
+                              factor=4 * UNIT_ROUNDOFF[torch.float64] / UNIT_ROUNDOFF[torch.float32])
 
 
 # ---- routing modes: groups, scaling, softmax after top-k, bias on the logits ------------------
@@ -327,7 +382,7 @@ def test_routing_modes_match_the_float64_reference(kernel, name, e, k, kwargs):
     _compare(out, logits, k, f"{kernel} {name}", **kwargs)
     assert int(out.counts.sum()) == 64 * k
     if kwargs.get("renormalize", True) or kwargs["scoring"] == "topk_softmax":
-        assert_close(out.weights.sum(1), torch.full((64,), scale), what="row sums = scaling_factor")
+        _assert_row_sums(out.weights, scale, "row sums = scaling_factor")
 
 
 def test_grouped_selection_keeps_to_the_best_groups():
@@ -411,10 +466,7 @@ def test_routing_modes_backward_matches_reference_autograd(kernel, name, e, k, k
     logits = (torch.randn(33, e) * 2).requires_grad_()
     grads = _loss_weights(33, e, k)
     _surrogate(router_topk(logits, k, **kwargs), *grads).backward()
-    expected_logits = logits.detach().double().requires_grad_()
-    _surrogate(_reference(expected_logits, k, kwargs), *(g.double() for g in grads)).backward()
-    scale = kwargs.get("scaling_factor", 1.0)
-    assert_close(logits.grad, expected_logits.grad.float(), atol=2e-5 * scale, what=f"{kernel} {name} grad_logits")
+    _check_grad(logits.grad, logits, k, kwargs, lambda out: _surrogate(out, *grads), f"{kernel} {name} grad_logits")
 
 
 @pytest.mark.parametrize("scoring", ["topk_softmax", "sigmoid"])
@@ -453,12 +505,131 @@ def test_torch_compile_fullgraph_grouped():
     bias = torch.randn(256) * 0.5
     weights, indices, loss = torch.compile(step, fullgraph=True)(logits, bias)
     (weights.square().sum() + loss).backward()
-    expected_logits = logits.detach().clone().requires_grad_()
-    expected = step(expected_logits, bias)
-    (expected[0].square().sum() + expected[2]).backward()
-    assert torch.equal(indices, expected[1])
-    assert_close(weights, expected[0], what="compiled weights")
-    assert_close(logits.grad, expected_logits.grad, what="compiled grad_logits")
+    expected = step(logits.detach(), bias)
+    # The compiled graph runs the same kernel on the same logits: the same bits.
+    assert torch.equal(indices, expected[1]) and torch.equal(weights, expected[0])
+    options = dict(scoring="sigmoid", bias=bias, num_groups=8, topk_groups=4, scaling_factor=2.5)
+    _check_grad(logits.grad, logits, 8, options, lambda out: out.weights.square().sum() + load_balancing_loss(out),
+                "compiled grad_logits")
+
+
+# ---- renormalisation where the scores underflow ---------------------------------------------------
+
+# (name, options): sigmoid scores of logits near -100 and -1000 round to 0 in fp32, with or
+# without a bias (on the scores, with a scaling factor; on the logits); softmax scores
+# underflow where a bias on the logits picks experts far below the row's best.
+UNDERFLOW_MODES = [
+    ("sigmoid", dict(scoring="sigmoid")),
+    ("sigmoid-bias-scaled", dict(scoring="sigmoid", bias="scores", scaling_factor=2.5)),
+    ("sigmoid-bias-on-logits", dict(scoring="sigmoid", bias="logits")),
+    ("softmax-bias-on-logits", dict(scoring="softmax", bias="logits")),
+]
+UNDERFLOW_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _underflow_case(options: dict, dtype: torch.dtype):
+    """(logits [10, 8], router_topk's options, the rows whose lse is NaN): rows of logits near -100,
+    near -1000, both, one near -100 among -inf (k = 3 chooses two -inf), one NaN, and ordinary
+    rows between them (a kernel block mixes both kinds). For softmax, expert 0 holds the row's
+    maximum, 0, and a NaN bias keeps it from being chosen (NaN keys rank last); for sigmoid with
+    a bias, expert 0 has the largest, so that row 7 keeps its finite logit."""
+    inf = float("inf")
+    logits = torch.randn(10, 8)
+    logits[0:3] -= 100
+    logits[4:6] = logits[4:6] * 3 - 1000
+    logits[6, ::2] -= 100
+    logits[6, 1::2] = logits[6, 1::2] * 3 - 1000
+    logits[7, 0] -= 100
+    logits[7, 1:] = -inf
+    logits[8, 2] = float("nan")
+    options = dict(options)
+    bias_on = options.pop("bias", None)
+    if options["scoring"] == "softmax":
+        logits[7, 1] = logits[7, 0]
+        logits[[0, 1, 2, 4, 5, 6, 7], 0] = 0.0
+        bias = torch.zeros(8)
+        bias[0] = float("nan")
+    else:
+        bias = torch.randn(8) * 0.5
+        bias[0] = bias.max() + 1
+    if bias_on:
+        options.update(bias=bias, bias_on=bias_on)
+    return logits.to(dtype), options, torch.arange(10) == 8
+
+
+def _log_space_outputs(x: torch.Tensor, indices: torch.Tensor, options: dict):
+    """(weights, prob_sums, lse) by the log-space formula, in x's dtype: the renormalised weights
+    exp(log v_j - logsumexp_i log v_i) of the chosen scores, log v = logsigmoid(x) or log_softmax(x),
+    then scaled."""
+    chosen = indices.long()
+    if options["scoring"] == "sigmoid":
+        log_scores, scores = torch.nn.functional.logsigmoid(x), torch.sigmoid(x)
+    else:
+        log_scores, scores = torch.log_softmax(x, 1), torch.softmax(x, 1)
+    weights = torch.softmax(log_scores.gather(1, chosen), 1) * options.get("scaling_factor", 1.0)
+    return weights, scores.sum(0), torch.logsumexp(x, 1)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # the interpreter's sigmoid
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # its NaN row
+@pytest.mark.parametrize("dtype", UNDERFLOW_DTYPES, ids=str)
+@pytest.mark.parametrize("name, options", UNDERFLOW_MODES, ids=[m[0] for m in UNDERFLOW_MODES])
+@pytest.mark.parametrize("backend", IMPLEMENTATIONS)
+def test_renormalised_weights_where_the_scores_underflow(backend, name, options, dtype):
+    """Finite weights and gradients where every chosen score rounds to 0 in fp32, against the
+    float64 log-space formula on the same chosen experts, within 4x the error of PyTorch's own
+    fp32 computation of that formula (the logits are scored in fp32 whatever their dtype)."""
+    logits, options, nan_rows = _underflow_case(options, dtype)
+    k = 3
+    x = logits.clone().requires_grad_()
+    with running(backend, *OPS_UNDER_TEST):
+        out = router_topk(x, k, **options)
+    assert torch.equal(out.indices, _reference(logits, k, options)[1]), "indices"
+    assert out.weights[nan_rows].isnan().all() and out.lse[nan_rows].isnan().all()
+    rows = ~nan_rows
+    x64 = logits[rows].double().requires_grad_()
+    x32 = logits[rows].float().requires_grad_()
+    truth = _log_space_outputs(x64, out.indices[rows], options)
+    own = _log_space_outputs(x32, out.indices[rows], options)
+    assert own[0].isfinite().all()
+    assert_within_torch_error(out.weights[rows], truth[0], own[0], what=f"{backend} {name} {dtype} weights")
+    _assert_row_sums(out.weights[rows], options.get("scaling_factor", 1.0), f"{backend} {name} {dtype} row sums")
+
+    # Backward, the NaN row apart: finite and within PyTorch's own error of the log-space formula.
+    grads = _loss_weights(rows.sum().item(), 8, k)
+    weights, _, _, prob_sums, lse = out
+    surrogate = ((weights[rows] * grads[0]).sum() + (prob_sums * grads[1]).sum() + (lse[rows] * grads[2]).sum())
+    grad = torch.autograd.grad(surrogate, x)[0][rows]
+    assert grad.dtype == dtype and grad.isfinite().all(), f"{backend} {name} {dtype} grad_logits"
+
+    def surrogate_of(outputs, prob_sum_grads):
+        return sum((t * g).sum() for t, g in zip(outputs, (grads[0], prob_sum_grads, grads[2])))
+
+    # The NaN row's scores enter prob_sums too (NaN for softmax), so its share of grad_prob_sums
+    # reaches only its own row: the other rows' gradients see the full grad_prob_sums.
+    grad64 = torch.autograd.grad(surrogate_of(truth, grads[1].double()), x64)[0]
+    torch_grad = torch.autograd.grad(surrogate_of(own, grads[1]), x32)[0].to(dtype)
+    assert_within_torch_error(grad, grad64, torch_grad, what=f"{backend} {name} {dtype} grad_logits")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # the interpreter's sigmoid
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # and its 0 / 0
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("backend", IMPLEMENTATIONS)
+def test_renormalising_only_minus_inf_chosen_logits_gives_nan(backend, scoring):
+    """A bias may choose only experts of logit -inf in a finite row: no chosen expert has a
+    positive score, so the renormalised weights are 0 / 0, NaN (the indices stay valid);
+    without renormalisation they are the scores, 0."""
+    inf = float("inf")
+    logits = torch.tensor([[0.0, -inf, -inf, -inf], [0.0, -100.0, -inf, 1.0]])
+    bias = torch.tensor([-10.0, 0.0, 0.0, -10.0])  # on the scores: experts 1 and 2 win
+    with running(backend, *OPS_UNDER_TEST):
+        out = router_topk(logits, 2, scoring=scoring, bias=bias)
+        raw = router_topk(logits, 2, scoring=scoring, renormalize=False, bias=bias)
+    assert torch.equal(out.indices, torch.tensor([[1, 2], [1, 2]], dtype=torch.int32))
+    assert out.weights[0].isnan().all() and out.lse.isfinite().all()
+    assert torch.equal(out.weights[1], torch.tensor([1.0, 0.0])), "softmax of [-100, -inf]"
+    assert torch.equal(raw.weights[0], torch.zeros(2))
 
 
 # ---- losses -------------------------------------------------------------------------------------
@@ -470,24 +641,32 @@ def test_losses_match_their_formulas_and_are_differentiable(backend):
     with running(backend, *OPS_UNDER_TEST):
         out = router_topk(logits, 2)
         aux, z = load_balancing_loss(out), router_z_loss(out)
-    probs = torch.softmax(logits, 1)
     chosen = torch.zeros(7).index_add_(0, out.indices.flatten().long(), torch.ones(34))
-    expected_aux = 7 * ((chosen / 34) * probs.mean(0)).sum()
-    expected_z = torch.logsumexp(logits, 1).square().mean()
-    assert_close(aux, expected_aux, what="aux loss")
-    assert_close(z, expected_z, what="z loss")
+
+    def losses(x):  # the formulas, by PyTorch in x's dtype
+        aux = 7 * ((chosen.to(x.dtype) / 34) * torch.softmax(x, 1).mean(0)).sum()
+        return aux, torch.logsumexp(x, 1).square().mean()
+
+    logits64 = logits.detach().double().requires_grad_()
+    expected_aux, expected_z = losses(logits)
+    aux64, z64 = losses(logits64)
+    assert_within_torch_error(aux, aux64, expected_aux, what="aux loss")
+    assert_within_torch_error(z, z64, expected_z, what="z loss")
     (aux + z).backward()
     expected_grad = torch.autograd.grad(expected_aux + expected_z, logits)[0]
-    assert_close(logits.grad, expected_grad, what="grad of aux + z")
+    assert_within_torch_error(logits.grad, torch.autograd.grad(aux64 + z64, logits64)[0], expected_grad,
+                              what="grad of aux + z")
 
 
 def test_balancing_loss_is_one_when_balanced_and_takes_global_token_count():
+    # Every quantity is a power of two (fractions 2 / (4 * 2), mean scores 1 / 4, their products,
+    # the sum of 4 of them, times E = 4): each fp32 step is exact, and so is the loss.
     out = RouterOutput(weights=torch.full((4, 2), 0.5), indices=torch.zeros(4, 2, dtype=torch.int32),
                        counts=torch.full((4,), 2, dtype=torch.int32), prob_sums=torch.ones(4), lse=torch.zeros(4))
-    assert load_balancing_loss(out).item() == pytest.approx(1.0)
-    # counts and sums all-reduced over 2 ranks of 4 tokens: the same balance.
+    assert load_balancing_loss(out).item() == 1.0
+    # counts and sums all-reduced over 2 ranks of 4 tokens: the same balance, as exactly.
     doubled = out._replace(counts=out.counts * 2, prob_sums=out.prob_sums * 2)
-    assert load_balancing_loss(doubled, num_tokens=8).item() == pytest.approx(1.0)
+    assert load_balancing_loss(doubled, num_tokens=8).item() == 1.0
     with pytest.raises(TypeError, match="load_balancing_loss: out"):
         load_balancing_loss(tuple(out))
 
@@ -527,12 +706,11 @@ def test_torch_compile_fullgraph_cpu():
     compiled = torch.compile(step, fullgraph=True)
     weights, indices, loss = compiled(logits, bias)
     (weights.sum() + loss).backward()
-    expected_logits = logits.detach().clone().requires_grad_()
-    expected = step(expected_logits, bias)
-    (expected[0].sum() + expected[2]).backward()
-    assert torch.equal(indices, expected[1])
-    assert_close(weights, expected[0], what="compiled weights")
-    assert_close(logits.grad, expected_logits.grad, what="compiled grad_logits")
+    expected = step(logits.detach(), bias)
+    # The compiled graph runs the same kernel on the same logits: the same bits.
+    assert torch.equal(indices, expected[1]) and torch.equal(weights, expected[0])
+    _check_grad(logits.grad, logits, 2, dict(scoring="sigmoid", bias=bias),
+                lambda out: out.weights.sum() + load_balancing_loss(out) + router_z_loss(out), "compiled grad_logits")
 
 
 # ---- validation ---------------------------------------------------------------------------------
