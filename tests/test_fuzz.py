@@ -248,6 +248,48 @@ def _check_router_topk(data, impl: str):
                               _torch_router_grad(logits, own, options, surrogate(own)), what="grad logits")
 
 
+@settings(max_examples=EXAMPLES["router_topk"])
+@given(st.data())
+def test_router_topk_renormalising_underflowing_sigmoid_scores(data):
+    _check_underflowing_router_topk(data, "cpu")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # the interpreter's sigmoid
+@settings(max_examples=TRITON_EXAMPLES["router_topk"])
+@given(st.data())
+def test_router_topk_triton_renormalising_underflowing_sigmoid_scores(data):
+    _check_underflowing_router_topk(data, "triton")
+
+
+def _check_underflowing_router_topk(data, impl: str):
+    """Renormalised sigmoid scores that underflow: the draws of test_router_topk (bias, groups,
+    scaling, dtypes, layouts) as renormalised sigmoid routing, shifted down by 100 or 1000, so
+    that most or all chosen scores round to 0 in fp32. Weights and gradients stay finite and
+    within 4x PyTorch's own error against the float64 reference (which renormalises the same way
+    where its own scores are that small), as everywhere else."""
+    logits, k, options = _draw_router_case(data, impl)
+    options = {**options, "scoring": "sigmoid", "renormalize": True}
+    shift = data.draw(st.sampled_from([100.0, 1000.0]), label="shift")
+    logits = _layout((logits.float() - shift).to(logits.dtype), data.draw(LAYOUTS, label="shifted layout"))
+    (out, x), (oracle, x64), (own, x32) = _route(logits, k, options, impl)
+    assert torch.equal(out.indices, oracle.indices), "indices"
+    assert torch.equal(out.counts, oracle.counts), "counts"
+    assert out.weights.isfinite().all(), "weights"
+    for name in ("weights", "lse"):
+        assert_within_torch_error(getattr(out, name), getattr(oracle, name), getattr(own, name), what=name)
+    n, e = logits.shape
+    gen = _generator(data)
+    upstream = [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in ((n, k), (e,), (n,))]
+
+    def surrogate(result):
+        return sum((t * u.to(t.dtype)).sum() for t, u in zip((result.weights, result.prob_sums, result.lse), upstream))
+
+    grad = torch.autograd.grad(surrogate(out), x)[0]
+    assert grad.isfinite().all(), "grad logits"
+    assert_within_torch_error(grad, torch.autograd.grad(surrogate(oracle), x64)[0],
+                              _torch_router_grad(logits, own, options, surrogate(own)), what="grad logits")
+
+
 def _balancing(result: ops.RouterOutput, num_tokens) -> torch.Tensor:
     """The Switch loss of the reference's outputs, by its definition (load_balancing_loss's docstring)."""
     tokens = result.lse.shape[0] if num_tokens is None else num_tokens
