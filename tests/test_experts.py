@@ -21,7 +21,7 @@ OPS_UNDER_TEST = ("moe_experts",)
 # under auto), and the reference (one matmul per expert).
 IMPLS = ("triton", "torch", "reference")
 # Those with biases, the interleaved layout and clamped_swiglu.
-FEATURE_IMPLS = ("torch", "reference")
+FEATURE_IMPLS = ("triton", "torch", "reference")
 
 
 def make_case(num_tokens, hidden, intermediate, num_experts, top_k, dtype=torch.float32, *, gated=True,
@@ -391,30 +391,45 @@ def test_triton_slots_of_out_of_range_experts_add_nothing():
     assert not leaves[1].grad[dropped >= 4].any(), "dropped slots get no weight gradient"
 
 
-@pytest.mark.parametrize("gated", [True, False])
-def test_kernels_with_the_gpu_tiles(gated):
+@pytest.mark.parametrize("features", ["gated", "ungated", "gpt-oss"])
+def test_kernels_with_the_gpu_tiles(features):
     """The tiles CUDA tensors get (narrowed column tiles, 16-deep fp32 steps, several K steps
-    and row tiles per expert), run in fp32 under the interpreter, against the torch steps."""
+    and row tiles per expert), run in fp32 under the interpreter, against the torch steps;
+    gpt-oss's experts (biases, interleaved rows, clamped_swiglu, transposed stacks) at a width
+    (H = 144 = 2I) that takes two column blocks of the bias gradients' row sums."""
     from astrea.kernels.experts import experts_backward, experts_forward
 
-    x, indices, gate_up, down, weights, _ = make_case(120, 48, 40, 3, 2, gated=gated)
+    gpt_oss = features == "gpt-oss"
+    gated = features != "ungated"
+    hidden, intermediate = (144, 72) if gpt_oss else (48, 40)
+    x, indices, gate_up, down, weights, _, gate_up_bias, down_bias = _split(make_case(
+        120, hidden, intermediate, 3, 2, gated=gated, biases=("gate_up", "down") if gpt_oss else (),
+        pre_scale=2.0 if gpt_oss else 1.0))
+    if gpt_oss:
+        gate_up, down = (w.transpose(1, 2).contiguous().transpose(1, 2) for w in (gate_up, down))
     dispatch = ops.moe_dispatch(indices, 3)
     assert dispatch.expert_offsets.diff().max() > 64, "an expert spans several 64-row tiles"
     coef_rows = torch.rand(240)
-    args = (x, dispatch.sorted_token_ids, dispatch.inverse_positions, dispatch.expert_offsets, gate_up, down,
-            coef_rows, "gelu_tanh", gated)
-    grad = torch.randn(120, 48)
-    args64 = tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
-    ffn = ("gelu_tanh", gated, False, 1.702, 7.0)
-    out, pre = experts_forward(*args, interpreter=False)
-    torch_out, torch_pre = experts_op._forward(*args[:7], None, None, *ffn, True, grouped=False)
-    expected, expected_pre = experts_op._forward(*args64[:7], None, None, *ffn, True, grouped=False)
+    tensors = (x, dispatch.sorted_token_ids, dispatch.inverse_positions, dispatch.expert_offsets, gate_up, down,
+               coef_rows)
+    tensors64 = tuple(a.double() if a.is_floating_point() else a for a in tensors)
+    biases, biases64 = (gate_up_bias, down_bias), (_double(gate_up_bias), _double(down_bias))
+    activation = "clamped_swiglu" if gpt_oss else "gelu_tanh"
+    ffn = (activation, gated, gpt_oss, 1.702, 1.5)
+    options = dict(gate_up_bias=gate_up_bias, down_bias=down_bias, interleaved=gpt_oss, swiglu_limit=1.5,
+                   interpreter=False)
+    grad = torch.randn(120, hidden)
+    out, pre = experts_forward(*tensors, activation, gated, **options)
+    torch_out, torch_pre = experts_op._forward(*tensors, *biases, *ffn, True, grouped=False)
+    expected, expected_pre = experts_op._forward(*tensors64, *biases64, *ffn, True, grouped=False)
     assert_within_torch_error(out, expected, torch_out, what="out")
     assert_within_torch_error(pre, expected_pre, torch_pre, what="pre")
-    got = experts_backward(grad, *args[:7], pre, "gelu_tanh", gated, interpreter=False)
-    torch_grads = experts_op._backward(grad, *args[:7], None, None, torch_pre, *ffn, grouped=False)
-    expected_grads = experts_op._backward(grad.double(), *args64[:7], None, None, expected_pre, *ffn, grouped=False)
-    for g, e, t, name in zip(got, expected_grads, torch_grads, ("x", "gate_up", "down", "coef_rows")):
+    got = experts_backward(grad, *tensors, pre, activation, gated, **options)
+    torch_grads = experts_op._backward(grad, *tensors, *biases, torch_pre, *ffn, grouped=False)
+    expected_grads = experts_op._backward(grad.double(), *tensors64, *biases64, expected_pre, *ffn, grouped=False)
+    names = ("x", "gate_up", "down", "coef_rows", "gate_up_bias", "down_bias")
+    for g, e, t, name in zip(got, expected_grads, torch_grads, names):
+        assert g.stride() == t.stride(), f"grad {name} in the strides of its tensor"
         assert_within_torch_error(g, e, t, what=f"grad {name}")
 
 
@@ -694,12 +709,14 @@ def test_moe_experts_with_the_new_features_compiles_fullgraph():
         assert torch.equal(g, e)
 
 
-@pytest.mark.parametrize("impl", FEATURE_IMPLS[:1])
+@pytest.mark.parametrize("impl", ("triton", "torch"))
 def test_bias_gradients_bitwise_reproducible_across_runs_and_thread_counts(impl):
     """The bias gradients sum each expert's rows in one order: two runs on 2 threads and one on 1
-    give the same bits (E = 8, a skewed histogram, 512 tokens)."""
-    case = make_case(512, 64, 32, 8, 2, skew=True, biases=("gate_up", "down"))
-    grad = torch.randn(512, 64)
+    give the same bits (E = 8, a skewed histogram; 512 tokens on torch's path, whose CPU kernels
+    split their work over the threads, 64 under the interpreter)."""
+    tokens = 64 if impl == "triton" else 512
+    case = make_case(tokens, 64, 32, 8, 2, skew=True, biases=("gate_up", "down"))
+    grad = torch.randn(tokens, 64)
 
     def biased_grads():
         with running(impl, *OPS_UNDER_TEST):
