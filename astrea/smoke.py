@@ -153,6 +153,42 @@ def _experts_call(size, x, indices, gate_up, down, weights, expert_scale):
     return {"out": ops.moe_experts(x, dispatch, gate_up, down, weights, expert_scale=expert_scale)}
 
 
+def _gpt_oss_experts_make(size, generator):
+    """gpt-oss's experts as transformers stores them: gate_up_proj [E, H, 2I] (gate and up columns
+    interleaved) and down_proj [E, I, H], both biased; the pre-activations spread past the clamps
+    of its SwiGLU (limit 7)."""
+    experts, hidden, inter = size["E"], size["H"], size["I"]
+    return {"x": _normal(generator, size["N"], hidden),
+            "indices": _expert_choice(generator, size["N"], size["k"], experts),
+            "gate_up_proj": _normal(generator, experts, hidden, 2 * inter) * (6 / hidden ** 0.5),
+            "gate_up_proj_bias": _normal(generator, experts, 2 * inter) * 2,
+            "down_proj": _normal(generator, experts, inter, hidden) / inter ** 0.5,
+            "down_proj_bias": _normal(generator, experts, hidden),
+            "weights": torch.rand(size["N"], size["k"], generator=generator)}
+
+
+def _gpt_oss_experts_call(size, x, indices, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, weights):
+    dispatch = ops.moe_dispatch(indices, size["E"])
+    return {"out": ops.moe_experts(x, dispatch, gate_up_proj.transpose(1, 2), down_proj.transpose(1, 2), weights,
+                                   activation="clamped_swiglu", gate_up_bias=gate_up_proj_bias,
+                                   down_bias=down_proj_bias, gate_up_layout="interleaved")}
+
+
+def _relu2_experts_make(size, generator):
+    """Nemotron-H's experts: plain (ungated) FFNs with relu2."""
+    experts, hidden, inter = size["E"], size["H"], size["I"]
+    return {"x": _normal(generator, size["N"], hidden),
+            "indices": _expert_choice(generator, size["N"], size["k"], experts),
+            "up": _normal(generator, experts, inter, hidden) / hidden ** 0.5,
+            "down": _normal(generator, experts, hidden, inter) / inter ** 0.5,
+            "weights": torch.rand(size["N"], size["k"], generator=generator)}
+
+
+def _relu2_experts_call(size, x, indices, up, down, weights):
+    dispatch = ops.moe_dispatch(indices, size["E"])
+    return {"out": ops.moe_experts(x, dispatch, up, down, weights, activation="relu2", gated=False)}
+
+
 def _router_sizes(scoring):
     return {"tiny": dict(N=5, E=7, k=2, scoring=scoring), "small": dict(N=37, E=60, k=6, scoring=scoring),
             "bench": dict(N=65536, E=64, k=8, scoring=scoring)}
@@ -181,6 +217,14 @@ CASES = (
     Case("moe_experts", _experts_make, _experts_call,
          {"tiny": dict(N=5, k=2, E=3, H=9, I=6), "small": dict(N=37, k=3, E=6, H=33, I=200),
           "bench": dict(N=8192, k=8, E=128, H=2048, I=768)}, ("x", "gate_up", "down", "weights", "expert_scale")),
+    Case("moe_experts gpt-oss (biases, interleaved, clamped_swiglu, transposed stacks)", _gpt_oss_experts_make,
+         _gpt_oss_experts_call,
+         {"tiny": dict(N=5, k=2, E=3, H=9, I=6), "small": dict(N=37, k=4, E=8, H=72, I=100),
+          "bench": dict(N=8192, k=4, E=32, H=2880, I=2880)},
+         ("x", "gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias", "weights")),
+    Case("moe_experts relu2, ungated (Nemotron-H)", _relu2_experts_make, _relu2_experts_call,
+         {"tiny": dict(N=5, k=2, E=3, H=9, I=6), "small": dict(N=37, k=3, E=6, H=33, I=200),
+          "bench": dict(N=8192, k=6, E=128, H=2688, I=1856)}, ("x", "up", "down", "weights")),
 )
 
 
