@@ -2,9 +2,9 @@
 experts module is a transformers fused experts module (``@use_experts_implementation``), a
 tiny randomly initialised model built from its config, patched and compared with itself
 unpatched (fp32): the output of every MoE block, the logits (or last hidden states), the
-aux loss where the model has one (18 of the families), the gradients of every parameter and
-5 greedily generated tokens where transformers generates from the tiny model (44 of them).
-Prints the README table (or writes it with ``--readme``).
+aux loss where the model has one, the gradients of every parameter and 5 greedily generated
+tokens where transformers generates from the tiny model. Prints the README table (or writes
+it with ``--readme``).
 
     python scripts/moe_family_table.py [--readme] [--only deepseek_v3,gpt_oss]
 
@@ -76,8 +76,27 @@ def fused_families() -> list[str]:
 
 def _shrink(config) -> None:
     """Shrinks ``config`` and its sub-configs in place to the TINY sizes (lists with one entry
-    per layer cut to the new layer count)."""
+    per layer cut to the new layer count). A heterogeneous config (``per_layer_config``) keeps
+    its per-layer overrides on the layers left, their sizes shrunk to the same TINY sizes."""
+    overrides = None
+    if getattr(config, "is_heterogeneous", False):
+        overrides = config._heterogeneity_spec.per_layer_overrides
+        config.per_layer_config = None  # homogeneous while the global sizes shrink
+    _shrink_homogeneous(config)
+    if overrides is not None:
+        layers = getattr(config, "num_hidden_layers", None)
+        config.per_layer_config = {
+            layer: {name: TINY.get(name, value) for name, value in changes.items()}
+            for layer, changes in overrides.items() if layers is None or layer < layers
+        }
+
+
+def _shrink_homogeneous(config) -> None:
     layers_before = getattr(config, "num_hidden_layers", None)
+    if hasattr(config, "top_k_experts"):  # Gemma-4 (dense unless asked) and DiffusionGemma: MoE sizes unset
+        config.top_k_experts, config.moe_intermediate_size = 2, TINY["moe_intermediate_size"]
+        if hasattr(config, "enable_moe_block"):
+            config.enable_moe_block = True
     head_is_rope = getattr(config, "head_dim", None) == getattr(config, "qk_rope_head_dim", False)
     for name, value in TINY.items():
         if not hasattr(config, name):
@@ -92,8 +111,11 @@ def _shrink(config) -> None:
         config.head_dim = config.qk_rope_head_dim if head_is_rope else config.qk_head_dim
         config.num_key_value_heads = config.num_attention_heads
         rope = getattr(config, "rope_parameters", None)
-        if isinstance(rope, dict) and "partial_rotary_factor" in rope:
-            rope["partial_rotary_factor"] = config.qk_rope_head_dim / config.qk_head_dim
+        # One rope dict, or one per layer type (Dots3-Note)
+        nested = isinstance(rope, dict) and all(isinstance(v, dict) for v in rope.values())
+        for params in (rope.values() if nested else [rope] if isinstance(rope, dict) else []):
+            if "partial_rotary_factor" in params:
+                params["partial_rotary_factor"] = config.qk_rope_head_dim / config.qk_head_dim
     for name in EXPERT_COUNTS:
         if hasattr(config, name) and not isinstance(getattr(config, name), (bool, list)):
             setattr(config, name, NUM_EXPERTS)
@@ -104,6 +126,10 @@ def _shrink(config) -> None:
     if hasattr(config, "n_shared_experts"):
         config.n_shared_experts = 1
     _shrink_rope(config)
+    if hasattr(config, "num_dense_layers"):  # LFM2-MoE: a dense first layer, then sparse ones
+        config.num_dense_layers = 1
+    if type(config).__name__ == "Lfm2MoeConfig" and config.layer_types is None:  # no default: a conv, an attention
+        config.layer_types = ["conv", "full_attention"][: config.num_hidden_layers]
     if hasattr(config, "mlp_only_layers"):
         config.mlp_only_layers = []
     if hasattr(config, "mlp_layer_types"):  # a dense first layer, then sparse ones
@@ -137,11 +163,20 @@ def _shrink_rope(config) -> None:
 
 
 def _config_class(family: str):
+    """The family's config class: the one whose model_type is the family's name, else the one
+    config of its module that no other holds as a sub-config (Inkling's model_type is
+    "inkling_mm_model")."""
     module = importlib.import_module(f"transformers.models.{family}.configuration_{family}")
-    for _, cls in inspect.getmembers(module, inspect.isclass):
-        if issubclass(cls, transformers.PretrainedConfig) and getattr(cls, "model_type", None) == family:
+    configs = [cls for _, cls in inspect.getmembers(module, inspect.isclass)
+               if issubclass(cls, transformers.PretrainedConfig) and cls.__module__ == module.__name__]
+    for cls in configs:
+        if getattr(cls, "model_type", None) == family:
             return cls
-    raise LookupError(f"no config class with model_type {family!r}")
+    held = {sub for cls in configs for sub in getattr(cls, "sub_configs", {}).values()}
+    roots = [cls for cls in configs if cls not in held]
+    if len(roots) == 1:
+        return roots[0]
+    raise LookupError(f"no config class with model_type {family!r}, and {len(roots)} top-level config classes")
 
 
 def _model_class(family: str, config_class):
@@ -162,13 +197,28 @@ def build(family: str, seed: int = 0) -> nn.Module:
     too (as in a trained model), in eval mode."""
     config_class = _config_class(family)
     config = config_class()
+    model_class = _model_class(family, config_class)
+    thinker_only = model_class.forward is nn.Module.forward and hasattr(config, "thinker_config")
+    if thinker_only:  # Qwen3-Omni-MoE: a generate-only wrapper; its thinker is the MoE LLM with a forward
+        config.enable_audio_output = False
+        # The thinker's rope reads vision_start_token_id, which only the talker's config class has.
+        if not hasattr(config.thinker_config, "vision_start_token_id"):
+            config.thinker_config.vision_start_token_id = config.talker_config.vision_start_token_id
     _shrink(config)
     torch.manual_seed(seed)
-    model = _model_class(family, config_class)(config).float().eval()
+    model = model_class(config).float().eval()
+    if thinker_only:
+        model = model.thinker
     with torch.no_grad():
         for name, tensor in [*model.named_buffers(), *model.named_parameters()]:
-            if "correction_bias" in name:
+            if "correction_bias" in name or name.endswith(".expert_bias"):
                 tensor.copy_(torch.randn(tensor.shape) * 0.1)
+        # A router initialised to zeros (AFMoE's) ties every expert, and torch.topk breaks
+        # ties in no specified order: give it the weights of a trained router.
+        for _, block in moe_blocks(model):
+            for name, tensor in block.named_parameters():
+                if name.split(".")[0] in ("gate", "router") and tensor.dim() == 2 and not tensor.any():
+                    tensor.normal_(0, config.get_text_config().initializer_range)
     return model
 
 
