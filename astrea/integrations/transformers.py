@@ -1,8 +1,9 @@
 """Hugging Face transformers MoE models on astrea ops.
 
 In transformers >= 5 a sparse MoE block holds a router module ``gate`` or ``router``
-(``weight [E, H]``; returns ``(router_logits, routing_weights, expert_indices)``) and a fused
-experts module ``experts`` (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``; called as
+(``weight [E, H]``, or an ``nn.Linear`` ``gate`` / ``wg`` inside it; returns ``(router_logits,
+routing_weights, expert_indices)``) and a fused experts module ``experts``
+(``@use_experts_implementation``: ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``; called as
 ``experts(hidden_states, top_k_index, top_k_weights)``). Patching a block binds a new
 ``forward`` to each of these two modules:
 
@@ -10,17 +11,24 @@ experts module ``experts`` (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``
   the top-k logits), the selection bias (``e_score_correction_bias``, on the router or passed
   to it by the block), grouped top-k, renormalisation and ``routed_scaling_factor`` in
   :func:`astrea.ops.router_topk`;
-* experts: :func:`astrea.ops.moe_dispatch`, then :func:`astrea.ops.moe_experts` on
-  ``gate_up_proj``/``down_proj`` as they are (both grouped GEMMs and the weighted sum over each
-  token's slots in one op, no host sync) when the experts gate with the default
-  ``act(gate) * up`` of an activation astrea has (SiLU, exact or tanh GELU, ReLU). Other
-  gating runs the experts' own ``_apply_gate`` on each expert's contiguous rows after
+* experts: :func:`astrea.ops.moe_dispatch`, then :func:`astrea.ops.moe_experts` (both grouped
+  GEMMs and the weighted sum over each token's slots in one op, no host sync) on the stacks as
+  they are: ``gate_up_proj`` or, ungated (Nemotron-H), ``up_proj``; transposed stacks
+  (``[E, H, 2I]``, ``[E, I, H]``: Aria, gpt-oss) as transposed views, without a copy; the
+  biases ``*_proj_bias``; the activation or gate the experts compute, probed numerically:
+  ``act(gate) * up`` or ``act(up)`` with SiLU, exact or tanh GELU, ReLU or ReLU², or
+  gpt-oss's clamped SwiGLU (gate and up interleaved or concatenated). Other gating runs the
+  experts' own ``_apply_gate`` on each expert's contiguous rows after
   :func:`astrea.ops.permute`, and :func:`astrea.ops.weighted_combine` sums them (fp32
-  accumulation).
+  accumulation); so do experts whose weights and biases differ in dtype.
 
 The block's own forward (jitter noise, shared experts, plain or gated, reshapes) and every
 parameter stay as they are: state_dicts load unchanged, and the router still returns its logits, so
-``output_router_logits`` and transformers' auxiliary loss work as before.
+``output_router_logits`` and transformers' auxiliary loss work as before. Refused, with
+:class:`UnsupportedMoEBlockError` naming the block and the reason: routers that are not one
+linear map (an MLP, a norm before it), that score otherwise (sqrt-softplus, sparsemixer),
+select by token id (hash routing) or return more than the three tensors; experts with a norm
+after each expert, or expert-parallel ones.
 """
 
 from __future__ import annotations
@@ -37,6 +45,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import astrea.ops
+from astrea.reference.experts import (
+    ACTIVATIONS,
+    GATE_UP_LAYOUTS,
+    SWIGLU_ALPHA,
+    SWIGLU_LIMIT,
+    clamped_swiglu,
+    split_gate_up,
+)
 
 try:
     import transformers
@@ -94,6 +110,9 @@ class Routing:
     logits_in_float32: bool = False
     # The weights in the hidden states' dtype (wins over weights_in_logits_dtype).
     weights_in_input_dtype: bool = False
+    # The dotted path of the router's linear weight [E, H] ("weight"; "gate.weight" or
+    # "wg.weight" for a router that holds an nn.Linear); a `bias` beside it is the logits' bias.
+    weight: str = "weight"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,17 +145,6 @@ _FAMILIES = {
     ),
 }
 
-# What the fused experts forward below computes: the layout flags that
-# transformers' @use_experts_implementation puts on an experts module.
-_EXPERTS_LAYOUT = {
-    "has_gate": True,
-    "has_bias": False,
-    "is_transposed": False,
-    "is_concatenated": True,
-    "has_post_expert_norm": False,
-    "_is_expert_parallel": False,
-}
-
 _PROBE_TOKENS = 512
 # The probe's router weights give logits of unit scale (as trained routers have: softmax far
 # from one-hot, sigmoid scores spread over (0, 1)), and its selection bias is of the size of
@@ -154,7 +162,9 @@ def _attribute(module: nn.Module, path: str):
 
 
 def _router_logits(router: nn.Module, hidden_states: torch.Tensor, routing: Routing) -> torch.Tensor:
-    weight, bias = router.weight, getattr(router, "bias", None)
+    owner, _, name = routing.weight.rpartition(".")
+    linear = _attribute(router, owner) if owner else router
+    weight, bias = getattr(linear, name), getattr(linear, "bias", None)
     bias = bias if isinstance(bias, torch.Tensor) else None
     if routing.linear == "float32":
         logits = F.linear(hidden_states.float(), weight.float(), None if bias is None else bias.float())
@@ -167,10 +177,10 @@ def _router_logits(router: nn.Module, hidden_states: torch.Tensor, routing: Rout
 
 def _router_forward(self: nn.Module, hidden_states: torch.Tensor, *bias_argument: torch.Tensor):
     routing = self.astrea_routing
-    tokens = hidden_states.reshape(-1, self.weight.shape[1])
+    tokens = hidden_states.reshape(-1, _attribute(self, routing.weight).shape[1])
     router_logits = _router_logits(self, tokens, routing)
     if routing.bias == "argument":
-        (bias,) = bias_argument
+        bias = bias_argument[0] if bias_argument else None  # an optional one may be left out or None
     else:
         bias = None if routing.bias is None else _attribute(self, routing.bias)
     out = astrea.ops.router_topk(
@@ -188,41 +198,124 @@ def _router_forward(self: nn.Module, hidden_states: torch.Tensor, *bias_argument
     return router_logits, weights, out.indices.long()
 
 
-def _grouped_activation(experts: nn.Module) -> str | None:
-    """The :func:`astrea.ops.moe_experts` activation that computes exactly what ``experts``
-    computes between its projections, or None when its gating is another one."""
-    if type(experts)._apply_gate is not transformers.integrations.moe._default_apply_gate:
-        return None
-    act = experts.act_fn
-    name = type(act).__name__
-    if name in ("SiLUActivation", "SiLU"):
-        return "silu"
-    if name == "GELUActivation" and getattr(act, "act", None) is F.gelu:
-        return "gelu"
-    if name == "GELUTanh":
-        return "gelu_tanh"
-    if name == "ReLU":
-        return "relu"
-    return None
+# The layout flags that transformers' @use_experts_implementation puts on an experts module
+# and those astrea runs: gated (gate_up_proj) or not (up_proj), with or without biases,
+# transposed or not. A norm after each expert and expert parallelism are refused.
+_LAYOUT_FLAGS = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm", "_is_expert_parallel")
+
+# The probe of an experts module's activation and gate: random pre-activations large enough
+# that gpt-oss's clamp (limit 7) cuts many of them; accepted within a few fp32 ulps.
+_GATE_PROBE_ROWS = 64
+_GATE_PROBE_SCALE = 8.0
+_GATE_PROBE_RTOL = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExpertsLayout:
+    """How a fused experts module computes, as :func:`_experts_forward` runs it."""
+
+    up: str  # "gate_up_proj" (gated) or "up_proj" (act(up) alone)
+    transposed: bool  # weights stored [E, H, 2I] and [E, I, H]
+    bias: bool  # ``<up>_bias [E, 2I]`` and ``down_proj_bias [E, H]``
+    # The moe_experts activation of the one-op path, probed; None: the experts' own gating
+    # (or activation) per expert, which no moe_experts activation reproduces.
+    activation: Optional[str]
+    gate_up_layout: str = "concatenated"
+    swiglu_alpha: float = SWIGLU_ALPHA
+    swiglu_limit: float = SWIGLU_LIMIT
+    # What the probe saw (:func:`_gating_state`): the one-op path runs only while the experts
+    # still have it; an act_fn, _apply_gate, alpha or limit changed after patching runs per expert.
+    probed: tuple = dataclasses.field(default=(), compare=False, repr=False)
+
+    @property
+    def gated(self) -> bool:
+        return self.up == "gate_up_proj"
+
+
+def _gating_state(experts: nn.Module) -> tuple:
+    return (getattr(experts, "act_fn", None), getattr(type(experts), "_apply_gate", None),
+            *(getattr(experts, name, None) for name in ("alpha", "limit", "swiglu_alpha", "swiglu_limit")))
+
+
+def _matches(got, expected: torch.Tensor) -> bool:
+    return (isinstance(got, torch.Tensor) and got.shape == expected.shape
+            and torch.allclose(got, expected, rtol=_GATE_PROBE_RTOL, atol=_GATE_PROBE_RTOL * 1e-1))
+
+
+def _probed_activation(act: Callable, width: int, generator: torch.Generator) -> str | None:
+    """The :data:`astrea.reference.experts.ACTIVATIONS` entry that ``act`` computes on random
+    inputs, or None."""
+    z = torch.randn(_GATE_PROBE_ROWS, width, generator=generator) * _GATE_PROBE_SCALE
+    with torch.no_grad():
+        got = act(z)
+        return next((name for name, formula in ACTIVATIONS.items() if _matches(got, formula(z))), None)
+
+
+def _probed_gating(experts: nn.Module, flags: dict, intermediate: int) -> dict:
+    """The one-op path's activation (and gate/up layout, SwiGLU alpha and limit) that computes
+    what ``experts`` computes between its projections, probed numerically: the ``act_fn`` of
+    transformers' default gate ``act(gate) * up`` or of an ungated ``act(up)``; a class's own
+    ``_apply_gate`` (run on random pre-activations) against ``act(gate) * up`` for every
+    activation and gpt-oss's clamped SwiGLU (with the module's numeric ``alpha`` and ``limit``,
+    or ``swiglu_alpha`` and ``swiglu_limit``), gate and up concatenated or interleaved.
+    ``{"activation": None}`` when none matches."""
+    generator = torch.Generator().manual_seed(0)
+    gate = type(experts)._apply_gate if flags["has_gate"] else None
+    if gate is None or gate is transformers.integrations.moe._default_apply_gate:
+        return {"activation": _probed_activation(experts.act_fn, intermediate, generator)}
+    alpha, limit = (next((getattr(experts, n) for n in names if hasattr(experts, n)), None)
+                    for names in (("alpha", "swiglu_alpha"), ("limit", "swiglu_limit")))
+    swiglu = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (alpha, limit)) and limit > 0
+    z = torch.randn(_GATE_PROBE_ROWS, 2 * intermediate, generator=generator) * _GATE_PROBE_SCALE
+    with torch.no_grad():
+        got = gate(experts, z)
+        for layout in GATE_UP_LAYOUTS:
+            gate_half, up_half = split_gate_up(z, layout)
+            for name, act in ACTIVATIONS.items():
+                if _matches(got, act(gate_half) * up_half):
+                    return {"activation": name, "gate_up_layout": layout}
+            if swiglu and _matches(got, clamped_swiglu(gate_half, up_half, float(alpha), float(limit))):
+                return {"activation": "clamped_swiglu", "gate_up_layout": layout, "swiglu_alpha": float(alpha),
+                        "swiglu_limit": float(limit)}
+    return {"activation": None}
+
+
+def _weights(self: nn.Module, layout: _ExpertsLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up [E, 2I or I, H], down [E, H, I]): the parameters, or transposed views of them (no copy)."""
+    up, down = getattr(self, layout.up), self.down_proj
+    if layout.transposed:
+        return up.transpose(1, 2), down.transpose(1, 2)
+    return up, down
 
 
 def _experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    dispatch = astrea.ops.moe_dispatch(top_k_index.to(torch.int32), self.gate_up_proj.shape[0])
-    activation = _grouped_activation(self)
-    if activation is not None and hidden_states.dtype == self.gate_up_proj.dtype == self.down_proj.dtype:
-        return astrea.ops.moe_experts(hidden_states, dispatch, self.gate_up_proj, self.down_proj, top_k_weights,
-                                      activation=activation)
-    rows = astrea.ops.permute(hidden_states, dispatch)
+    layout = self.astrea_layout
+    up, down = _weights(self, layout)
+    dispatch = astrea.ops.moe_dispatch(top_k_index.to(torch.int32), up.shape[0])
+    up_bias = getattr(self, f"{layout.up}_bias") if layout.bias else None
+    down_bias = self.down_proj_bias if layout.bias else None
+    # transformers' grouped_mm runs the projections in the weights' dtype.
+    one_op = layout.activation is not None and _gating_state(self) == layout.probed
+    if one_op and all(t.dtype == up.dtype for t in (down, up_bias, down_bias) if t is not None):
+        out = astrea.ops.moe_experts(
+            hidden_states.to(up.dtype), dispatch, up, down, top_k_weights, activation=layout.activation,
+            gated=layout.gated, gate_up_bias=up_bias, down_bias=down_bias, gate_up_layout=layout.gate_up_layout,
+            swiglu_alpha=layout.swiglu_alpha, swiglu_limit=layout.swiglu_limit)
+        return out.to(hidden_states.dtype)
+    rows = astrea.ops.permute(hidden_states.to(up.dtype), dispatch)
     offsets = dispatch.expert_offsets.tolist()
     outputs = []
     for expert, (start, end) in enumerate(zip(offsets[:-1], offsets[1:])):
         if start < end:
-            gate_up = F.linear(rows[start:end], self.gate_up_proj[expert])
-            outputs.append(F.linear(self._apply_gate(gate_up), self.down_proj[expert]))
-    expert_out = torch.cat(outputs) if outputs else rows.new_empty((0, self.down_proj.shape[1]))
-    return astrea.ops.weighted_combine(expert_out, top_k_weights, dispatch)
+            pre = F.linear(rows[start:end], up[expert])
+            if up_bias is not None:  # added after the product, in its dtype, as transformers adds it
+                pre = pre + up_bias[expert].to(pre.dtype)
+            out = F.linear((self._apply_gate(pre) if layout.gated else self.act_fn(pre)).to(down.dtype), down[expert])
+            outputs.append(out if down_bias is None else out + down_bias[expert].to(out.dtype))
+    expert_out = torch.cat(outputs) if outputs else rows.new_empty((0, down.shape[1]), dtype=down.dtype)
+    return astrea.ops.weighted_combine(expert_out, top_k_weights, dispatch).to(hidden_states.dtype)
 
 
 def _unsupported(where: str, block: nn.Module, why: str) -> UnsupportedMoEBlockError:
@@ -236,22 +329,61 @@ def _is_matrix(value) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() == 2
 
 
-def _check_experts(where: str, block: nn.Module) -> None:
+def _check_experts(where: str, block: nn.Module) -> _ExpertsLayout:
+    """The layout of the block's fused experts, or UnsupportedMoEBlockError naming what astrea
+    does not run."""
     experts = getattr(block, "experts", None)
-    needed = ("gate_up_proj", "down_proj", "_apply_gate", *_EXPERTS_LAYOUT)
-    missing = [name for name in needed if not hasattr(experts, name)]
+    missing = [name for name in _LAYOUT_FLAGS if not hasattr(experts, name)]
+    if not missing:
+        flags = {flag: getattr(experts, flag) for flag in _LAYOUT_FLAGS}
+        up = "gate_up_proj" if flags["has_gate"] else "up_proj"
+        biases = (f"{up}_bias", "down_proj_bias") if flags["has_bias"] else ()
+        needed = (up, "down_proj", *biases, "_apply_gate" if flags["has_gate"] else "act_fn")
+        missing = [name for name in needed if not isinstance(getattr(experts, name, None), (torch.Tensor, Callable))]
     if missing:
         raise _unsupported(
             where, block,
             f"has experts {type(experts).__name__}, not a transformers fused experts module "
             f"(@use_experts_implementation, gate_up_proj [E, 2I, H], down_proj [E, H, I]; it lacks {missing[0]})",
         )
-    for flag, wanted in _EXPERTS_LAYOUT.items():
-        if getattr(experts, flag) != wanted:
-            raise _unsupported(where, block, f"has experts with {flag}={getattr(experts, flag)!r}; expected {wanted}")
+    if flags["_is_expert_parallel"]:
+        raise _unsupported(where, block, "has expert-parallel experts (_is_expert_parallel=True: routing slots of "
+                                         "other ranks' experts), which astrea's ops do not take")
+    if flags["has_post_expert_norm"]:
+        norm = type(getattr(experts, "post_expert_norm", None)).__name__
+        raise _unsupported(
+            where, block,
+            f"has experts with a norm after each expert (has_post_expert_norm=True: {norm}) before the routing "
+            "weight, which astrea.ops.moe_experts applies inside its one op",
+        )
+    layout = _ExpertsLayout(up, bool(flags["is_transposed"]), bool(flags["has_bias"]), None)
+    stored, down_stored = getattr(experts, up), experts.down_proj
+    if stored.dim() != 3 or down_stored.dim() != 3:
+        raise _unsupported(where, block, f"has experts {up} {tuple(stored.shape)} and down_proj "
+                                         f"{tuple(down_stored.shape)}; expected 3-dimensional stacks [E, ., .]")
+    up_weight, down = _weights(experts, layout)
+    num_experts, hidden, intermediate = down.shape
+    width = 2 * intermediate if layout.gated else intermediate
+    if tuple(up_weight.shape) != (num_experts, width, hidden):
+        expected = (num_experts, hidden, width) if layout.transposed else (num_experts, width, hidden)
+        raise _unsupported(where, block, f"has experts {up} {tuple(stored.shape)} and down_proj "
+                                         f"{tuple(down_stored.shape)}; expected {up} {expected} for that down_proj")
+    biases = {f"{up}_bias": (num_experts, width), "down_proj_bias": (num_experts, hidden)} if layout.bias else {}
+    for name, shape in biases.items():
+        if tuple(getattr(experts, name).shape) != shape:
+            raise _unsupported(where, block, f"has experts {name} {tuple(getattr(experts, name).shape)}; "
+                                             f"expected {shape}")
+    try:
+        gating = _probed_gating(experts, flags, intermediate)
+    except Exception:  # a gate or activation that fails on the probe: its own code runs, per expert
+        gating = {"activation": None}
+    return dataclasses.replace(layout, **gating, probed=_gating_state(experts))
 
 
 _ROUTER_NAMES = ("gate", "router")
+# Where a router keeps its linear weight [E, H]: its own parameter, or an nn.Linear it holds
+# (AFMoE's `gate`, HunYuan's `wg`).
+_ROUTER_WEIGHTS = ("weight", "gate.weight", "wg.weight")
 
 
 def _router_name(block: nn.Module) -> str | None:
@@ -261,33 +393,39 @@ def _router_name(block: nn.Module) -> str | None:
     return None
 
 
-def _check_gate(where: str, block: nn.Module) -> nn.Module:
+def _check_gate(where: str, block: nn.Module) -> tuple[nn.Module, str]:
+    """(the block's router, the path of its weight [E, H]), or UnsupportedMoEBlockError."""
     name = _router_name(block)
-    router = getattr(block, name) if name else None
-    if router is None or not _is_matrix(getattr(router, "weight", None)):
-        found = f"its `{name}` ({type(router).__name__}) has no weight [num_experts, hidden]" if name else "none"
-        raise _unsupported(where, block, f"has no router module `gate` or `router` with a weight "
-                                         f"[num_experts, hidden] ({found})")
-    return router
+    if name is None:
+        raise _unsupported(where, block, "has no router module `gate` or `router`")
+    router = getattr(block, name)
+    for path in _ROUTER_WEIGHTS:
+        if _is_matrix(_attribute(router, path)):
+            return router, path
+    children = [f"{n} ({type(m).__name__})" for n, m in router.named_children()]
+    computes = f"it runs {', '.join(children)}" if children else "it holds no submodule"
+    raise _unsupported(
+        where, block,
+        f"has a router `{name}` ({type(router).__name__}) whose logits are not one linear map of the hidden states: "
+        f"{computes} (no weight [num_experts, hidden] at {' / '.join(_ROUTER_WEIGHTS)})",
+    )
 
 
-def _check_block(where: str, block: nn.Module, routing: Routing) -> None:
+def _check_block(where: str, block: nn.Module, routing: Routing) -> _ExpertsLayout:
     """The structure the patched forwards rely on, checked before anything is patched."""
-    _check_experts(where, block)
-    gate = _check_gate(where, block)
-    num_experts, hidden = gate.weight.shape
-    gate_up, down = block.experts.gate_up_proj, block.experts.down_proj
-    if (
-        gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[0] != num_experts or down.shape[0] != num_experts
-        or gate_up.shape[2] != hidden or down.shape[1] != hidden or gate_up.shape[1] != 2 * down.shape[2]
-    ):
-        raise _unsupported(
-            where, block,
-            f"has router weight {tuple(gate.weight.shape)}, gate_up_proj {tuple(gate_up.shape)} and down_proj "
-            f"{tuple(down.shape)}; expected [E, H], [E, 2I, H] and [E, H, I]",
-        )
+    layout = _check_experts(where, block)
+    router, _ = _check_gate(where, block)
+    weight = _attribute(router, routing.weight)
+    if not _is_matrix(weight):
+        raise _unsupported(where, block, f"has no router weight [num_experts, hidden] at `{routing.weight}`")
+    num_experts = weight.shape[0]
+    experts = getattr(block.experts, layout.up).shape[0]
+    if experts != num_experts:
+        raise _unsupported(where, block, f"has router weight {tuple(weight.shape)} for {num_experts} experts and "
+                                         f"{experts} experts in {layout.up}")
     if not 1 <= routing.top_k <= num_experts:
         raise _unsupported(where, block, f"routes to top_k={routing.top_k} of {num_experts} experts")
+    return layout
 
 
 def _bind(module: nn.Module, forward) -> None:
@@ -304,9 +442,10 @@ def patch_moe_block(block: nn.Module, routing: Routing, *, where: str = "block")
     """
     if not isinstance(routing, Routing):
         raise TypeError(f"patch_moe_block: routing must be an astrea Routing, got {type(routing).__name__}")
-    _check_block(where, block, routing)
-    router = _check_gate(where, block)
+    layout = _check_block(where, block, routing)
+    router, _ = _check_gate(where, block)
     router.astrea_routing = routing
+    block.experts.astrea_layout = layout
     _bind(router, _router_forward)
     _bind(block.experts, _experts_forward)
     return block
@@ -358,24 +497,33 @@ def _known_routing(block: nn.Module) -> Routing | None:
     return None
 
 
-def _bias_argument(where: str, block: nn.Module, router: nn.Module) -> bool:
+def _bias_argument(where: str, block: nn.Module, router: nn.Module) -> str | None:
     """Whether the router's forward takes the selection bias as its second argument (the
-    block passes it); any other extra argument is refused."""
-    parameters = list(inspect.signature(type(router).forward).parameters.values())[2:]
-    required = [p for p in parameters if p.default is inspect.Parameter.empty
-                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    block passes it): "required", "optional" (it defaults to None: LFM2-MoE's block passes
+    None without its expert bias) or None; any other extra argument is refused."""
+    parameters = [p for p in list(inspect.signature(type(router).forward).parameters.values())[2:]
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in parameters if p.default is inspect.Parameter.empty]
     if not required:
-        return False
+        optional = parameters[:1]
+        return "optional" if optional and "bias" in optional[0].name and optional[0].default is None else None
     if len(required) == 1 and "bias" in required[0].name:
-        return True
+        return "required"
     names = ", ".join(p.name for p in required)
+    if any(p.name == "input_ids" for p in required):
+        raise _unsupported(
+            where, block,
+            f"has a router ({type(router).__name__}) that selects its experts by token id (its forward takes "
+            f"{names}: hash routing, a fixed token-to-expert table), where astrea.ops.router_topk selects "
+            "from the hidden states' scores",
+        )
     raise _unsupported(where, block, f"has a router whose forward takes more than the hidden states ({names})")
 
 
-def _candidates(router: nn.Module, top_k: int, bias_argument: bool) -> list[Routing]:
+def _candidates(router: nn.Module, weight: str, top_k: int, bias_argument: bool) -> list[Routing]:
     """The routings a router may compute, read off its attributes; the probe keeps the one
     that reproduces it."""
-    num_experts = router.weight.shape[0]
+    num_experts = _attribute(router, weight).shape[0]
     if bias_argument:
         biases = ["argument"]
     else:
@@ -389,10 +537,12 @@ def _candidates(router: nn.Module, top_k: int, bias_argument: bool) -> list[Rout
         groups += [(num_groups, topk_groups, "top2_sum"), (num_groups, topk_groups, "max")]
     scale = next((getattr(router, name) for name in _SCALE_ATTRIBUTES if getattr(router, name, None)), None)
     scales = [1.0] + ([float(scale)] if isinstance(scale, (int, float)) and scale != 1.0 else [])
+    if top_k > 1:
+        scales.append(1.0 / top_k)  # weights that average the k experts (OpenAI's privacy filter)
     first = bool(getattr(router, "norm_topk_prob", True))
     return [
         Routing(top_k, renormalize, weights_in_logits_dtype=False, scoring=scoring, bias=bias, bias_on=bias_on,
-                num_groups=g, topk_groups=tg, group_score=group_score, scaling_factor=scaling)
+                num_groups=g, topk_groups=tg, group_score=group_score, scaling_factor=scaling, weight=weight)
         for scoring in ("softmax", "sigmoid", "topk_softmax")
         for renormalize in (first, not first)
         for bias in biases
@@ -456,18 +606,35 @@ def _same_dtypes(router, rule: Routing, hidden_states, extra, expected) -> bool:
             and torch.equal(logits, ref_logits))
 
 
-def _probe_rule(where, block, probe, top_k, bias_argument, hidden_states, extra) -> Routing:
+def _router_difference(router: nn.Module) -> str | None:
+    """What a router that no candidate reproduced computes instead, where its code names it
+    (only the refusal's message reads this; acceptance is the probe's alone)."""
+    if "sparsemixer" in type(router).forward.__code__.co_names:
+        return ("routes with sparsemixer (each chosen expert weighted by a softmax over only the logits within "
+                "2 * jitter_eps of its own, the experts chosen before it masked; sampled in training), not by "
+                "the top-k of one score")
+    score_fn = getattr(router, "score_fn", None)
+    if isinstance(score_fn, nn.Module) and not isinstance(score_fn, (nn.Sigmoid, nn.Softmax)):
+        return (f"scores its logits with {type(score_fn).__name__} (score_fn), not softmax, sigmoid or softmax "
+                "over the top-k")
+    return None
+
+
+def _probe_rule(where, block, probe, weight, top_k, bias_argument, hidden_states, extra) -> Routing:
     original = type(probe).forward
     expected = original(probe, hidden_states, *extra)
     if not (isinstance(expected, tuple) and len(expected) == 3):
-        raise _unsupported(
-            where, block, "has a router that does not return (router_logits, routing_weights, expert_indices)"
-        )
+        returned = f"{len(expected)} values" if isinstance(expected, tuple) else type(expected).__name__
+        raise _unsupported(where, block, f"has a router ({type(probe).__name__}) that returns {returned}, not "
+                                         "(router_logits, routing_weights, expert_indices), which its block uses")
     # Plainest first (no bias, no groups, no scale): a rule with a bias or groups is accepted
     # only after its plain variant chose other experts on the probe, i.e. the probe told them apart.
-    for routing in _candidates(probe, top_k, bias_argument):
+    for routing in _candidates(probe, weight, top_k, bias_argument):
         if _same_routing(_run_routing(probe, routing, hidden_states, extra), expected):
             return routing
+    difference = _router_difference(probe)
+    if difference is not None:
+        raise _unsupported(where, block, f"has a router ({type(probe).__name__}) that {difference}")
     raise _unsupported(
         where, block,
         f"has a router ({type(probe).__name__}) whose weights on random inputs are none of softmax / sigmoid / "
@@ -510,17 +677,41 @@ def _probe_dtypes(where, block, probe, routing: Routing, hidden_states, extra) -
                                      "does not reproduce")
 
 
+def _same_without_bias(probe: nn.Module, routing: Routing, hidden_states: torch.Tensor) -> bool:
+    """Whether ``routing`` also reproduces the router called with its optional bias None (true
+    when the router cannot take None: its block always passes a tensor then)."""
+    try:
+        expected = type(probe).forward(probe, hidden_states, None)
+    except TypeError:
+        return True
+    return _same_routing(_run_routing(probe, routing, hidden_states, (None,)), expected)
+
+
+def _probe_input(probe: nn.Module, tokens: torch.Tensor, extra) -> torch.Tensor:
+    """The probe tokens as the router takes them: ``[N, H]``, or ``[1, N, H]`` for a router
+    that unpacks (batch, sequence, hidden) as its block's hidden states have them."""
+    try:
+        type(probe).forward(probe, tokens, *extra)
+        return tokens
+    except Exception as error:
+        try:
+            type(probe).forward(probe, tokens[None], *extra)
+        except Exception:
+            raise error from None
+        return tokens[None]
+
+
 def _probe_routing(where: str, block: nn.Module) -> Routing:
     """Works out the routing of a router nobody described by running its original forward on
     a copy with random weights of realistic scale (and a random selection bias), and accepts
     only a rule astrea reproduces on that probe, in fp32 and in bf16."""
-    router = _check_gate(where, block)
+    router, weight = _check_gate(where, block)
     top_k = getattr(router, "top_k", None)
     if isinstance(top_k, bool) or not isinstance(top_k, int):
         raise _unsupported(where, block, f"has a router without an integer `top_k` (got {top_k!r})")
-    if router.weight.is_meta:
+    if _attribute(router, weight).is_meta:
         raise _unsupported(where, block, "has its router on the meta device; load the weights first")
-    num_experts, hidden = router.weight.shape
+    num_experts, hidden = _attribute(router, weight).shape
     if not 1 <= top_k <= num_experts:
         raise _unsupported(where, block, f"routes to top_k={top_k} of {num_experts} experts")
     bias_argument = _bias_argument(where, block, router)
@@ -530,7 +721,11 @@ def _probe_routing(where: str, block: nn.Module) -> Routing:
     extra = (torch.randn(num_experts, generator=generator) * _PROBE_BIAS_SCALE,) if bias_argument else ()
     try:
         with torch.no_grad():
-            routing = _probe_rule(where, block, probe, top_k, bias_argument, hidden_states, extra)
+            hidden_states = _probe_input(probe, hidden_states, extra)
+            routing = _probe_rule(where, block, probe, weight, top_k, bias_argument, hidden_states, extra)
+            if bias_argument == "optional" and not _same_without_bias(probe, routing, hidden_states):
+                raise _unsupported(where, block, f"has a router ({type(probe).__name__}) that routes otherwise "
+                                                 "when its optional bias argument is None")
             return _probe_dtypes(where, block, probe, routing, hidden_states, extra)
     except UnsupportedMoEBlockError:
         raise
@@ -548,7 +743,8 @@ def apply_astrea(model: nn.Module) -> nn.Module:
     its router, probed on a copy with random weights of realistic scale and a random
     selection bias, is reproduced exactly by :func:`astrea.ops.router_topk` (softmax, sigmoid
     or softmax after top-k; with or without its correction bias, grouped top-k,
-    renormalisation and scaling; the dtypes of its logits and weights). Any other block
+    renormalisation and scaling, the routed scaling factor or 1/k; the dtypes of its logits and
+    weights), and its experts have a layout the module docstring lists. Any other block
     raises :class:`UnsupportedMoEBlockError` naming it and the reason, and then nothing is
     patched; a model without sparse MoE blocks raises ValueError.
     """
@@ -576,4 +772,5 @@ def remove_astrea(model: nn.Module) -> nn.Module:
         if isinstance(forward, types.MethodType) and forward.__func__ in (_router_forward, _experts_forward):
             del module.forward
             module.__dict__.pop("astrea_routing", None)
+            module.__dict__.pop("astrea_layout", None)
     return model
