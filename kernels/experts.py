@@ -502,10 +502,11 @@ def experts_forward(x: torch.Tensor, sorted_token_ids: torch.Tensor, inverse_pos
     rows = row_tile_config(x.dtype, interpreter, triton.cdiv(num_rows, num_experts))
     tile_expert, tile_start, bound = _row_tiles(expert_offsets, num_rows, rows["BLOCK_M"])
     hidden = torch.empty(num_rows, intermediate, dtype=x.dtype, device=x.device)
-    # Interleaved rows of a transposed stack (gpt-oss's) are read at stride 2: narrower tiles
-    # keep their addresses in registers without spills.
+    # Interleaved rows of a transposed stack (gpt-oss's) are read at stride 2: narrower 16-bit
+    # tiles keep their addresses in registers without spills.
+    wide_interleaved = interleaved and x.dtype in (torch.float16, torch.bfloat16)
     first = column_tiles(x.dtype, interpreter, intermediate, hidden_size,
-                         narrow=(4 if interleaved else 2) if gated else 1)
+                         narrow=(4 if wide_interleaved else 2) if gated else 1)
     # An absent bias is passed as another tensor of x's dtype, never read.
     _gate_up_kernel[(bound * triton.cdiv(intermediate, first["BLOCK_N"]),)](
         x, sorted_token_ids, expert_offsets, tile_expert, tile_start, gate_up, _or(gate_up_bias, x), pre, hidden,
