@@ -195,13 +195,15 @@ def test_weight_stacks_are_taken_in_their_strides_by_the_kernels():
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_empty_batch(impl):
-    x, indices, gate_up, down, weights, scale = make_case(0, 32, 64, 6, 2)
-    x.requires_grad_()
+    x, indices, gate_up, down, weights, scale, gate_up_bias, down_bias = make_case(0, 32, 64, 6, 2,
+                                                                                   biases=("gate_up", "down"))
+    leaves = [t.requires_grad_() for t in (x, gate_up_bias, down_bias)]
     with running(impl, *OPS_UNDER_TEST):
-        out = run((x, indices, gate_up, down, weights, scale))
+        out = run((x, indices, gate_up, down, weights, scale, gate_up_bias, down_bias))
     assert out.shape == (0, 32)
     out.sum().backward()
     assert x.grad.shape == (0, 32)
+    assert all(t.grad.shape == t.shape and not t.grad.any() for t in leaves[1:]), "zero bias gradients"
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -374,26 +376,42 @@ def test_cpu_tensors_run_torch_under_auto_and_the_kernels_under_triton():
         assert experts_op.SPEC.choose(cpu) == "triton"
 
 
-def test_triton_slots_of_out_of_range_experts_add_nothing():
+@pytest.mark.parametrize("biased", [False, True], ids=["no-bias", "biased"])
+def test_triton_slots_of_out_of_range_experts_add_nothing(biased):
     """On CUDA the dispatch places slots of out-of-range experts after expert_offsets[E]
-    instead of syncing to reject them: the kernels compute no row for them and sum none."""
+    instead of syncing to reject them: the kernels compute no row for them and sum none (no
+    bias, and no bias gradient, from them either)."""
     from astrea.kernels.dispatch import dispatch_forward
 
-    x, indices, gate_up, down, weights, scale = make_case(24, 32, 16, 4, 2)
+    x, indices, gate_up, down, weights, scale, gate_up_bias, down_bias = _split(
+        make_case(24, 32, 16, 4, 2, biases=("gate_up", "down") if biased else ()))
     dropped = indices.clone()
     dropped[::3, 1] = 4  # expert 4 of 4: out of range
     dispatch = ops.Dispatch(*dispatch_forward(dropped, 4), dropped)
     assert int(dispatch.expert_offsets[-1]) < dropped.numel()
     kept = weights * (dropped < 4)
-    expected = reference.moe_experts(x.double(), indices, gate_up.double(), down.double(), kept.double(), "silu",
-                                     True, scale.double())
-    leaves = [t.clone().requires_grad_() for t in (x, weights)]
+    biases = tuple(t for t in (gate_up_bias, down_bias) if t is not None)
+
+    def oracle(x, weights, *biases, dtype):
+        gate_up_bias, down_bias = biases if biases else (None, None)
+        return reference.moe_experts(x, indices, gate_up.to(dtype), down.to(dtype), weights, "silu", True,
+                                     scale.to(dtype), gate_up_bias=gate_up_bias, down_bias=down_bias)
+
+    expected_leaves = [t.double().requires_grad_() for t in (x, kept, *biases)]
+    expected = oracle(*expected_leaves, dtype=torch.float64)
+    expected_grads = torch.autograd.grad(expected.sum(), expected_leaves[2:]) if biased else ()
+    torch_leaves = [t.clone().requires_grad_() for t in (x, kept, *biases)]
+    torch_value = oracle(*torch_leaves, dtype=torch.float32)
+    torch_grads = torch.autograd.grad(torch_value.sum(), torch_leaves[2:]) if biased else ()
+    leaves = [t.clone().requires_grad_() for t in (x, weights, *biases)]
     with running("triton", *OPS_UNDER_TEST):
-        out = ops.moe_experts(leaves[0], dispatch, gate_up, down, leaves[1], expert_scale=scale)
+        out = ops.moe_experts(leaves[0], dispatch, gate_up, down, leaves[1], expert_scale=scale,
+                              **dict(zip(("gate_up_bias", "down_bias"), leaves[2:])))
         out.sum().backward()
-    torch_value = reference.moe_experts(x, indices, gate_up, down, kept, "silu", True, scale)
     assert_within_torch_error(out, expected, torch_value, what="out with dropped slots")
     assert not leaves[1].grad[dropped >= 4].any(), "dropped slots get no weight gradient"
+    for leaf, e, t in zip(leaves[2:], expected_grads, torch_grads):
+        assert_within_torch_error(leaf.grad, e, t, what="bias gradient with dropped slots")
 
 
 @pytest.mark.parametrize("features", ["gated", "ungated", "gpt-oss"])
@@ -729,6 +747,9 @@ def test_bias_gradients_bitwise_reproducible_across_runs_and_thread_counts(impl)
         return {"out": out, "grad gate_up_bias": grads[-2], "grad down_bias": grads[-1]}
 
     assert_bitwise_reproducible(biased_grads)
+    grads = biased_grads()
+    assert not grads["grad gate_up_bias"][4:].any() and not grads["grad down_bias"][4:].any(), \
+        "experts without rows get zero bias gradients"
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
