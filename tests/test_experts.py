@@ -355,16 +355,42 @@ def test_bad_inputs_raise_naming_the_argument(kwargs, error, match):
         ops.moe_experts(**args)
 
 
-def test_backend_reference_runs_the_per_expert_path(monkeypatch):
+def _record_grouped_gemms(monkeypatch, extension: bool = True) -> list[str]:
+    """The names of the grouped GEMMs moe_experts calls from here on (F.grouped_mm and, with
+    ``extension``, the C++ ones)."""
     calls = []
-    original = F.grouped_mm
-    monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: calls.append(1) or original(*a, **k))
+
+    def recording(name, function):
+        return lambda *args, **kwargs: calls.append(name) or function(*args, **kwargs)
+
+    monkeypatch.setattr(F, "grouped_mm", recording("F.grouped_mm", F.grouped_mm))
+    for name in ("grouped_mm_cpu", "grouped_weight_grad_cpu") if extension else ():
+        monkeypatch.setattr(torch.ops.astrea, name, recording(name, getattr(torch.ops.astrea, name)))
+    return calls
+
+
+def _forward_backward(case):
+    leaves = [t.detach().requires_grad_() if t is not None and t.is_floating_point() else t for t in case]
+    run(leaves).sum().backward()
+
+
+@pytest.mark.skipif(not astrea._extension.has_kernel("grouped_mm_cpu", "CPU"), reason="astrea._C is not built")
+def test_cpu_runs_the_cpp_grouped_gemms_and_reference_the_per_expert_path(monkeypatch):
+    calls = _record_grouped_gemms(monkeypatch)
     case = make_case(20, 32, 16, 4, 2)
     with astrea.backend("reference"):
-        run(case)
-    assert not calls
-    run(case)
-    assert calls, "aligned shapes run torch's grouped_mm"
+        _forward_backward(case)
+    assert not calls, f"the reference runs one matmul per expert, not {calls}"
+    _forward_backward(case)
+    assert calls.count("grouped_mm_cpu") == 4 and calls.count("grouped_weight_grad_cpu") == 2, calls
+    assert "F.grouped_mm" not in calls, "on CPU tensors torch's grouped_mm sums in a thread-dependent order"
+
+
+def test_without_the_extension_aligned_shapes_run_torchs_grouped_mm(monkeypatch):
+    monkeypatch.setattr(experts_op._extension, "has_kernel", lambda *args: False)
+    calls = _record_grouped_gemms(monkeypatch, extension=False)
+    run(make_case(20, 32, 16, 4, 2))
+    assert calls == ["F.grouped_mm", "F.grouped_mm"], calls
 
 
 def test_cpu_tensors_run_torch_under_auto_and_the_kernels_under_triton():

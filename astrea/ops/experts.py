@@ -24,9 +24,11 @@ fixed order (no atomics, bitwise reproducible):
   routing coefficient in the second's, tiles scheduled from the offsets on the device; the
   bias gradients come out of the weight-gradient kernels.
 * ``torch`` (CPU tensors under ``auto``): the rows gathered in expert order (``index_select``),
-  ``F.grouped_mm`` for both projections with the group offsets read on the device, and
-  fixed-order sums; shapes whose strides are not 16-byte aligned (or float64, for gradcheck)
-  run the same steps as one matmul per expert. The backward runs four grouped GEMMs (d rows,
+  both projections by the C++ grouped GEMMs of ``astrea._C`` (each expert's rows in tiles fixed
+  by the sizes, one BLAS thread a tile: one summation order on any thread count), and
+  fixed-order sums. Without ``astrea._C`` (and on CUDA tensors run on this implementation)
+  ``F.grouped_mm`` with the group offsets read on the device, where its 16-byte alignment
+  allows, else one matmul per expert. The backward runs four grouped GEMMs (d rows,
   d gate_up, d down, d a); the bias gradients are segment sums of the dispatch-ordered rows.
 * ``reference``: the torch steps with one plain matmul per expert.
 
@@ -55,8 +57,9 @@ SPEC = _backend.declare_op(
     supports={"triton": "grouped GEMMs gathering token rows through the dispatch, biases, activation (clamped "
                         "SwiGLU and relu2 too) and routing weight fused, either gate/up layout, any strides, no "
                         "host sync; float64 only under the interpreter",
-              "torch": "F.grouped_mm on 16-byte-aligned shapes, one matmul per expert otherwise (float64 too); "
-                       "biases, both gate/up layouts; no host sync on aligned shapes"})
+              "torch": "CPU: astrea._C's grouped GEMMs, bitwise identical on any thread count (float64 too); "
+                       "without _C or on CUDA tensors F.grouped_mm on 16-byte-aligned shapes (no host sync), one "
+                       "matmul per expert otherwise; biases, both gate/up layouts"})
 
 __all__ = ["ACTIVATIONS", "GATED_ACTIVATIONS", "GATE_UP_LAYOUTS", "moe_experts"]
 
@@ -92,10 +95,12 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, *, grou
     """Rows ``[offsets[e], offsets[e+1])`` of ``a`` times ``b[e]`` (``grouped_k``: the rows of
     ``a.t()`` and ``b`` of expert e multiplied into ``out[e]``). Rows past ``offsets[E]`` are zero.
     ``grouped=False`` (or operands F.grouped_mm does not take) runs one matmul per expert.
-    On CPU tensors the weight gradients (``grouped_k``) run the C++ kernel, whose sums over each
-    expert's rows have one order on any thread count (F.grouped_mm's BLAS splits them)."""
-    if grouped and grouped_k and a.device.type == "cpu" and _extension.has_kernel("grouped_weight_grad_cpu", "CPU"):
-        return torch.ops.astrea.grouped_weight_grad_cpu(a, b, offsets)
+    On CPU tensors both run the C++ kernels (csrc/cpu/experts.cpp), whose sums have one order on
+    any thread count where F.grouped_mm's BLAS splits them over its threads (and which run
+    several times faster than its CPU kernel on these shapes)."""
+    if grouped and a.device.type == "cpu" and _extension.has_kernel("grouped_mm_cpu", "CPU"):
+        kernel = torch.ops.astrea.grouped_weight_grad_cpu if grouped_k else torch.ops.astrea.grouped_mm_cpu
+        return kernel(a, b, offsets)
     if not (grouped and _aligned(a, b)):
         return _per_expert(a, b, offsets, grouped_k)
     out = F.grouped_mm(a, b, offs=offsets[1:].to(torch.int32))
@@ -316,6 +321,7 @@ def _(x, sorted_token_ids, inverse_positions, expert_offsets, gate_up, down, coe
     return x.new_empty(x.shape), x.new_empty(sorted_token_ids.shape[0] if keep_pre else 0, gate_up.shape[1])
 
 
+_extension.register_fake("grouped_mm_cpu", lambda a, b, offsets: a.new_empty(a.shape[0], b.shape[2]))
 _extension.register_fake("grouped_weight_grad_cpu",
                          lambda a, b, offsets: a.new_empty(offsets.shape[0] - 1, a.shape[0], b.shape[1]))
 

@@ -46,6 +46,8 @@ void for_each_tile(int64_t experts, Rows rows, Tile tile) {
   for (int64_t e = 0; e < experts; ++e) starts[e + 1] = starts[e] + (rows(e) + kTileRows - 1) / kTileRows;
   at::parallel_for(0, starts[experts], 1, [&](int64_t begin, int64_t end) {
     SingleThreadBlas one_thread;
+    // Below autograd on every worker thread: the op's backward is astrea's own, mm_out untraced.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t index = begin; index < end; ++index) {
       const int64_t e = std::upper_bound(starts.begin(), starts.end(), index) - starts.begin() - 1;
       const int64_t first = (index - starts[e]) * kTileRows;
