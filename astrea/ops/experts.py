@@ -22,7 +22,8 @@ fixed order (no atomics, bitwise reproducible):
   the interpreter): the grouped-GEMM kernels of :mod:`astrea.kernels.experts`, the token rows
   gathered inside the first GEMM's tile loads, bias and activation in its epilogue, bias and
   routing coefficient in the second's, tiles scheduled from the offsets on the device; the
-  bias gradients come out of the weight-gradient kernels.
+  bias gradients from a kernel summing each expert's rows in order (which also gives the down
+  bias's part of the routing weights' gradient).
 * ``torch`` (CPU tensors under ``auto``): the rows gathered in expert order (``index_select``),
   both projections by the C++ grouped GEMMs of ``astrea._C`` (each expert's rows in tiles fixed
   by the sizes, one BLAS thread a tile: one summation order on any thread count), and
