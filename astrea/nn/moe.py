@@ -16,14 +16,13 @@ class GroupedExperts(nn.Module):
     """E feed-forward experts with stacked weights, run by :func:`astrea.ops.moe_experts`.
 
     Parameters in transformers' fused layout: ``gate_up [E, 2I, H]`` (gate rows, then up rows;
-    ``[E, I, H]`` when ``gated=False``) and ``down [E, H, I]``, with ``bias=True`` also
-    ``gate_up_bias [E, 2I or I]`` and ``down_bias [E, H]``, initialised as ``nn.Linear``
+    ``[E, I, H]`` when ``gated=False``) and ``down [E, H, I]``, initialised as ``nn.Linear``
     initialises each expert's projections. ``forward(x [N, H], dispatch, weights [N, k],
     expert_scale=None)`` gives ``[N, H]``, the weighted sum of each token's k experts.
     """
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, activation: str = "silu",
-                 gated: bool = True, bias: bool = False):
+                 gated: bool = True):
         super().__init__()
         for name, value in (("num_experts", num_experts), ("hidden", hidden), ("intermediate", intermediate)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -36,17 +35,12 @@ class GroupedExperts(nn.Module):
         rows = 2 * intermediate if gated else intermediate
         self.gate_up = nn.Parameter(torch.empty(num_experts, rows, hidden))
         self.down = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
-        self.gate_up_bias = nn.Parameter(torch.empty(num_experts, rows)) if bias else None
-        self.down_bias = nn.Parameter(torch.empty(num_experts, hidden)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         for weight in (self.gate_up, self.down):
             bound = 1 / math.sqrt(weight.shape[-1])  # nn.Linear's default, per expert
             nn.init.uniform_(weight, -bound, bound)
-        for bias, weight in ((self.gate_up_bias, self.gate_up), (self.down_bias, self.down)):
-            if bias is not None:
-                nn.init.uniform_(bias, -1 / math.sqrt(weight.shape[-1]), 1 / math.sqrt(weight.shape[-1]))
 
     @property
     def num_experts(self) -> int:
@@ -55,12 +49,11 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, dispatch: ops.Dispatch, weights: torch.Tensor,
                 expert_scale: torch.Tensor | None = None) -> torch.Tensor:
         return ops.moe_experts(x, dispatch, self.gate_up, self.down, weights, activation=self.activation,
-                               gated=self.gated, expert_scale=expert_scale, gate_up_bias=self.gate_up_bias,
-                               down_bias=self.down_bias)
+                               gated=self.gated, expert_scale=expert_scale)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden={self.down.shape[1]}, intermediate={self.down.shape[2]}, "
-                f"activation={self.activation!r}, gated={self.gated}, bias={self.down_bias is not None}")
+                f"activation={self.activation!r}, gated={self.gated}")
 
 
 class RoutedTokens(NamedTuple):
