@@ -157,23 +157,20 @@ def _draw_router_case(data, impl: str = "cpu"):
     logits = _randn(gen, n, e, scale=scale)
     if ties:
         logits = (logits * 2).round() / 2
-    if scoring == "sigmoid" and options["renormalize"]:
-        # sigmoid(x) underflows to 0 in fp32 below about -88, and renormalising k zero scores
-        # gives NaN weights (0 / 0) where float64 has finite ones: a limit of the fp32 scoring
-        # itself, kept out of these draws.
-        logits = logits.clamp(min=-80.0)
     options["bias"] = (_randn(gen, e, scale=0.1) if data.draw(st.booleans(), label="bias") else None)
     return _layout(logits.to(dtype), layout), k, options
 
 
-def _torch_router_grad(logits: torch.Tensor, own: ops.RouterOutput, options: dict, loss: torch.Tensor):
+def _torch_router_grad(logits: torch.Tensor, own: ops.RouterOutput, options: dict, loss_of):
     """PyTorch's own d loss / d logits: the kernels' closed form (reference.router_topk_backward)
-    computed in fp32, fed the gradients that ``loss`` (a function of ``own``, the reference's fp32
-    outputs) sends into weights, prob_sums and lse. Autograd through the fp32 forward would be
-    another formula: where a softmax saturates it cancels differently, and it is not what the
-    kernels compute."""
-    upstream = torch.autograd.grad(loss, [own.weights, own.prob_sums, own.lse], allow_unused=True,
-                                   materialize_grads=True)
+    computed in fp32, fed the gradients that ``loss_of`` sends into ``own``'s (the reference's
+    fp32 outputs') weights, prob_sums and lse, taken at leaf copies of them: the reference
+    computes its softmax scores from lse, so autograd through its graph would fold the weights'
+    and prob_sums' paths into lse's. Autograd through the fp32 forward would be another formula
+    too: where a softmax saturates it cancels differently, and it is not what the kernels compute."""
+    leaves = [t.detach().requires_grad_() for t in (own.weights, own.prob_sums, own.lse)]
+    upstream = torch.autograd.grad(loss_of(own._replace(weights=leaves[0], prob_sums=leaves[1], lse=leaves[2])),
+                                   leaves, allow_unused=True, materialize_grads=True)
     return reference.router_topk_backward(logits, own.indices, own.lse.detach(), *(u.float() for u in upstream),
                                           scoring=options["scoring"], renormalize=options["renormalize"],
                                           scaling_factor=options["scaling_factor"])
@@ -245,7 +242,7 @@ def _check_router_topk(data, impl: str):
         return sum((t * u.to(t.dtype)).sum() for t, u in zip((result.weights, result.prob_sums, result.lse), upstream))
 
     assert_within_torch_error(torch.autograd.grad(surrogate(out), x)[0], torch.autograd.grad(surrogate(oracle), x64)[0],
-                              _torch_router_grad(logits, own, options, surrogate(own)), what="grad logits")
+                              _torch_router_grad(logits, own, options, surrogate), what="grad logits")
 
 
 @settings(max_examples=EXAMPLES["router_topk"])
@@ -287,7 +284,7 @@ def _check_underflowing_router_topk(data, impl: str):
     grad = torch.autograd.grad(surrogate(out), x)[0]
     assert grad.isfinite().all(), "grad logits"
     assert_within_torch_error(grad, torch.autograd.grad(surrogate(oracle), x64)[0],
-                              _torch_router_grad(logits, own, options, surrogate(own)), what="grad logits")
+                              _torch_router_grad(logits, own, options, surrogate), what="grad logits")
 
 
 def _balancing(result: ops.RouterOutput, num_tokens) -> torch.Tensor:
@@ -318,12 +315,13 @@ def test_load_balancing_loss(data):
         num_tokens = global_tokens if choice == "int" else torch.tensor(global_tokens)
     (out, x), (oracle, x64), (own, x32) = _route(logits, k, options)
     loss = ops.load_balancing_loss(out, num_tokens=num_tokens)
-    expected = _balancing(oracle, None if num_tokens is None else global_tokens)
-    torch_loss = _balancing(own, None if num_tokens is None else global_tokens)
+    tokens = None if num_tokens is None else global_tokens
+    expected, torch_loss = _balancing(oracle, tokens), _balancing(own, tokens)
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert_within_torch_error(loss, expected, torch_loss, what="loss")
     assert_within_torch_error(torch.autograd.grad(loss, x)[0], torch.autograd.grad(expected, x64)[0],
-                              _torch_router_grad(logits, own, options, torch_loss), what="grad logits")
+                              _torch_router_grad(logits, own, options, lambda result: _balancing(result, tokens)),
+                              what="grad logits")
 
 
 @settings(max_examples=EXAMPLES["router_z_loss"])
@@ -340,7 +338,8 @@ def test_router_z_loss(data):
     expected, torch_loss = oracle.lse.square().mean(), own.lse.square().mean()
     assert_within_torch_error(loss, expected, torch_loss, what="z loss")
     assert_within_torch_error(torch.autograd.grad(loss, x)[0], torch.autograd.grad(expected, x64)[0],
-                              _torch_router_grad(logits, own, options, torch_loss), what="grad logits")
+                              _torch_router_grad(logits, own, options, lambda result: result.lse.square().mean()),
+                              what="grad logits")
 
 
 # ---- dispatch and permute -----------------------------------------------------------------------
