@@ -42,8 +42,9 @@ def _weight_grad_float64(a, b, offsets):
 @pytest.mark.parametrize("layout", ["contiguous", "transposed-b", "strided-a"])
 def test_grouped_mm(dtype, layout):
     g = torch.Generator().manual_seed(0)
-    # An expert without rows, one of a single row, one of more than a tile, 5 rows past offsets[E].
-    counts, k, n = [3, 0, 1, 130, 17], 37, 29
+    # An expert without rows, one of a single row, one of more than a tile (256 rows), 5 rows past
+    # offsets[E].
+    counts, k, n = [3, 0, 1, 300, 17], 37, 29
     offsets = _offsets(counts)
     a = torch.randn(sum(counts) + 5, k, generator=g).to(dtype)
     b = torch.randn(len(counts), k, n, generator=g).to(dtype)
@@ -63,7 +64,7 @@ def test_grouped_mm(dtype, layout):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_grouped_weight_grad(dtype):
     g = torch.Generator().manual_seed(1)
-    counts, m, n = [0, 70, 2, 9], 67, 13
+    counts, m, n = [0, 70, 2, 9], 1030, 13  # out[e] of more than a tile (1024 rows)
     offsets = _offsets(counts)
     a = strided(torch.randn(m, sum(counts), generator=g).to(dtype))
     b = torch.randn(sum(counts), n, generator=g).to(dtype)

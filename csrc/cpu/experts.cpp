@@ -19,7 +19,10 @@
 namespace astrea {
 namespace {
 
-constexpr int64_t kTileRows = 64;  // output rows per tile
+// Output rows per tile: large enough that a tile's GEMM amortises its call (bf16 runs AMX
+// tiles), small enough that a few experts still spread over the threads.
+constexpr int64_t kGroupedTileRows = 256;     // grouped_mm_cpu: rows of one expert
+constexpr int64_t kWeightGradTileRows = 1024;  // grouped_weight_grad_cpu: rows of out[e]
 
 // offsets [E + 1] on the host, checked to ascend within [0, limit].
 std::vector<int64_t> expert_bounds(const char* op, const at::Tensor& offsets, int64_t limit) {
@@ -39,19 +42,19 @@ void check_operands(const char* op, const at::Tensor& a, const at::Tensor& b) {
                    ": a and b must share one floating dtype; got ", a.scalar_type(), " and ", b.scalar_type());
 }
 
-// Runs tile(e, first, count) for every block of kTileRows of the `rows(e)` rows of each expert.
+// Runs tile(e, first, count) for every block of tile_rows of the `rows(e)` rows of each expert.
 template <typename Rows, typename Tile>
-void for_each_tile(int64_t experts, Rows rows, Tile tile) {
+void for_each_tile(int64_t experts, int64_t tile_rows, Rows rows, Tile tile) {
   std::vector<int64_t> starts(experts + 1, 0);  // first tile of each expert
-  for (int64_t e = 0; e < experts; ++e) starts[e + 1] = starts[e] + (rows(e) + kTileRows - 1) / kTileRows;
+  for (int64_t e = 0; e < experts; ++e) starts[e + 1] = starts[e] + (rows(e) + tile_rows - 1) / tile_rows;
   at::parallel_for(0, starts[experts], 1, [&](int64_t begin, int64_t end) {
     SingleThreadBlas one_thread;
     // Below autograd on every worker thread: the op's backward is astrea's own, mm_out untraced.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t index = begin; index < end; ++index) {
       const int64_t e = std::upper_bound(starts.begin(), starts.end(), index) - starts.begin() - 1;
-      const int64_t first = (index - starts[e]) * kTileRows;
-      tile(e, first, std::min(kTileRows, rows(e) - first));
+      const int64_t first = (index - starts[e]) * tile_rows;
+      tile(e, first, std::min(tile_rows, rows(e) - first));
     }
   });
 }
@@ -66,7 +69,7 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Te
   TORCH_CHECK_VALUE(b.size(0) == experts, op, ": b must hold E = ", experts, " experts; got ", b.size(0));
   at::Tensor out = at::empty({a.size(0), b.size(2)}, a.options());
   out.narrow(0, bounds[experts], a.size(0) - bounds[experts]).zero_();
-  for_each_tile(experts, [&](int64_t e) { return bounds[e + 1] - bounds[e]; },
+  for_each_tile(experts, kGroupedTileRows, [&](int64_t e) { return bounds[e + 1] - bounds[e]; },
                 [&](int64_t e, int64_t first, int64_t count) {
                   at::Tensor target = out.narrow(0, bounds[e] + first, count);
                   at::mm_out(target, a.narrow(0, bounds[e] + first, count), b.select(0, e));
@@ -81,8 +84,11 @@ at::Tensor grouped_weight_grad_cpu(const at::Tensor& a, const at::Tensor& b, con
   check_operands(op, a, b);
   const std::vector<int64_t> bounds = expert_bounds(op, offsets, a.size(1));
   const int64_t experts = static_cast<int64_t>(bounds.size()) - 1;
-  at::Tensor out = at::zeros({experts, a.size(0), b.size(1)}, a.options());
-  for_each_tile(experts, [&](int64_t e) { return bounds[e + 1] > bounds[e] ? a.size(0) : 0; },
+  at::Tensor out = at::empty({experts, a.size(0), b.size(1)}, a.options());
+  for (int64_t e = 0; e < experts; ++e) {
+    if (bounds[e + 1] == bounds[e]) out.select(0, e).zero_();
+  }
+  for_each_tile(experts, kWeightGradTileRows, [&](int64_t e) { return bounds[e + 1] > bounds[e] ? a.size(0) : 0; },
                 [&](int64_t e, int64_t first, int64_t count) {
                   const int64_t lo = bounds[e], hi = bounds[e + 1];
                   at::Tensor target = out.select(0, e).narrow(0, first, count);
