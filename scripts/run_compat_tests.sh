@@ -25,4 +25,9 @@ source scripts/cpu_isa.sh
 use_cpu_isa avx2
 export PYTHONPATH="$SITE" OMP_NUM_THREADS=1 TORCHINDUCTOR_CACHE_DIR="$INDUCTOR_CACHE"
 echo "compat pass: triton $("$VENV/bin/python" -c 'import triton; print(triton.__version__)'), ATEN_CPU_CAPABILITY=$ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS=$MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA=$ONEDNN_MAX_CPU_ISA, OMP_NUM_THREADS=$OMP_NUM_THREADS"
-"$VENV/bin/python" -m pytest tests -q -ra -p no:cacheprovider "$@"
+# Test paths among the arguments replace the whole suite (options alone keep it).
+paths=tests
+for argument in "$@"; do
+  case "$argument" in tests/*|benchmarks/*) paths="" ;; esac
+done
+"$VENV/bin/python" -m pytest $paths -q -ra -p no:cacheprovider "$@"
