@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from astrea import _extension, ops, reference
 from astrea.nn import MomentumContrast
 from astrea.testing import peak_cpu_memory_bytes
-from tests.utils import (UNIT_ROUNDOFF, accumulation_bound, assert_close, assert_within, assert_within_torch_error,
+from tests.utils import (UNIT_ROUNDOFF, accumulation_bound, assert_identical, assert_within, assert_within_torch_error,
                          float64_leaves, strided)
 
 pytestmark = pytest.mark.skipif(not _extension.available(), reason="astrea._C is not built")
@@ -304,7 +304,7 @@ def test_torch_compile_fullgraph(kernels):
     enqueue = torch.compile(lambda r, p, k: ops.queue_enqueue_(r, p, k), fullgraph=True)
     enqueue(ring, ptr, key.detach())
     assert int(ptr) == 6
-    assert_close(ring[:6], key.detach(), atol=0, rtol=0)
+    assert_identical(ring[:6], key.detach())
 
 
 # --- queue_enqueue_ -------------------------------------------------------------------
@@ -321,7 +321,7 @@ def test_enqueue_wraps_around_for_any_batch(kernels, device, batch):
         ops.queue_enqueue_(queue, ptr, keys)
         reference.queue_enqueue_(expected, expected_ptr, keys)
         assert int(ptr) == (step + 1) * batch % capacity
-    assert_close(queue, expected, atol=0, rtol=0)
+    assert_identical(queue, expected)
     assert int(ptr) == int(expected_ptr)
 
 
@@ -330,8 +330,8 @@ def test_enqueue_casts_keys(kernels, device):
     ptr = torch.tensor([4], device=device)
     keys = torch.randn(2, 3, dtype=torch.float32, device=device)
     ops.queue_enqueue_(queue, ptr, keys)
-    assert_close(queue[4], keys[0].to(torch.bfloat16), atol=0, rtol=0)
-    assert_close(queue[0], keys[1].to(torch.bfloat16), atol=0, rtol=0)
+    assert_identical(queue[4], keys[0].to(torch.bfloat16))
+    assert_identical(queue[0], keys[1].to(torch.bfloat16))
     assert int(ptr) == 1
 
 
@@ -426,7 +426,7 @@ def test_module_loss_uses_the_queue_before_enqueue_and_enqueues_keys():
     own.backward()
     assert_within_torch_error(loss, expected, own, what="loss")
     assert_within_torch_error(q.grad, q64.grad, qr.grad, what="grad q (queue snapshot)")
-    assert_close(moco.queue[:6], F.normalize(key, dim=1), atol=0, rtol=0, what="enqueued keys")
+    assert_identical(moco.queue[:6], F.normalize(key, dim=1), what="enqueued keys")
     assert int(moco.ptr) == 6
     state = moco.state_dict()
     assert set(state) == {"queue", "ptr"}
@@ -562,7 +562,7 @@ def test_two_rank_gloo_step_enqueues_both_ranks_keys_in_rank_order():
         queue, ptr = results[rank]
         assert ptr == 6
         # Unit axis vectors normalise to themselves exactly.
-        assert_close(queue, expected, atol=0, rtol=0, what=f"rank {rank} queue")
+        assert_identical(queue, expected, what=f"rank {rank} queue")
 
 
 def test_sanitizer_driver_runs_every_extension_op():
