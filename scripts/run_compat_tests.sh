@@ -23,7 +23,7 @@ INDUCTOR_CACHE=$(mktemp -d)
 trap 'rm -rf "$INDUCTOR_CACHE"' EXIT
 source scripts/cpu_isa.sh
 use_cpu_isa avx2
-export PYTHONPATH="$SITE" OMP_NUM_THREADS=1 TORCHINDUCTOR_CACHE_DIR="$INDUCTOR_CACHE"
+export PYTHONPATH="$SITE" OMP_NUM_THREADS=1 OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # as run_tests.sh TORCHINDUCTOR_CACHE_DIR="$INDUCTOR_CACHE"
 echo "compat pass: triton $("$VENV/bin/python" -c 'import triton; print(triton.__version__)'), ATEN_CPU_CAPABILITY=$ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS=$MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA=$ONEDNN_MAX_CPU_ISA, OMP_NUM_THREADS=$OMP_NUM_THREADS"
 # Test paths among the arguments replace the whole suite (options alone keep it).
 paths=tests
