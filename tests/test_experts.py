@@ -803,3 +803,39 @@ def test_bad_new_arguments_raise_naming_the_argument(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         ops.moe_experts(**args)
+
+
+# ---- the torch implementation's half-precision weighted sum -----------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("top_k", [1, 2, 8])
+def test_torch_half_weighted_sum_with_exact_coefficients_is_the_fp32_sum_rounded_once(dtype, top_k, monkeypatch):
+    """Coefficients exact in the rows' half dtype take one bmm in that dtype: bitwise the fp32
+    products summed in slot order and rounded once, on rows spanning many binades (where another
+    summation order or a rounding of the partial sums would show), on 1 and 2 threads."""
+    generator = torch.Generator().manual_seed(5)
+    num_tokens, width, num_rows = 300, 96, 300 * top_k
+    scale = 2.0 ** torch.randint(-12, 12, (num_rows, width), generator=generator)
+    rows = (torch.randn(num_rows, width, generator=generator) * scale).to(dtype)
+    inverse_positions = torch.randperm(num_rows, generator=generator).view(num_tokens, top_k).to(torch.int32)
+    coef_rows = torch.rand(num_rows, generator=generator).to(dtype).float()
+    threads = torch.get_num_threads()
+    try:
+        narrow = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            narrow.append(experts_op._sum_slots(rows, inverse_positions, coef_rows))
+    finally:
+        torch.set_num_threads(threads)
+    assert experts_op._exact_in(coef_rows, dtype) and narrow[0].dtype == dtype
+    monkeypatch.setattr(experts_op, "_exact_in", lambda coef, dtype: False)
+    wide = experts_op._sum_slots(rows, inverse_positions, coef_rows)
+    assert wide.dtype == torch.float32
+    assert torch.equal(narrow[0], wide.to(dtype)) and torch.equal(narrow[1], narrow[0])
+
+
+def test_torch_weighted_sum_takes_the_fp32_path_for_coefficients_inexact_in_the_rows_dtype():
+    coef_rows = torch.tensor([0.5, 1 / 3, 0.25])
+    assert not experts_op._exact_in(coef_rows, torch.bfloat16)
+    assert experts_op._exact_in(coef_rows[[0, 2]], torch.bfloat16)
+    assert not experts_op._exact_in(coef_rows[[0, 2]], torch.float32)  # fp32 rows: the fp32 path anyway

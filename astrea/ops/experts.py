@@ -152,16 +152,17 @@ def _segment_sums(rows: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Ten
     return torch.segment_reduce(rows, "sum", offsets=bounds, axis=0, unsafe=True)[:-1]
 
 
-def _activation_grad(grad: torch.Tensor, x: torch.Tensor, activation: str) -> torch.Tensor:
+def _activation_grad(grad: torch.Tensor, x: torch.Tensor, activation: str, out: torch.Tensor) -> torch.Tensor:
     """``grad * act'(x)`` by aten's fused derivative kernels (the backward recomputes the
-    activation from the saved pre-activations)."""
+    activation from the saved pre-activations), written into ``out`` (a view of d pre)."""
     if activation == "silu":
-        return torch.ops.aten.silu_backward(grad, x)
+        return torch.ops.aten.silu_backward.grad_input(grad, x, grad_input=out)
     if activation in ("gelu", "gelu_tanh"):
-        return torch.ops.aten.gelu_backward(grad, x, approximate="tanh" if activation == "gelu_tanh" else "none")
+        return torch.ops.aten.gelu_backward.grad_input(grad, x, approximate="tanh" if activation == "gelu_tanh"
+                                                       else "none", grad_input=out)
     if activation == "relu2":
-        return grad * (2 * F.relu(x))
-    return torch.ops.aten.threshold_backward(grad, x, 0)
+        return torch.mul(grad, 2 * F.relu(x), out=out)
+    return torch.ops.aten.threshold_backward.grad_input(grad, x, 0, grad_input=out)
 
 
 def _halves(pre: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,21 +195,33 @@ def _clamped_swiglu_grads(grad_hidden: torch.Tensor, gate: torch.Tensor, up: tor
 
 
 def _activation_backward(pre: torch.Tensor, grad_hidden: torch.Tensor, activation: str, gated: bool,
-                         interleaved: bool, alpha: float, limit: float, dtype: torch.dtype) -> torch.Tensor:
-    """d pre in ``dtype`` from d hidden, gate and up columns written into one output tensor in
-    gate_up's row layout."""
-    if not gated:
-        return _activation_grad(grad_hidden, pre, activation).to(dtype)
-    gate, up = _halves(pre, interleaved)
+                         interleaved: bool, alpha: float, limit: float, dtype: torch.dtype,
+                         act_gate: torch.Tensor | None = None) -> torch.Tensor:
+    """d pre in ``dtype`` from d hidden, gate and up columns written straight into one output
+    tensor in gate_up's row layout; ``act_gate``: ``act(gate)`` where the caller has it."""
     grad_pre = torch.empty(pre.shape, dtype=dtype, device=pre.device)
+    if not gated:
+        return _activation_grad(grad_hidden, pre, activation, out=grad_pre)
+    gate, up = _halves(pre, interleaved)
     grad_gate, grad_up = _halves(grad_pre, interleaved)
     if activation == "clamped_swiglu":
         grads = _clamped_swiglu_grads(grad_hidden, gate, up, alpha, limit)
-    else:
-        grads = _activation_grad(grad_hidden * up, gate, activation), grad_hidden * ACTIVATIONS[activation](gate)
-    grad_gate.copy_(grads[0])
-    grad_up.copy_(grads[1])
+        grad_gate.copy_(grads[0])
+        grad_up.copy_(grads[1])
+        return grad_pre
+    if act_gate is None:
+        act_gate = ACTIVATIONS[activation](gate)
+    _activation_grad(grad_hidden * up, gate, activation, out=grad_gate)
+    torch.mul(grad_hidden, act_gate, out=grad_up)
     return grad_pre
+
+
+def _exact_in(coef_rows: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the fp32 coefficients are all exact in the half-precision ``dtype`` (routing
+    weights that came in it); checked on CPU tensors only, where reading the answer costs no sync."""
+    if dtype not in (torch.bfloat16, torch.float16) or coef_rows.device.type != "cpu":
+        return False
+    return torch.equal(coef_rows.to(dtype).to(coef_rows.dtype), coef_rows)
 
 
 def _sum_slots(rows: torch.Tensor, inverse_positions: torch.Tensor, coef_rows: torch.Tensor,
@@ -216,12 +229,19 @@ def _sum_slots(rows: torch.Tensor, inverse_positions: torch.Tensor, coef_rows: t
                row_experts: torch.Tensor | None = None) -> torch.Tensor:
     """``out[t] = sum_j c[r] * (rows[r] + bias[e(r)])`` (or ``sum_j rows[r]``) with
     ``r = inverse_positions[t, j]``, j in order, in c's dtype: the rows are widened as they are
-    read, never copied wide."""
+    read, never copied wide. Weighted half-precision rows without bias, with coefficients exact in
+    their dtype, come back in it instead (rounded once from the same fp32 sums)."""
     num_tokens, top_k = inverse_positions.shape
     positions = inverse_positions.reshape(-1).long()
     gathered = rows.index_select(0, positions).view(num_tokens, top_k, rows.shape[1])
     if not weighted:
         return gathered.sum(1, dtype=coef_rows.dtype)
+    if bias is None and _exact_in(coef_rows, rows.dtype):
+        # Half-precision rows times coefficients exact in their dtype: the products are exact in
+        # fp32 and bmm sums them in fp32 in slot order, rounding once into rows' dtype, as the
+        # fp32 path and the caller's cast would, without the fp32 terms or the fp32 output.
+        narrow_coef = coef_rows.to(rows.dtype).index_select(0, positions).view(num_tokens, 1, top_k)
+        return torch.bmm(narrow_coef, gathered).view(num_tokens, rows.shape[1])
     coef = coef_rows.index_select(0, positions).view(num_tokens, top_k, 1)
     terms = gathered * coef
     if bias is not None:
@@ -254,21 +274,32 @@ def _backward(grad_out, x, sorted_token_ids, inverse_positions, expert_offsets, 
     wide = coef_rows.dtype
     ids = sorted_token_ids.long()
     rows = x.index_select(0, ids)
-    hidden = _activation(pre, activation, gated, interleaved, alpha, limit)  # recomputed, as the forward did
+    # Recomputed, as the forward did; act(gate) kept for d up.
+    act_gate = None
+    if gated and activation not in GATED_ACTIVATIONS:
+        gate, up = _halves(pre, interleaved)
+        act_gate = ACTIVATIONS[activation](gate)
+        hidden = act_gate * up
+    else:
+        hidden = _activation(pre, activation, gated, interleaved, alpha, limit)
     grad_rows = grad_out.index_select(0, ids)
     # d a = c * (g @ down[e]) and d c = <g, down[e] @ a + down_bias[e]>: one GEMM for both.
     grad_hidden_unscaled = _grouped_mm(grad_rows, down, expert_offsets, grouped=grouped)
     grad_coef = torch.linalg.vecdot(grad_hidden_unscaled.to(wide), hidden.to(wide))
     column = coef_rows[:, None]
-    scaled_grad_rows = grad_rows * column
     grad_down_bias = x.new_empty(0)
     if down_bias is not None:
         row_experts = _row_experts(expert_offsets, rows.shape[0])
         grad_coef = grad_coef + torch.linalg.vecdot(grad_rows.to(wide), down_bias.index_select(0, row_experts).to(wide))
-        grad_down_bias = _in_layout_of(_segment_sums(scaled_grad_rows, expert_offsets).to(x.dtype), down_bias)
-    grad_down = _weight_grad(scaled_grad_rows.to(x.dtype).t(), hidden, expert_offsets, down, grouped)
-    grad_pre = _activation_backward(pre, (grad_hidden_unscaled * column).to(x.dtype), activation, gated, interleaved,
-                                    alpha, limit, x.dtype)
+        wide_scaled_rows = grad_rows * column  # the bias gradient sums the products unrounded
+        grad_down_bias = _in_layout_of(_segment_sums(wide_scaled_rows, expert_offsets).to(x.dtype), down_bias)
+        scaled_grad_rows = wide_scaled_rows.to(x.dtype)
+    else:
+        # The products in coef's dtype rounded once into x's, as a cast would, without the wide copy.
+        scaled_grad_rows = torch.mul(grad_rows, column, out=torch.empty_like(grad_rows))
+    grad_down = _weight_grad(scaled_grad_rows.t(), hidden, expert_offsets, down, grouped)
+    grad_hidden = torch.mul(grad_hidden_unscaled, column, out=torch.empty_like(grad_hidden_unscaled))
+    grad_pre = _activation_backward(pre, grad_hidden, activation, gated, interleaved, alpha, limit, x.dtype, act_gate)
     grad_gate_up_bias = x.new_empty(0)
     if gate_up_bias is not None:
         grad_gate_up_bias = _in_layout_of(_segment_sums(grad_pre.to(wide), expert_offsets).to(x.dtype), gate_up_bias)
