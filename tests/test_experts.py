@@ -13,8 +13,8 @@ from astrea import ops, reference
 from astrea.nn import GroupedExperts, SparseMoE, TopKRouter
 from astrea.ops import experts as experts_op
 from astrea.reference import experts as reference_experts
-from tests.utils import (CHOICE_OF, assert_bitwise_reproducible, assert_within_torch_error, route_float64, running,
-                         strided)
+from tests.utils import (CHOICE_OF, accumulation_bound, assert_bitwise_reproducible, assert_within,
+                         assert_within_torch_error, route_float64, running, strided)
 
 OPS_UNDER_TEST = ("moe_experts",)
 # The op's implementations: the Triton kernels, torch's grouped GEMMs (what CPU tensors run
@@ -807,31 +807,68 @@ def test_bad_new_arguments_raise_naming_the_argument(kwargs, error, match):
 
 # ---- the torch implementation's half-precision weighted sum -----------------------------------
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("top_k", [1, 2, 8])
-def test_torch_half_weighted_sum_with_exact_coefficients_is_the_fp32_sum_rounded_once(dtype, top_k, monkeypatch):
-    """Coefficients exact in the rows' half dtype take one bmm in that dtype: bitwise the fp32
-    products summed in slot order and rounded once, on rows spanning many binades (where another
-    summation order or a rounding of the partial sums would show), on 1 and 2 threads."""
-    generator = torch.Generator().manual_seed(5)
-    num_tokens, width, num_rows = 300, 96, 300 * top_k
+def _spread_slot_rows(dtype, top_k, num_tokens=300, width=96, seed=5):
+    """(rows, inverse_positions, coef_rows exact in dtype) for _sum_slots, the rows spanning many
+    binades (where another summation order or a rounding of the partial sums would show)."""
+    generator = torch.Generator().manual_seed(seed)
+    num_rows = num_tokens * top_k
     scale = 2.0 ** torch.randint(-12, 12, (num_rows, width), generator=generator)
     rows = (torch.randn(num_rows, width, generator=generator) * scale).to(dtype)
     inverse_positions = torch.randperm(num_rows, generator=generator).view(num_tokens, top_k).to(torch.int32)
     coef_rows = torch.rand(num_rows, generator=generator).to(dtype).float()
+    return rows, inverse_positions, coef_rows
+
+
+def _on_threads(counts, fn):
     threads = torch.get_num_threads()
     try:
-        narrow = []
-        for count in (1, 2):
+        results = []
+        for count in counts:
             torch.set_num_threads(count)
-            narrow.append(experts_op._sum_slots(rows, inverse_positions, coef_rows))
+            results.append(fn())
+        return results
     finally:
         torch.set_num_threads(threads)
-    assert experts_op._exact_in(coef_rows, dtype) and narrow[0].dtype == dtype
-    monkeypatch.setattr(experts_op, "_exact_in", lambda coef, dtype: False)
-    wide = experts_op._sum_slots(rows, inverse_positions, coef_rows)
-    assert wide.dtype == torch.float32
-    assert torch.equal(narrow[0], wide.to(dtype)) and torch.equal(narrow[1], narrow[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("top_k", [1, 2, 8])
+def test_torch_half_weighted_sum_with_exact_coefficients_is_one_reproducible_bmm(dtype, top_k):
+    """Coefficients exact in the rows' half dtype take one bmm in that dtype: its products are
+    exact in fp32, so it is within an fp32 sum of top_k terms of the float64 sum (plus top_k
+    flushed subnormal products) and half an ulp of rounding; the same bits on 1 and 2 threads."""
+    rows, inverse_positions, coef_rows = _spread_slot_rows(dtype, top_k)
+    assert experts_op._exact_in(coef_rows, dtype)
+    narrow = _on_threads((1, 2, 1), lambda: experts_op._sum_slots(rows, inverse_positions, coef_rows))
+    assert narrow[0].dtype == dtype
+    assert torch.equal(narrow[1], narrow[0]) and torch.equal(narrow[2], narrow[0])
+    positions = inverse_positions.long()
+    terms = rows.double()[positions] * coef_rows.double()[positions][..., None]
+    exact = terms.sum(1)
+    bound = accumulation_bound(terms.abs().sum(1), top_k, exact, dtype) + top_k * torch.finfo(torch.float32).tiny
+    assert_within(narrow[0], exact, bound, what=f"bmm weighted sum, k={top_k}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_torch_unweighted_sum_is_the_fp32_slot_order_sum_rounded_once(dtype):
+    """The backward's d x: half rows summed in their dtype, bitwise the fp32 sum in slot order
+    rounded once (torch accumulates half sums in fp32)."""
+    rows, inverse_positions, coef_rows = _spread_slot_rows(dtype, 8)
+    total = experts_op._sum_slots(rows, inverse_positions, coef_rows, weighted=False)
+    assert total.dtype == dtype
+    slot_order = rows[inverse_positions[:, 0].long()].float()
+    for j in range(1, inverse_positions.shape[1]):
+        slot_order = slot_order + rows[inverse_positions[:, j].long()].float()
+    assert torch.equal(total, slot_order.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_products_with_exact_coefficients_are_the_fp32_products_rounded_once(dtype):
+    """What the backward's scaled rows rely on: rows times a column exact in their half dtype,
+    multiplied in that dtype, are bitwise the fp32 products rounded once."""
+    rows, _, coef_rows = _spread_slot_rows(dtype, 2)
+    column = coef_rows[:, None]
+    assert torch.equal(rows * column.to(dtype), (rows.float() * column).to(dtype))
 
 
 def test_torch_weighted_sum_takes_the_fp32_path_for_coefficients_inexact_in_the_rows_dtype():

@@ -11,6 +11,9 @@ or gate row i at 2i and up row i at 2i + 1 (``"interleaved"``, gpt-oss); ``gate_
     pre = gate_up[e] @ x[t] + gate_up_bias[e];   a = act(gate) * up   (gated)  or  act(pre)
     out[t] = sum_j  w[t, j] * s[e] * (down[e] @ a + down_bias[e])      (j in slot order, fp32)
 
+The ``torch`` implementation sums half-precision rows without down bias by one bmm in fp32
+where the coefficients ``w * s`` are exact in their dtype (in bmm's order, fixed by the shapes).
+
 ``clamped_swiglu`` (gated only) replaces ``act(gate) * up`` by gpt-oss's
 ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)``.
 
@@ -230,16 +233,19 @@ def _sum_slots(rows: torch.Tensor, inverse_positions: torch.Tensor, coef_rows: t
     """``out[t] = sum_j c[r] * (rows[r] + bias[e(r)])`` (or ``sum_j rows[r]``) with
     ``r = inverse_positions[t, j]``, j in order, in c's dtype: the rows are widened as they are
     read, never copied wide. Weighted half-precision rows without bias, with coefficients exact in
-    their dtype, come back in it instead (rounded once from the same fp32 sums)."""
+    their dtype, come back in it instead (one bmm: the exact fp32 products summed in fp32 in
+    bmm's order, rounded once). Unweighted sums come back in rows' dtype (half rows summed in
+    fp32, rounded once)."""
     num_tokens, top_k = inverse_positions.shape
     positions = inverse_positions.reshape(-1).long()
     gathered = rows.index_select(0, positions).view(num_tokens, top_k, rows.shape[1])
     if not weighted:
-        return gathered.sum(1, dtype=coef_rows.dtype)
+        return gathered.sum(1)
     if bias is None and _exact_in(coef_rows, rows.dtype):
         # Half-precision rows times coefficients exact in their dtype: the products are exact in
-        # fp32 and bmm sums them in fp32 in slot order, rounding once into rows' dtype, as the
-        # fp32 path and the caller's cast would, without the fp32 terms or the fp32 output.
+        # fp32, and bmm sums them in fp32 without the fp32 terms or output. Its order (and its
+        # flushing of subnormal products) can change the last bit of a few sums against the
+        # slot-order sum below; each shape has one order on any thread count.
         narrow_coef = coef_rows.to(rows.dtype).index_select(0, positions).view(num_tokens, 1, top_k)
         return torch.bmm(narrow_coef, gathered).view(num_tokens, rows.shape[1])
     coef = coef_rows.index_select(0, positions).view(num_tokens, top_k, 1)
@@ -287,6 +293,9 @@ def _backward(grad_out, x, sorted_token_ids, inverse_positions, expert_offsets, 
     grad_hidden_unscaled = _grouped_mm(grad_rows, down, expert_offsets, grouped=grouped)
     grad_coef = torch.linalg.vecdot(grad_hidden_unscaled.to(wide), hidden.to(wide))
     column = coef_rows[:, None]
+    # Coefficients exact in x's half dtype: the product in x's dtype is the exact fp32 product
+    # rounded once, the same bits as from the fp32 column, without the fp32 temporary.
+    narrow_column = column.to(x.dtype) if _exact_in(coef_rows, x.dtype) else column
     grad_down_bias = x.new_empty(0)
     if down_bias is not None:
         row_experts = _row_experts(expert_offsets, rows.shape[0])
@@ -296,16 +305,16 @@ def _backward(grad_out, x, sorted_token_ids, inverse_positions, expert_offsets, 
         scaled_grad_rows = wide_scaled_rows.to(x.dtype)
     else:
         # The products in coef's dtype rounded once into x's, as a cast would, without the wide copy.
-        scaled_grad_rows = torch.mul(grad_rows, column, out=torch.empty_like(grad_rows))
+        scaled_grad_rows = torch.mul(grad_rows, narrow_column, out=torch.empty_like(grad_rows))
     grad_down = _weight_grad(scaled_grad_rows.t(), hidden, expert_offsets, down, grouped)
-    grad_hidden = torch.mul(grad_hidden_unscaled, column, out=torch.empty_like(grad_hidden_unscaled))
+    grad_hidden = torch.mul(grad_hidden_unscaled, narrow_column, out=torch.empty_like(grad_hidden_unscaled))
     grad_pre = _activation_backward(pre, grad_hidden, activation, gated, interleaved, alpha, limit, x.dtype, act_gate)
     grad_gate_up_bias = x.new_empty(0)
     if gate_up_bias is not None:
         grad_gate_up_bias = _in_layout_of(_segment_sums(grad_pre.to(wide), expert_offsets).to(x.dtype), gate_up_bias)
     grad_gate_up = _weight_grad(grad_pre.t(), rows, expert_offsets, gate_up, grouped)
     grad_rows_x = _grouped_mm(grad_pre, gate_up, expert_offsets, grouped=grouped)
-    grad_x = _sum_slots(grad_rows_x, inverse_positions, coef_rows, weighted=False).to(x.dtype)
+    grad_x = _sum_slots(grad_rows_x, inverse_positions, coef_rows, weighted=False)
     return grad_x, grad_gate_up, grad_down, grad_coef, grad_gate_up_bias, grad_down_bias
 
 
