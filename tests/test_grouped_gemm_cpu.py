@@ -93,6 +93,18 @@ def test_long_reductions_have_one_order_on_any_thread_count(dtype):
     })
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_tiles_have_one_order_on_any_thread_count(dtype):
+    # moe_experts' down projection on the benchmark shape (E=8, H=512, I=1024): a transposed
+    # weight view and K = 1024, where oneDNN sizes its blocking by the threads OpenMP reports.
+    g = torch.Generator().manual_seed(3)
+    counts, k, n = [256] * 8, 1024, 512
+    offsets = _offsets(counts)
+    a = torch.randn(sum(counts), k, generator=g).to(dtype)
+    b = torch.randn(len(counts), n, k, generator=g).to(dtype).transpose(-2, -1)
+    assert_bitwise_reproducible(lambda: {"grouped_mm": torch.ops.astrea.grouped_mm_cpu(a, b, offsets)})
+
+
 def test_errors_name_the_operand():
     a, b, offsets = torch.randn(6, 4), torch.randn(2, 4, 3), torch.tensor([0, 2, 6])
     with pytest.raises(ValueError, match=r"grouped_mm_cpu: a must be \[M, K\] and b \[E, K, n\]"):

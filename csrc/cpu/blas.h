@@ -5,11 +5,15 @@
 // [M, K] @ [K, N] product with a small M x N output, over its threads, so the last bits of
 // the result change with the thread count. MKL's MKL_Set_Num_Threads_Local makes the
 // calling thread's BLAS calls run on one thread; it is looked up as a weak symbol, null where
-// torch's BLAS is not MKL (the products then follow that BLAS).
+// torch's BLAS is not MKL (the products then follow that BLAS). oneDNN, which runs torch's
+// bf16/fp16 CPU GEMMs, sizes its blocking (and so its summation order) by the threads OpenMP
+// reports to the calling thread, even inside a parallel region where it then runs on one: the
+// guard also sets that count to 1 (omp_set_num_threads is per thread, restored after).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -18,11 +22,15 @@ extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 namespace astrea {
 
-// While alive, this thread's BLAS calls run on one thread.
+// While alive, this thread's BLAS calls (MKL and oneDNN) run on one thread.
 class SingleThreadBlas {
  public:
-  SingleThreadBlas() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  SingleThreadBlas()
+      : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0), previous_omp_(omp_get_max_threads()) {
+    omp_set_num_threads(1);
+  }
   ~SingleThreadBlas() {
+    omp_set_num_threads(previous_omp_);
     if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
   }
   SingleThreadBlas(const SingleThreadBlas&) = delete;
@@ -30,6 +38,7 @@ class SingleThreadBlas {
 
  private:
   int previous_;  // 0: the thread followed the global setting
+  int previous_omp_;
 };
 
 // out += a @ b (out [M, N], a [M, K], b [K, N]) in blocks of kRows rows fixed by M, each
