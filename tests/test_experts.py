@@ -332,7 +332,7 @@ def test_grouped_experts_equal_a_module_list_of_the_same_experts(monkeypatch):
     assert_within_torch_error(SparseMoE(grouped, router)(x), expected, looped(x), what="grouped vs loop")
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
+ARGUMENT_MISTAKES = [
     (dict(activation="tanh"), ValueError, "moe_experts: activation must be one of"),
     (dict(gated="yes"), TypeError, "moe_experts: gated must be a bool"),
     (dict(down=torch.randn(4, 32, 17)), ValueError, r"moe_experts: gate_up.shape\[1\] must equal 2 \* I"),
@@ -341,7 +341,37 @@ def test_grouped_experts_equal_a_module_list_of_the_same_experts(monkeypatch):
     (dict(down=torch.randn(4, 32, 16).double()), TypeError, "moe_experts: down must have x's dtype"),
     (dict(weights=torch.rand(20, 3)), ValueError, "moe_experts: weights must have the shape of dispatch.indices"),
     (dict(x=torch.randn(20, 32, dtype=torch.float64).to(torch.int32)), TypeError, "moe_experts: x must have dtype"),
-])
+]
+
+
+# The gpt-oss / Nemotron-H arguments: biases, gate/up layout, clamped_swiglu.
+GPT_OSS_ARGUMENT_MISTAKES = [
+    (dict(activation="clamped_swiglu", gated=False), ValueError,
+     "moe_experts: activation 'clamped_swiglu' gates the up half, so it needs gated=True"),
+    (dict(gate_up_layout="blocked"), ValueError, "moe_experts: gate_up_layout must be one of 'concatenated', "
+                                                 "'interleaved'; got 'blocked'"),
+    (dict(gate_up_layout="interleaved", gated=False), ValueError,
+     "moe_experts: gate_up_layout 'interleaved' places gate and up rows, so it needs gated=True"),
+    (dict(swiglu_alpha="1.7"), TypeError, "moe_experts: swiglu_alpha must be a float, got str"),
+    (dict(swiglu_alpha=float("nan")), ValueError, "moe_experts: swiglu_alpha must be a finite number; got nan"),
+    (dict(swiglu_limit=0.0), ValueError, "moe_experts: swiglu_limit must be a positive finite number; got 0.0"),
+    (dict(gate_up_bias=torch.randn(32)), ValueError, r"moe_experts: gate_up_bias must be 2-D; got shape \(32,\)"),
+    (dict(gate_up_bias=torch.randn(5, 32)), ValueError, r"moe_experts: gate_up_bias.shape\[0\] must equal the number "
+                                                        "of experts E of dispatch = 4"),
+    (dict(gate_up_bias=torch.randn(4, 16)), ValueError, r"moe_experts: gate_up_bias.shape\[1\] must equal "
+                                                        r"gate_up.shape\[1\] \(2 \* I gated, I ungated\) = 32"),
+    (dict(gate_up_bias=torch.randn(4, 32).double()), TypeError, "moe_experts: gate_up_bias must have x's dtype "
+                                                                "torch.float32; got torch.float64"),
+    (dict(gate_up_bias=torch.ones(4, 32, dtype=torch.int32)), TypeError, "moe_experts: gate_up_bias must have dtype"),
+    (dict(down_bias=torch.randn(4, 16)), ValueError, r"moe_experts: down_bias.shape\[1\] must equal the hidden size "
+                                                     r"H = x.shape\[1\] = 32"),
+    (dict(down_bias=torch.randn(4, 32).half()), TypeError, "moe_experts: down_bias must have x's dtype"),
+    (dict(down_bias=torch.randn(4, 32, device="meta")), ValueError,
+     "moe_experts: all tensors must be on one device; got .*down_bias on meta"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, match", ARGUMENT_MISTAKES + GPT_OSS_ARGUMENT_MISTAKES)
 def test_bad_inputs_raise_naming_the_argument(kwargs, error, match):
     x, indices, gate_up, down, weights, _ = make_case(20, 32, 16, 4, 2)
     args = dict(x=x, dispatch=ops.moe_dispatch(indices, 4), gate_up=gate_up, down=down, weights=weights)
@@ -771,38 +801,6 @@ def test_bias_gradients_bitwise_reproducible_across_runs_and_thread_counts(impl)
     grads = biased_grads()
     assert not grads["grad gate_up_bias"][4:].any() and not grads["grad down_bias"][4:].any(), \
         "experts without rows get zero bias gradients"
-
-
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(activation="clamped_swiglu", gated=False), ValueError,
-     "moe_experts: activation 'clamped_swiglu' gates the up half, so it needs gated=True"),
-    (dict(gate_up_layout="blocked"), ValueError, "moe_experts: gate_up_layout must be one of 'concatenated', "
-                                                 "'interleaved'; got 'blocked'"),
-    (dict(gate_up_layout="interleaved", gated=False), ValueError,
-     "moe_experts: gate_up_layout 'interleaved' places gate and up rows, so it needs gated=True"),
-    (dict(swiglu_alpha="1.7"), TypeError, "moe_experts: swiglu_alpha must be a float, got str"),
-    (dict(swiglu_alpha=float("nan")), ValueError, "moe_experts: swiglu_alpha must be a finite number; got nan"),
-    (dict(swiglu_limit=0.0), ValueError, "moe_experts: swiglu_limit must be a positive finite number; got 0.0"),
-    (dict(gate_up_bias=torch.randn(32)), ValueError, r"moe_experts: gate_up_bias must be 2-D; got shape \(32,\)"),
-    (dict(gate_up_bias=torch.randn(5, 32)), ValueError, r"moe_experts: gate_up_bias.shape\[0\] must equal the number "
-                                                        "of experts E of dispatch = 4"),
-    (dict(gate_up_bias=torch.randn(4, 16)), ValueError, r"moe_experts: gate_up_bias.shape\[1\] must equal "
-                                                        r"gate_up.shape\[1\] \(2 \* I gated, I ungated\) = 32"),
-    (dict(gate_up_bias=torch.randn(4, 32).double()), TypeError, "moe_experts: gate_up_bias must have x's dtype "
-                                                                "torch.float32; got torch.float64"),
-    (dict(gate_up_bias=torch.ones(4, 32, dtype=torch.int32)), TypeError, "moe_experts: gate_up_bias must have dtype"),
-    (dict(down_bias=torch.randn(4, 16)), ValueError, r"moe_experts: down_bias.shape\[1\] must equal the hidden size "
-                                                     r"H = x.shape\[1\] = 32"),
-    (dict(down_bias=torch.randn(4, 32).half()), TypeError, "moe_experts: down_bias must have x's dtype"),
-    (dict(down_bias=torch.randn(4, 32, device="meta")), ValueError,
-     "moe_experts: all tensors must be on one device; got .*down_bias on meta"),
-])
-def test_bad_new_arguments_raise_naming_the_argument(kwargs, error, match):
-    x, indices, gate_up, down, weights, _ = make_case(20, 32, 16, 4, 2)
-    args = dict(x=x, dispatch=ops.moe_dispatch(indices, 4), gate_up=gate_up, down=down, weights=weights)
-    args.update(kwargs)
-    with pytest.raises(error, match=match):
-        ops.moe_experts(**args)
 
 
 # ---- the torch implementation's half-precision weighted sum -----------------------------------
