@@ -41,6 +41,27 @@ class SingleThreadBlas {
   int previous_omp_;
 };
 
+// out = a @ b (out [M, N], a [M, K], b [K, N]) in tiles of kRows x kCols fixed by the sizes,
+// each on one BLAS thread, spread over at::parallel_for. A BLAS threading one call cuts the
+// output by its thread count, and its edge tiles sum in another order than its full ones
+// (MKL's AVX2 kernels do, even for a short K): this product is the same on any thread count.
+inline void mm_fixed_order(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  constexpr int64_t kRows = 64, kCols = 512;
+  const int64_t rows = a.size(0), cols = b.size(1);
+  const int64_t col_blocks = (cols + kCols - 1) / kCols;
+  const int64_t tiles = (rows + kRows - 1) / kRows * col_blocks;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadBlas one_thread;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // as the caller: the op's backward is astrea's
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t row = tile / col_blocks * kRows, col = tile % col_blocks * kCols;
+      const int64_t count = std::min(kRows, rows - row), width = std::min(kCols, cols - col);
+      at::Tensor target = out.narrow(0, row, count).narrow(1, col, width);
+      at::mm_out(target, a.narrow(0, row, count), b.narrow(1, col, width));
+    }
+  });
+}
+
 // out += a @ b (out [M, N], a [M, K], b [K, N]) in blocks of kRows rows fixed by M, each
 // block's product on one BLAS thread, the blocks spread over at::parallel_for: the same
 // sums in the same order on any thread count.

@@ -1,14 +1,14 @@
 // CPU kernels of the momentum-queue contrast ops.
 //
 // The queue is streamed in chunks of keys. Each chunk is scored against all N rows of q
-// with one GEMM (ATen's mm: the BLAS the build links, threaded by the BLAS itself) into a
+// with one GEMM (ATen's mm in fixed tiles, see below) into a
 // score buffer of at most kScoreBudget elements and 1 / kQueueFraction of the N x K scores;
 // at::parallel_for then folds each row's chunk into its online log-sum-exp or, in
 // backward, turns it into softmax weights that a second GEMM accumulates into grad_q.
-// The scoring GEMMs are not called inside at::parallel_for: a BLAS called from worker
-// threads runs its own threads on top of them. The backward's accumulating GEMM sums over
-// the chunk's keys, which the BLAS would split by thread count: it runs in fixed row blocks
-// on one BLAS thread each (blas.h), so grad_q is the same on any thread count. fp16/bf16 operands are converted to fp32 (q once, the queue a
+// Every GEMM runs in tiles fixed by the sizes, one BLAS thread a tile (blas.h): a BLAS
+// threading one call cuts the scores by thread count (its edge tiles sum in another order),
+// and the backward's accumulating GEMM sums over the chunk's keys, which the BLAS would split
+// by thread count; so logits and grad_q are the same on any thread count. fp16/bf16 operands are converted to fp32 (q once, the queue a
 // chunk at a time), float64 stays float64, and the temperature is folded into q once.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -164,7 +164,7 @@ void for_each_score_chunk(const Operands& ops, Visit&& visit) {
     at::Tensor keys = ops.queue.narrow(0, key_begin, count);
     if (convert) keys = keys_buffer.narrow(0, 0, count).copy_(keys);
     at::Tensor scores = scores_buffer.narrow(0, 0, ops.rows * count).view({ops.rows, count});
-    at::mm_out(scores, ops.scaled_q, keys.t());
+    mm_fixed_order(scores, ops.scaled_q, keys.t());
     visit(key_begin, scores, keys);
   }
 }
@@ -192,7 +192,7 @@ at::Tensor moco_logits_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
   // The output is N x K anyway: the queue columns are one GEMM written in place.
   const at::Tensor keys = ops.queue.to(out.scalar_type());  // a copy for fp16/bf16 only: O(K * D)
   at::Tensor queue_columns = out.narrow(1, 1, ops.keys);
-  at::mm_out(queue_columns, ops.scaled_q, keys.t());
+  mm_fixed_order(queue_columns, ops.scaled_q, keys.t());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ops.q.scalar_type(), "moco_logits", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature);
