@@ -470,6 +470,30 @@ def test_routing_modes_backward_matches_reference_autograd(kernel, name, e, k, k
     _check_grad(logits.grad, logits, k, kwargs, lambda out: _surrogate(out, *grads), f"{kernel} {name} grad_logits")
 
 
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_sigmoid_backward_through_the_weights_alone(kernel, renormalize):
+    """A loss of the weights alone (no load-balancing or z loss): the sigmoid gradient is zero off
+    the chosen experts, which the CPU kernel computes from their k scores alone. Rows with a -inf
+    logit, rows whose chosen scores underflow (renormalised as the softmax of the chosen logits),
+    and a NaN row, whose gradient stays NaN as with the losses."""
+    logits = torch.randn(300, 64) * 2
+    logits[3, 5] = float("-inf")
+    logits[7] -= 120
+    logits[11, 9] = float("nan")
+    kwargs = dict(scoring="sigmoid", renormalize=renormalize, bias=torch.randn(64) * 0.1, num_groups=8,
+                  topk_groups=4, scaling_factor=2.5)
+    grad_weights = torch.randn(300, 8)
+    x = logits.clone().requires_grad_()
+    (router_topk(x, 8, **kwargs).weights * grad_weights).sum().backward()
+    assert x.grad[11].isnan().all() and x.grad[torch.arange(300) != 11].isfinite().all()
+    finite = torch.cat([logits[:11], logits[12:]])
+    grad = torch.cat([x.grad[:11], x.grad[12:]])
+    _check_grad(grad, finite, 8, kwargs, lambda out: (out.weights * torch.cat([grad_weights[:11], grad_weights[12:]]))
+                .sum(), f"{kernel} weights-only grad_logits")
+    chosen = torch.zeros_like(grad, dtype=torch.bool).scatter_(1, router_topk(finite, 8, **kwargs).indices.long(), True)
+    assert (grad[~chosen] == 0).all(), "a gradient off the chosen experts"
+
+
 @pytest.mark.parametrize("scoring", ["topk_softmax", "sigmoid"])
 def test_routing_modes_reference_gradcheck_float64(scoring):
     logits = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)

@@ -3,9 +3,10 @@
 // Rows are independent: at::parallel_for hands out blocks of kRowsPerBlock rows, scored a
 // tile of rows at a time in per-thread scratch in the accumulation type (fp32, fp64 for
 // fp64): the tile's exponentials (and sigmoids) in one call of ATen's vectorised kernels,
-// the row reductions as `omp simd` loops, the top-k by insertion. The per-expert counts
-// and score sums are accumulated per row block and the block partials summed in block
-// order afterwards, so the results never depend on the number of threads.
+// the row reductions as `omp simd` loops, the top-k by insertion behind a SIMD skip of chunks
+// that cannot enter it. The per-expert counts and score sums are accumulated per row block
+// and the block partials summed in block order afterwards, so the results never depend on
+// the number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -105,14 +106,14 @@ constexpr int64_t kTileElements = 8192;
 // the same weights to rounding, finite where the scores underflow to 0 (kernels/router.py).
 constexpr double kRenormalizeMinTotal = 0x1p-64;
 
-// weights[slot] = softmax over the slots of x[chosen[slot]]; NaN when every one is -inf.
+// values[0, k) = their softmax; NaN when every one is -inf.
 template <typename acc_t>
-void softmax_of_chosen(const acc_t* x, const int32_t* chosen, int64_t k, acc_t* weights) {
+void softmax_in_place(acc_t* values, int64_t k) {
   acc_t top = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t slot = 0; slot < k; ++slot) top = std::max(top, x[chosen[slot]]);
+  for (int64_t slot = 0; slot < k; ++slot) top = std::max(top, values[slot]);
   acc_t total = 0;
-  for (int64_t slot = 0; slot < k; ++slot) total += weights[slot] = std::exp(x[chosen[slot]] - top);
-  for (int64_t slot = 0; slot < k; ++slot) weights[slot] /= total;
+  for (int64_t slot = 0; slot < k; ++slot) total += values[slot] = std::exp(values[slot] - top);
+  for (int64_t slot = 0; slot < k; ++slot) values[slot] /= total;
 }
 
 bool is_softmax(std::string_view scoring) { return scoring == "softmax"; }
@@ -201,47 +202,90 @@ bool ranks_above(acc_t a, acc_t b) {
   return b != b || a > b;
 }
 
-// The k experts with the largest keys, best first, into chosen[0, k): NaN keys rank
-// below -inf and equal keys go to the lower index. Experts are visited in index order and
-// a key displaces only keys it ranks strictly above, so ties keep the earlier expert first.
-// With `allowed`, only the experts it marks compete (at least k of them).
+// Keys tested together before the insertion loop: a chunk none of whose keys beats the
+// current k-th best (the common case once the top-k has filled) is skipped by one SIMD compare.
+constexpr int64_t kKeyChunk = 16;
+
+// Offers experts [begin, end) of `key` to the running top-k in best_keys / chosen, `filled`
+// of k slots taken, in index order: a key displaces only keys it ranks strictly above, so
+// ties keep the earlier expert first; NaN keys rank below -inf.
 template <typename acc_t>
-void top_k(const acc_t* key, int64_t experts, int64_t k, acc_t* best_keys, int32_t* chosen,
-           const uint8_t* allowed = nullptr) {
-  int64_t filled = 0;
-  for (int64_t e = 0; e < experts; ++e) {
-    if (allowed != nullptr && !allowed[e]) continue;
-    const acc_t value = key[e];
-    if (filled == k && !ranks_above(value, best_keys[k - 1])) continue;
-    int64_t slot = filled < k ? filled++ : k - 1;
-    for (; slot > 0 && ranks_above(value, best_keys[slot - 1]); --slot) {
-      best_keys[slot] = best_keys[slot - 1];
-      chosen[slot] = chosen[slot - 1];
+void offer_range(const acc_t* key, int64_t begin, int64_t end, int64_t k, acc_t* best_keys, int32_t* chosen,
+                 int64_t& filled) {
+  for (int64_t chunk = begin; chunk < end; chunk += kKeyChunk) {
+    const int64_t chunk_end = std::min(end, chunk + kKeyChunk);
+    // With k numbers kept, only a key above the k-th (a plain compare: NaN is never above) enters.
+    const acc_t threshold = best_keys[k - 1];
+    if (filled == k && threshold == threshold) {
+      int any_above = 0;
+#pragma omp simd reduction(| : any_above)
+      for (int64_t e = chunk; e < chunk_end; ++e) any_above |= key[e] > threshold;
+      if (!any_above) continue;
     }
-    best_keys[slot] = value;
-    chosen[slot] = static_cast<int32_t>(e);
+    for (int64_t e = chunk; e < chunk_end; ++e) {
+      const acc_t value = key[e];
+      if (filled == k && !ranks_above(value, best_keys[k - 1])) continue;
+      int64_t slot = filled < k ? filled++ : k - 1;
+      for (; slot > 0 && ranks_above(value, best_keys[slot - 1]); --slot) {
+        best_keys[slot] = best_keys[slot - 1];
+        chosen[slot] = chosen[slot - 1];
+      }
+      best_keys[slot] = value;
+      chosen[slot] = static_cast<int32_t>(e);
+    }
   }
 }
 
-// Grouped selection: marks in allowed[0, E) the experts of the topk_groups best of the
-// num_groups contiguous groups of `key`, each scored by the sum of its two largest keys
-// (or its largest), ranked by top_k like the experts. scratch holds 2 * num_groups + 2
-// values and group_ids num_groups + 2 ints.
+// The k experts with the largest keys, best first, into chosen[0, k) (offer_range's order).
 template <typename acc_t>
-void allowed_experts(const acc_t* key, int64_t experts, int64_t num_groups, int64_t topk_groups, bool group_max,
-                     acc_t* scratch, int32_t* group_ids, uint8_t* allowed) {
+void top_k(const acc_t* key, int64_t experts, int64_t k, acc_t* best_keys, int32_t* chosen) {
+  int64_t filled = 0;
+  offer_range(key, 0, experts, k, best_keys, chosen, filled);
+}
+
+// Grouped selection: the topk_groups best of the num_groups contiguous groups of `key`,
+// each scored by the sum of its two largest keys (or its largest), ranked by top_k like
+// the experts, into kept_groups[0, topk_groups) in ascending group order. scratch holds
+// 2 * num_groups + 2 values.
+template <typename acc_t>
+void keep_groups(const acc_t* key, int64_t experts, int64_t num_groups, int64_t topk_groups, bool group_max,
+                 acc_t* scratch, int32_t* kept_groups) {
   const int64_t group_size = experts / num_groups;
   const int64_t best_per_group = group_max ? 1 : 2;
   acc_t* group_scores = scratch;
   acc_t* best = scratch + num_groups;
   for (int64_t group = 0; group < num_groups; ++group) {
-    top_k(key + group * group_size, group_size, best_per_group, best, group_ids);
-    group_scores[group] = group_max ? best[0] : best[0] + best[1];
+    const acc_t* group_keys = key + group * group_size;
+    // The two largest values without branches (a NaN-free group ranks by value alone);
+    // top_k's ordering where a NaN takes part.
+    acc_t first = -std::numeric_limits<acc_t>::infinity(), second = first;
+    bool has_nan = false;
+    for (int64_t e = 0; e < group_size; ++e) {
+      const acc_t value = group_keys[e];
+      has_nan |= value != value;
+      second = std::max(second, std::min(first, value));
+      first = std::max(first, value);
+    }
+    if (has_nan) {
+      top_k(group_keys, group_size, best_per_group, best, kept_groups);
+      first = best[0];
+      second = best_per_group == 2 ? best[1] : second;
+    }
+    group_scores[group] = group_max ? first : first + second;
   }
-  top_k(group_scores, num_groups, topk_groups, best, group_ids);
-  std::fill(allowed, allowed + experts, uint8_t(0));
+  top_k(group_scores, num_groups, topk_groups, best, kept_groups);
+  std::sort(kept_groups, kept_groups + topk_groups);
+}
+
+// The k best experts of the kept groups: the groups offered in ascending order are the
+// experts of those groups in index order, as top_k over a mask of them would visit them.
+template <typename acc_t>
+void top_k_in_groups(const acc_t* key, int64_t group_size, const int32_t* kept_groups, int64_t topk_groups,
+                     int64_t k, acc_t* best_keys, int32_t* chosen) {
+  int64_t filled = 0;
   for (int64_t slot = 0; slot < topk_groups; ++slot) {
-    std::fill_n(allowed + group_ids[slot] * group_size, group_size, uint8_t(1));
+    const int64_t begin = kept_groups[slot] * group_size;
+    offer_range(key, begin, begin + group_size, k, best_keys, chosen, filled);
   }
 }
 
@@ -313,8 +357,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
       acc_t* keys = row_scratch.data();
       acc_t* best_keys = keys + experts;
       acc_t* group_scratch = best_keys + k;
-      std::vector<int32_t> group_ids(grouped ? num_groups + 2 : 0);
-      std::vector<uint8_t> allowed(grouped ? experts : 0);
+      std::vector<int32_t> kept_groups(grouped ? num_groups + 2 : 0);
       for (int64_t block = block_begin; block < block_end; ++block) {
         int32_t* block_counts = count_partials.data_ptr<int32_t>() + block * experts;
         acc_t* block_prob_sums = prob_partials.data_ptr<acc_t>() + block * experts;
@@ -351,13 +394,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
             } else if (grouped) {
               key = selection;
             }
-            if (grouped) {
-              allowed_experts(key, experts, num_groups, topk_groups, group_max, group_scratch, group_ids.data(),
-                              allowed.data());
-            }
             int32_t* chosen = indices_data + row * k;
             acc_t* row_weights = weights_data + row * k;
-            top_k(key, experts, k, best_keys, chosen, grouped ? allowed.data() : nullptr);
+            if (grouped) {
+              keep_groups(key, experts, num_groups, topk_groups, group_max, group_scratch, kept_groups.data());
+              top_k_in_groups(key, experts / num_groups, kept_groups.data(), topk_groups, k, best_keys, chosen);
+            } else {
+              top_k(key, experts, k, best_keys, chosen);
+            }
             acc_t total = 0;
             for (int64_t slot = 0; slot < k; ++slot) {
               row_weights[slot] = score[chosen[slot]];
@@ -366,7 +410,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
             }
             acc_t scale = static_cast<acc_t>(scaling_factor);
             if (topk_softmax || (renormalize && total < kRenormalizeMinTotal)) {
-              softmax_of_chosen(x_row, chosen, k, row_weights);
+              for (int64_t slot = 0; slot < k; ++slot) row_weights[slot] = x_row[chosen[slot]];
+              softmax_in_place(row_weights, k);
             } else if (renormalize) {
               scale /= total;
             }
@@ -384,6 +429,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
   });
   return {weights, indices, counts, prob_sums, lse};
 }
+
+bool is_positive_zero(double value) { return value == 0 && !std::signbit(value); }
+
+// Row `row` of the saved indices, each checked to be an expert id.
+const int32_t* checked_indices(const int32_t* indices, int64_t row, int64_t k, int64_t experts) {
+  const int32_t* chosen = indices + row * k;
+  for (int64_t slot = 0; slot < k; ++slot) {
+    TORCH_CHECK_VALUE(chosen[slot] >= 0 && chosen[slot] < experts, "router_topk_backward: indices[", row, ", ",
+                      slot, "] = ", chosen[slot], " is outside [0, ", experts, ")");
+  }
+  return chosen;
+}
+
+// The gradient of sum(grad_w * weights) reaching one row's k chosen experts, from their logits
+// and scores: returns false with grad_chosen[slot] = d/d score (dv_j = (gw_j - sum_i gw_i w_i) / S
+// with renormalisation, else gw_j); for a row renormalised as softmax(x[indices]) returns true
+// with grad_chosen[slot] = d/d logit = w_j (gw_j - sum_i gw_i w_i), which replaces dv and the
+// score Jacobian. `rescued` is k values of scratch.
+template <typename acc_t>
+struct ChosenGradients {
+  int64_t k;
+  bool renormalize;
+  acc_t scale;
+
+  bool operator()(const acc_t* logits, const acc_t* scores, const acc_t* grad_w, acc_t* grad_chosen,
+                  acc_t* rescued) const {
+    acc_t total = 1, weighted = 0;
+    if (renormalize) {
+      total = 0;
+      for (int64_t slot = 0; slot < k; ++slot) {
+        total += scores[slot];
+        weighted += scale * grad_w[slot] * scores[slot];
+      }
+      weighted /= total;
+    }
+    if (renormalize && total < kRenormalizeMinTotal) {
+      std::copy(logits, logits + k, rescued);
+      softmax_in_place(rescued, k);
+      acc_t rescued_weighted = 0;
+      for (int64_t slot = 0; slot < k; ++slot) rescued_weighted += scale * grad_w[slot] * rescued[slot];
+      for (int64_t slot = 0; slot < k; ++slot) grad_chosen[slot] = rescued[slot] * (scale * grad_w[slot] - rescued_weighted);
+      return true;
+    }
+    for (int64_t slot = 0; slot < k; ++slot) grad_chosen[slot] = (scale * grad_w[slot] - weighted) / total;
+    return false;
+  }
+};
 
 // Closed form of the backward (derivation: kernels/router.py), a tile of rows at a time;
 // the tiles, like the forward's, are fixed by the sizes alone.
@@ -415,6 +507,17 @@ at::Tensor router_topk_backward_cpu(const at::Tensor& logits, const at::Tensor& 
     const acc_t* grad_lse_data = grad_lse.const_data_ptr<acc_t>();
     scalar_t* grad_data = grad_logits.data_ptr<scalar_t>();
     const int64_t stride_n = logits.stride(0), stride_e = logits.stride(1);
+    // Sigmoid scores whose prob_sums and lse get no gradient have a gradient only on the k
+    // chosen experts of a finite row: such tiles recompute those k scores, not the tile's.
+    const bool prob_sums_unused = std::all_of(grad_prob_sums_data, grad_prob_sums_data + experts,
+                                              [](acc_t g) { return is_positive_zero(g); });
+    auto sparse_tile = [&](int64_t begin, int64_t end) {
+      if (softmax || !prob_sums_unused) return false;
+      for (int64_t row = begin; row < end; ++row) {
+        if (!is_positive_zero(grad_lse_data[row]) || !std::isfinite(lse_data[row])) return false;
+      }
+      return true;
+    };
     // Tiles start at multiples of `tile` whatever the thread split: ATen's vectorised exp
     // and sigmoid compute a tile's tail elements apart from its vector body, so a tile
     // boundary that moved with the number of threads would change the last bit of scores.
@@ -424,11 +527,31 @@ at::Tensor router_topk_backward_cpu(const at::Tensor& logits, const at::Tensor& 
       // gradient reaching the scores.
       const Tiles<acc_t> tiles(3, experts, lse.options());
       std::vector<acc_t> grad_score(experts);
-      // The weights and their gradient on the logits in rows renormalised as softmax(x[indices]).
-      std::vector<acc_t> rescued(k), grad_rescued(k);
+      // Per slot: the chosen logits and scores, then the gradient ChosenGradients gives.
+      std::vector<acc_t> chosen_logits(k), chosen_scores(k), grad_chosen(k), rescued(k);
+      const ChosenGradients<acc_t> chosen_gradients{k, renormalize, static_cast<acc_t>(scaling_factor)};
       for (int64_t tile_index = tile_index_begin; tile_index < tile_index_end; ++tile_index) {
         const int64_t tile_begin = tile_index * tile;
         const int64_t tile_end = std::min(rows, tile_begin + tile);
+        if (sparse_tile(tile_begin, tile_end)) {
+          for (int64_t row = tile_begin; row < tile_end; ++row) {
+            const int32_t* chosen = checked_indices(indices_data, row, k, experts);
+            for (int64_t slot = 0; slot < k; ++slot) {
+              chosen_logits[slot] = static_cast<acc_t>(logits_data[row * stride_n + chosen[slot] * stride_e]);
+              chosen_scores[slot] = acc_t(1) / (acc_t(1) + std::exp(-chosen_logits[slot]));
+            }
+            const bool is_rescued = chosen_gradients(chosen_logits.data(), chosen_scores.data(),
+                                                     grad_weights_data + row * k, grad_chosen.data(), rescued.data());
+            scalar_t* grad_row = grad_data + row * experts;
+            std::fill(grad_row, grad_row + experts, scalar_t(0));
+            for (int64_t slot = 0; slot < k; ++slot) {
+              const acc_t s = chosen_scores[slot];
+              grad_row[chosen[slot]] =
+                  static_cast<scalar_t>(is_rescued ? grad_chosen[slot] : grad_chosen[slot] * s * (acc_t(1) - s));
+            }
+          }
+          continue;
+        }
         score_tile(logits_data, tile_begin, tile_end, stride_n, stride_e, experts, softmax, tiles,
                    [&](int64_t row, const acc_t*) { return lse_data[row]; });
         const acc_t* probs = tiles[1];
@@ -437,38 +560,16 @@ at::Tensor router_topk_backward_cpu(const at::Tensor& logits, const at::Tensor& 
           const acc_t* x_row = tiles[0] + offset;
           const acc_t* p = probs + offset;
           const acc_t* score = (softmax ? probs : tiles[2]) + offset;
-          const int32_t* chosen = indices_data + row * k;
-          const acc_t* grad_w = grad_weights_data + row * k;
-          const acc_t scale = static_cast<acc_t>(scaling_factor);
+          const int32_t* chosen = checked_indices(indices_data, row, k, experts);
           for (int64_t slot = 0; slot < k; ++slot) {
-            TORCH_CHECK_VALUE(chosen[slot] >= 0 && chosen[slot] < experts, "router_topk_backward: indices[", row,
-                              ", ", slot, "] = ", chosen[slot], " is outside [0, ", experts, ")");
+            chosen_logits[slot] = x_row[chosen[slot]];
+            chosen_scores[slot] = score[chosen[slot]];
           }
+          const bool is_rescued = chosen_gradients(chosen_logits.data(), chosen_scores.data(),
+                                                   grad_weights_data + row * k, grad_chosen.data(), rescued.data());
           std::copy(grad_prob_sums_data, grad_prob_sums_data + experts, grad_score.begin());
-          // dv_j = (gw_j - sum_i gw_i w_i) / S with renormalisation, else gw_j.
-          acc_t total = 1, weighted = 0;
-          if (renormalize) {
-            total = 0;
-            for (int64_t slot = 0; slot < k; ++slot) {
-              total += score[chosen[slot]];
-              weighted += scale * grad_w[slot] * score[chosen[slot]];
-            }
-            weighted /= total;
-          }
-          // Weights renormalised as softmax(x[indices]): dx_j = w_j (gw_j - sum_i gw_i w_i) on
-          // the chosen experts, in place of dv and the score Jacobian.
-          const bool is_rescued = renormalize && total < kRenormalizeMinTotal;
-          if (is_rescued) {
-            softmax_of_chosen(x_row, chosen, k, rescued.data());
-            acc_t rescued_weighted = 0;
-            for (int64_t slot = 0; slot < k; ++slot) rescued_weighted += scale * grad_w[slot] * rescued[slot];
-            for (int64_t slot = 0; slot < k; ++slot) {
-              grad_rescued[slot] = rescued[slot] * (scale * grad_w[slot] - rescued_weighted);
-            }
-          } else {
-            for (int64_t slot = 0; slot < k; ++slot) {
-              grad_score[chosen[slot]] += (scale * grad_w[slot] - weighted) / total;
-            }
+          if (!is_rescued) {
+            for (int64_t slot = 0; slot < k; ++slot) grad_score[chosen[slot]] += grad_chosen[slot];
           }
           const acc_t row_grad_lse = grad_lse_data[row];
           const acc_t dot = softmax ? row_dot(grad_score.data(), p, experts) : acc_t(0);
@@ -480,7 +581,7 @@ at::Tensor router_topk_backward_cpu(const at::Tensor& logits, const at::Tensor& 
           for (int64_t e = 0; e < experts; ++e) grad_row[e] = static_cast<scalar_t>(grad_at(e));
           if (is_rescued) {
             for (int64_t slot = 0; slot < k; ++slot) {
-              grad_row[chosen[slot]] = static_cast<scalar_t>(grad_at(chosen[slot]) + grad_rescued[slot]);
+              grad_row[chosen[slot]] = static_cast<scalar_t>(grad_at(chosen[slot]) + grad_chosen[slot]);
             }
           }
         }
