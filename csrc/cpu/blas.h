@@ -41,6 +41,18 @@ class SingleThreadBlas {
   int previous_omp_;
 };
 
+// Runs tile(index) for every index in [0, count) over at::parallel_for, each worker's BLAS
+// calls on one thread and below autograd (the callers are ops with their own backward: the
+// products inside are not traced).
+template <typename Tile>
+void parallel_tiles(int64_t count, Tile tile) {
+  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadBlas one_thread;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t index = begin; index < end; ++index) tile(index);
+  });
+}
+
 // out = a @ b (out [M, N], a [M, K], b [K, N]) in tiles of kRows x kCols fixed by the sizes,
 // each on one BLAS thread, spread over at::parallel_for. A BLAS threading one call cuts the
 // output by its thread count, and its edge tiles sum in another order than its full ones
@@ -50,15 +62,11 @@ inline void mm_fixed_order(at::Tensor& out, const at::Tensor& a, const at::Tenso
   const int64_t rows = a.size(0), cols = b.size(1);
   const int64_t col_blocks = (cols + kCols - 1) / kCols;
   const int64_t tiles = (rows + kRows - 1) / kRows * col_blocks;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    SingleThreadBlas one_thread;
-    at::AutoDispatchBelowADInplaceOrView below_autograd;  // as the caller: the op's backward is astrea's
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t row = tile / col_blocks * kRows, col = tile % col_blocks * kCols;
-      const int64_t count = std::min(kRows, rows - row), width = std::min(kCols, cols - col);
-      at::Tensor target = out.narrow(0, row, count).narrow(1, col, width);
-      at::mm_out(target, a.narrow(0, row, count), b.narrow(1, col, width));
-    }
+  parallel_tiles(tiles, [&](int64_t tile) {
+    const int64_t row = tile / col_blocks * kRows, col = tile % col_blocks * kCols;
+    const int64_t count = std::min(kRows, rows - row), width = std::min(kCols, cols - col);
+    at::Tensor target = out.narrow(0, row, count).narrow(1, col, width);
+    at::mm_out(target, a.narrow(0, row, count), b.narrow(1, col, width));
   });
 }
 
@@ -69,14 +77,11 @@ inline void addmm_fixed_order(at::Tensor& out, const at::Tensor& a, const at::Te
   constexpr int64_t kRows = 32;
   const int64_t rows = a.size(0);
   const int64_t blocks = (rows + kRows - 1) / kRows;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    SingleThreadBlas one_thread;
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t first = block * kRows;
-      const int64_t count = std::min(kRows, rows - first);
-      at::Tensor out_rows = out.narrow(0, first, count);
-      out_rows.addmm_(a.narrow(0, first, count), b);
-    }
+  parallel_tiles(blocks, [&](int64_t block) {
+    const int64_t first = block * kRows;
+    const int64_t count = std::min(kRows, rows - first);
+    at::Tensor out_rows = out.narrow(0, first, count);
+    out_rows.addmm_(a.narrow(0, first, count), b);
   });
 }
 

@@ -47,15 +47,10 @@ template <typename Rows, typename Tile>
 void for_each_tile(int64_t experts, int64_t tile_rows, Rows rows, Tile tile) {
   std::vector<int64_t> starts(experts + 1, 0);  // first tile of each expert
   for (int64_t e = 0; e < experts; ++e) starts[e + 1] = starts[e] + (rows(e) + tile_rows - 1) / tile_rows;
-  at::parallel_for(0, starts[experts], 1, [&](int64_t begin, int64_t end) {
-    SingleThreadBlas one_thread;
-    // Below autograd on every worker thread: the op's backward is astrea's own, mm_out untraced.
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (int64_t index = begin; index < end; ++index) {
-      const int64_t e = std::upper_bound(starts.begin(), starts.end(), index) - starts.begin() - 1;
-      const int64_t first = (index - starts[e]) * tile_rows;
-      tile(e, first, std::min(tile_rows, rows(e) - first));
-    }
+  parallel_tiles(starts[experts], [&](int64_t index) {
+    const int64_t e = std::upper_bound(starts.begin(), starts.end(), index) - starts.begin() - 1;
+    const int64_t first = (index - starts[e]) * tile_rows;
+    tile(e, first, std::min(tile_rows, rows(e) - first));
   });
 }
 
